@@ -1,0 +1,5 @@
+"""``python -m syncd`` runs the ``syncd`` command."""
+
+from syncd.cli import run
+
+run()

@@ -1,0 +1,131 @@
+"""The ``syncd`` command: parse arguments, run one sub-command, turn errors into exit codes.
+
+Exit codes: 0 success; 1 a failure at run time (an asset failed, a manifest was invalid, git unreachable,
+export root missing, lock held); 2 a configuration or usage error. This is the one place that maps
+:class:`~syncd.errors.SyncdError` to messages and exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from syncd import __version__, config, logs
+from syncd.errors import ConfigError, SyncdError
+
+log = logs.get()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="syncd",
+        description="Sync reviewed assets listed in git manifests from Artifactory into an export.",
+    )
+    p.add_argument("--version", action="version", version=f"syncd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cfg_help = f"configuration file (default: $SYNCD_CONFIG or {config.DEFAULT_PATH})"
+
+    s = sub.add_parser("sync", help="run one reconcile pass now, then exit")
+    s.add_argument("-c", "--config", help=cfg_help)
+    s.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would be downloaded, skipped or refused; change nothing",
+    )
+    s.set_defaults(func=cmd_sync)
+
+    v = sub.add_parser("validate", help="check manifest files (for a CI check on pull requests)")
+    v.add_argument(
+        "--base",
+        metavar="REV",
+        help="also report changes to dests existing at REV that the daemon would refuse",
+    )
+    v.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="manifest file, or directory whose *.toml files are checked",
+    )
+    v.set_defaults(func=cmd_validate)
+
+    c = sub.add_parser("check-config", help="validate the configuration and report every problem")
+    c.add_argument("-c", "--config", help=cfg_help)
+    c.set_defaults(func=cmd_check_config)
+    return p
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from syncd.ledger import StateLock
+    from syncd.reconcile import Reconciler, render_plan
+
+    cfg = config.load(config.config_path(args.config))
+    lock = StateLock(cfg.state_dir)
+    lock.acquire()
+    try:
+        rec = Reconciler(
+            cfg,
+            dry_run=args.dry_run,
+            progress_stream=sys.stderr if sys.stderr.isatty() and not args.dry_run else None,
+        )
+        try:
+            result = rec.run_pass()
+        finally:
+            rec.close()
+    finally:
+        lock.release()
+    if args.dry_run:
+        print(render_plan(result))
+    return 0 if result.ok else 1
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from syncd.validate import validate
+
+    count, problems = validate(args.paths, args.base)
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"syncd validate: {len(problems)} problem(s) in {count} file(s)", file=sys.stderr)
+        return 1
+    print(f"syncd validate: {count} file(s) OK", file=sys.stderr)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = config.config_path(args.config)
+    try:
+        cfg = config.load(path)
+    except ConfigError as exc:
+        print(f"{exc.path}: invalid configuration", file=sys.stderr)
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return 2
+    print(f"{path}: OK")
+    for key, value in config.describe(cfg).items():
+        print(f"  {key} = {value}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``syncd`` command; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logs.configure()
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        log.error("config_invalid", config=exc.path, error=str(exc), problems=exc.problems)
+        return exc.exit_code
+    except SyncdError as exc:
+        log.error("command_failed", command=args.command, error=str(exc), error_type=type(exc).__name__)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        log.warning("interrupted", command=args.command)
+        return 130
+    return code
+
+
+def run() -> None:
+    sys.exit(main())

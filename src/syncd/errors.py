@@ -1,0 +1,99 @@
+"""The one exception tree of syncd.
+
+Every error that syncd raises on purpose is a :class:`SyncdError`. Library exceptions (pygit2, httpx,
+sqlite3, OSError) are translated into one of these at the module that owns the outside thing
+(``raise FetchError(...) from exc``) and never leak upward. ``cli`` is the one place that turns them
+into messages and exit codes::
+
+    SyncdError
+    ├── ConfigError          bad or unreadable configuration          → exit 2
+    ├── ManifestError        one manifest file is invalid              (that file is skipped)
+    ├── GitError             git unreachable, refused, host key wrong
+    ├── FetchError           one asset could not be downloaded
+    │   ├── HTTPStatusError      the server answered 4xx/5xx
+    │   └── VerifyError          size or sha256 differs from the manifest
+    ├── PublishError         the export refused a write, or a dest is unsafe
+    │   └── ExportMissingError   export root is missing (the mount is missing)
+    ├── LedgerError          the SQLite ledger could not be read or written
+    └── LockHeldError        another syncd holds the state directory
+
+Messages never contain secrets: credentials travel in headers and callbacks, never in URLs or text.
+"""
+
+from __future__ import annotations
+
+
+class SyncdError(Exception):
+    """Root of every error syncd raises on purpose; ``str()`` is a complete, secret-free message."""
+
+    exit_code = 1
+
+
+class ConfigError(SyncdError):
+    """The configuration is invalid; ``problems`` lists every one as ``at 'path': message``."""
+
+    exit_code = 2
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__(f"{path}: invalid configuration:\n  " + "\n  ".join(problems))
+
+
+class ManifestError(SyncdError):
+    """A manifest file failed validation; ``problems`` are ready-to-print lines."""
+
+    def __init__(self, file: str, problems: list[str]) -> None:
+        self.file = file
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+class GitError(SyncdError):
+    """Fetching or reading the manifest repository failed."""
+
+
+class FetchError(SyncdError):
+    """Downloading one asset failed; ``retryable`` says whether a later attempt may succeed."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, url: str = "") -> None:
+        self.url = url
+        super().__init__(message)
+
+
+class HTTPStatusError(FetchError):
+    """The server answered with an error status."""
+
+    def __init__(self, message: str, *, url: str, status: int) -> None:
+        self.status = status
+        super().__init__(message, url=url)
+        self.retryable = status >= 500 or status == 429
+
+
+class VerifyError(FetchError):
+    """The bytes do not match the manifest (size or sha256); they are never kept."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, url: str = "", expected: str = "", actual: str = "") -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(message, url=url)
+
+
+class PublishError(SyncdError):
+    """Writing into the export failed or was refused."""
+
+
+class ExportMissingError(PublishError):
+    """The export root does not exist: the NFS mount is missing. syncd never creates it."""
+
+
+class LedgerError(SyncdError):
+    """The ledger (SQLite in the state directory) failed."""
+
+
+class LockHeldError(SyncdError):
+    """Another syncd process holds the state directory lock."""

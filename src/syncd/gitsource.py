@@ -1,0 +1,273 @@
+"""The manifest repository: a persistent bare clone kept up to date with pygit2 (libgit2).
+
+The only module that imports pygit2; every pygit2 error leaves it as :class:`~syncd.errors.GitError`.
+
+- The clone lives at ``<state>/repo.git``. It is created once (into a temporary directory, then renamed into
+  place, so a crash never leaves a half-made clone at that path) and only fetched afterwards.
+- Only the configured branch is fetched, into ``refs/remotes/origin/<branch>``.
+- SSH host keys are checked against the configured ``known_hosts``: libgit2 reads
+  ``<homedir>/.ssh/known_hosts``, so syncd points ``pygit2.settings.homedir`` at a private directory in the
+  state directory holding a copy of that file, and its certificate callback returns libgit2's verdict
+  (returning ``True`` would accept any key).
+- The credentials callback answers once; a second call means the credential was rejected, and the fetch
+  fails instead of looping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pygit2
+from pygit2.enums import CredentialType, FetchPrune
+
+from syncd.config import GitSource
+from syncd.errors import GitError
+
+MANIFEST_SUFFIX = ".toml"
+
+
+@dataclass(frozen=True)
+class Change:
+    """What changed among the manifest files between two commits."""
+
+    changed: frozenset[str]  # added or modified manifest paths
+    deleted: frozenset[str]
+
+
+class _Callbacks(pygit2.RemoteCallbacks):
+    def __init__(self, source: GitSource) -> None:
+        super().__init__()
+        self.source = source
+        self.attempts = 0
+
+    def credentials(self, url: str, username_from_url: str | None, allowed_types: Any) -> Any:
+        self.attempts += 1
+        if self.attempts > 1:
+            raise GitError(f"git server {_safe(url)} rejected syncd's credentials")
+        src = self.source
+        if allowed_types & CredentialType.SSH_KEY and src.ssh_key is not None:
+            pub = Path(f"{src.ssh_key}.pub")
+            return pygit2.Keypair(username_from_url or "git", pub if pub.is_file() else None, src.ssh_key, "")
+        if allowed_types & CredentialType.USERPASS_PLAINTEXT and src.token is not None:
+            return pygit2.UserPass(username_from_url or "syncd", src.token.reveal())
+        raise GitError(f"git server {_safe(url)} asks for credentials that are not configured")
+
+    def certificate_check(self, certificate: Any, valid: bool, host: bytes | str) -> bool:
+        if not valid:
+            name = host.decode() if isinstance(host, bytes) else host
+            raise GitError(
+                f"host key or certificate of {name} is unknown or changed "
+                "(check [source] known_hosts); refusing to connect"
+            )
+        return True
+
+
+def _safe(url: str) -> str:
+    """A URL without any userinfo password, for messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    p = urlsplit(url)
+    if p.password:
+        netloc = (p.username or "") + "@" + (p.hostname or "") + (f":{p.port}" if p.port else "")
+        return urlunsplit(p._replace(netloc=netloc))
+    return url
+
+
+class ManifestRepo:
+    """The bare clone of the manifest repository and the reads syncd needs from it."""
+
+    def __init__(self, source: GitSource, state_dir: Path, timeout: float) -> None:
+        self.source = source
+        self.path = state_dir / "repo.git"
+        self.home = state_dir / "ssh-home"
+        self.timeout_ms = int(timeout * 1000)
+        self._repo: pygit2.Repository | None = None
+
+    @property
+    def ref(self) -> str:
+        return f"refs/remotes/origin/{self.source.branch}"
+
+    def fetch(self) -> str:
+        """Create or update the bare clone; return the branch head's commit id (hex)."""
+        self._prepare_ssh()
+        pygit2.settings.server_connect_timeout = self.timeout_ms
+        pygit2.settings.server_timeout = self.timeout_ms
+        repo = self._open_or_create()
+        remote = repo.remotes["origin"]
+        if remote.url != self.source.url:
+            repo.remotes.set_url("origin", self.source.url)
+            remote = repo.remotes["origin"]
+        refspec = f"+refs/heads/{self.source.branch}:{self.ref}"
+        try:
+            remote.fetch([refspec], callbacks=_Callbacks(self.source), prune=FetchPrune.NO_PRUNE)
+        except GitError:
+            raise
+        except (pygit2.GitError, OSError, KeyError, ValueError) as exc:
+            raise GitError(f"fetch from {_safe(self.source.url)} failed: {exc}") from None
+        try:
+            return str(repo.references[self.ref].resolve().target)
+        except KeyError:
+            raise GitError(
+                f"branch {self.source.branch!r} does not exist in {_safe(self.source.url)}"
+            ) from None
+
+    def _open_or_create(self) -> pygit2.Repository:
+        if self._repo is not None:
+            return self._repo
+        if self.path.exists():
+            try:
+                self._repo = pygit2.Repository(str(self.path))
+            except pygit2.GitError as exc:
+                raise GitError(f"cannot open the bare clone {self.path}: {exc}") from None
+            return self._repo
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".repo.git.tmp-", dir=self.path.parent))
+        try:
+            repo = pygit2.init_repository(str(tmp), bare=True)
+            repo.remotes.create("origin", self.source.url)
+            repo.remotes["origin"].fetch(
+                [f"+refs/heads/{self.source.branch}:{self.ref}"],
+                callbacks=_Callbacks(self.source),
+            )
+            os.rename(tmp, self.path)
+        except GitError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except (pygit2.GitError, OSError, KeyError, ValueError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise GitError(f"clone of {_safe(self.source.url)} failed: {exc}") from None
+        self._repo = pygit2.Repository(str(self.path))
+        return self._repo
+
+    def _prepare_ssh(self) -> None:
+        if self.source.known_hosts is None:
+            return
+        ssh_dir = self.home / ".ssh"
+        ssh_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            data = self.source.known_hosts.read_bytes()
+        except OSError as exc:
+            raise GitError(f"cannot read known_hosts {self.source.known_hosts}: {exc.strerror}") from None
+        target = ssh_dir / "known_hosts"
+        tmp = ssh_dir / "known_hosts.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+        # libgit2 looks for known_hosts under this home directory; the setting is process-wide.
+        pygit2.settings.homedir = str(self.home)
+
+    def _commit(self, commit_id: str) -> pygit2.Commit:
+        repo = self._open_or_create()
+        try:
+            obj = repo[commit_id]
+            return obj.peel(pygit2.Commit)
+        except (KeyError, ValueError, pygit2.GitError) as exc:
+            raise GitError(f"commit {commit_id} is not in the clone: {exc}") from None
+
+    def has_commit(self, commit_id: str) -> bool:
+        """Whether ``commit_id`` exists in the clone."""
+        try:
+            self._commit(commit_id)
+        except GitError:
+            return False
+        return True
+
+    def is_ancestor(self, old: str, new: str) -> bool:
+        """Whether ``old`` is ``new`` or one of its ancestors (a fast-forward)."""
+        if old == new:
+            return True
+        repo = self._open_or_create()
+        return bool(repo.descendant_of(new, old))
+
+    def manifests(self, commit_id: str) -> dict[str, str]:
+        """Every manifest file at ``commit_id``: path → blob id."""
+        return list_manifests(self._commit(commit_id).tree, self.source.path)
+
+    def changes(self, old: str, new: str) -> Change:
+        """Manifest files added, modified or deleted from ``old`` to ``new`` (a tree diff)."""
+        diff = self._commit(old).tree.diff_to_tree(self._commit(new).tree)
+        changed: set[str] = set()
+        deleted: set[str] = set()
+        for delta in diff.deltas:
+            old, new = delta.old_file.path, delta.new_file.path
+            gone = delta.status == pygit2.enums.DeltaStatus.DELETED
+            if _is_manifest(old, self.source.path) and (gone or old != new):
+                deleted.add(old)
+            if _is_manifest(new, self.source.path) and not gone:
+                changed.add(new)
+        return Change(frozenset(changed), frozenset(deleted - changed))
+
+    def blob_id(self, commit_id: str, path: str) -> str:
+        """The blob id of ``path`` at ``commit_id``."""
+        try:
+            return str(self._commit(commit_id).tree[path].id)
+        except KeyError:
+            raise GitError(f"{path} does not exist at {commit_id[:12]}") from None
+
+    def read(self, blob_id: str) -> bytes:
+        """The content of a blob."""
+        try:
+            return bytes(self._open_or_create()[blob_id].read_raw())
+        except (KeyError, ValueError, pygit2.GitError) as exc:
+            raise GitError(f"cannot read blob {blob_id}: {exc}") from None
+
+
+def _is_manifest(path: str, prefix: str) -> bool:
+    if not path.endswith(MANIFEST_SUFFIX):
+        return False
+    return not prefix or path.startswith(prefix + "/")
+
+
+def list_manifests(tree: Any, prefix: str) -> dict[str, str]:
+    """Walk ``tree`` under ``prefix``; return every ``*.toml`` blob as path → blob id."""
+    found: dict[str, str] = {}
+    if prefix:
+        try:
+            entry = tree[prefix]
+        except KeyError:
+            return found
+        if entry.type_str != "tree":
+            return found
+        tree = entry
+    stack: list[tuple[str, Any]] = [(prefix, tree)]
+    while stack:
+        base, t = stack.pop()
+        for e in t:
+            path = f"{base}/{e.name}" if base else e.name
+            if e.type_str == "tree":
+                stack.append((path, e))
+            elif e.type_str == "blob" and e.name.endswith(MANIFEST_SUFFIX):
+                found[path] = str(e.id)
+    return found
+
+
+def read_at_revision(path: Path, rev: str) -> tuple[Path, dict[str, bytes]]:
+    """For ``syncd validate --base``: the git work tree containing ``path`` and every ``*.toml``
+    file at ``rev`` under ``path`` (relative to that work tree), as repo-relative path → bytes."""
+    try:
+        found = pygit2.discover_repository(str(path))
+        if found is None:
+            raise GitError(f"{path} is not inside a git repository (needed for --base)")
+        repo = pygit2.Repository(found)
+        commit = repo.revparse_single(rev).peel(pygit2.Commit)
+    except (KeyError, ValueError, pygit2.GitError) as exc:
+        raise GitError(f"cannot resolve --base {rev!r}: {exc}") from None
+    if repo.workdir is None:
+        raise GitError(f"{found} is a bare repository; run validate in a checkout")
+    workdir = Path(repo.workdir).resolve()
+    try:
+        rel = path.resolve().relative_to(workdir).as_posix()
+    except ValueError:
+        raise GitError(f"{path} is outside the work tree {workdir}") from None
+    rel = "" if rel == "." else rel
+    if rel.endswith(MANIFEST_SUFFIX):
+        try:
+            return workdir, {rel: bytes(repo[commit.tree[rel].id].read_raw())}
+        except KeyError:
+            return workdir, {}
+    blobs = list_manifests(commit.tree, rel)
+    return workdir, {p: bytes(repo[b].read_raw()) for p, b in blobs.items()}

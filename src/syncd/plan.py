@@ -1,0 +1,100 @@
+"""Decide what a pass must do, without any I/O: desired state + ledger + what the export shows → actions.
+
+The plan is plain data: it is what ``syncd sync --dry-run`` prints, and what the executor carries out.
+
+=========  =====================================================================================
+kind       when
+=========  =====================================================================================
+download   nothing at dest; or the ledger's file vanished (it comes back); or ``replace = true``
+skip       the ledger says this sha256 is at dest and a file of that size is there
+verify     a file is at dest that the ledger does not know: hash it once, adopt it if it matches
+refuse     a symlink or non-file at dest or on its path; a changed sha256 without ``replace``;
+           a file the ledger knows but whose size changed by hand; a dest claimed twice
+orphan     the ledger has a file whose manifest entry is gone: left in place, reported
+=========  =====================================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+from syncd.ledger import Published
+from syncd.manifest import Asset
+from syncd.publish import Observation, State
+
+
+class Kind(Enum):
+    DOWNLOAD = "download"
+    SKIP = "skip"
+    VERIFY = "verify"
+    REFUSE = "refuse"
+    ORPHAN = "orphan"
+
+
+@dataclass(frozen=True)
+class Action:
+    """One thing to do (or not do) about one dest, and why."""
+
+    kind: Kind
+    dest: str
+    asset: Asset | None = None
+    reason: str = ""
+    replace: bool = False
+
+
+def plan(
+    desired: Mapping[str, Asset],
+    conflicts: Mapping[str, list[Asset]],
+    published: Mapping[str, Published],
+    observed: Mapping[str, Observation],
+) -> list[Action]:
+    """Every action for this pass, in dest order: desired dests, conflicts, then orphans."""
+    actions = [_one(a, published.get(d), observed[d]) for d, a in sorted(desired.items())]
+    for dest, claims in sorted(conflicts.items()):
+        where = ", ".join(a.where() for a in claims)
+        actions.append(
+            Action(
+                Kind.REFUSE,
+                dest,
+                claims[0],
+                f"dest is claimed by more than one asset ({where}); none is synced",
+            )
+        )
+    actions += [
+        Action(Kind.ORPHAN, dest, reason=f"no manifest lists it any more (was {p.manifest})")
+        for dest, p in sorted(published.items())
+        if dest not in desired and dest not in conflicts
+    ]
+    return actions
+
+
+def _one(asset: Asset, known: Published | None, seen: Observation) -> Action:
+    dest = asset.dest
+    if seen.state in (State.SYMLINK, State.OTHER, State.BLOCKED):
+        return Action(Kind.REFUSE, dest, asset, f"{seen.detail}; refusing to write there")
+    if known is None:
+        if seen.state is State.MISSING:
+            return Action(Kind.DOWNLOAD, dest, asset, "new")
+        return Action(Kind.VERIFY, dest, asset, "a file not published by syncd is at dest")
+    if known.sha256 != asset.sha256:
+        if not asset.replace:
+            return Action(
+                Kind.REFUSE,
+                dest,
+                asset,
+                f"dest was published with sha256 {known.sha256} (commit {known.commit[:12]}); "
+                "changing a published file needs replace = true in the manifest",
+            )
+        return Action(Kind.DOWNLOAD, dest, asset, "replace = true: new content", replace=True)
+    if seen.state is State.MISSING:
+        return Action(Kind.DOWNLOAD, dest, asset, "published before but missing from the export")
+    if seen.size != known.size:
+        return Action(
+            Kind.REFUSE,
+            dest,
+            asset,
+            f"file at dest was changed outside syncd (size {seen.size}, ledger says {known.size})",
+        )
+    return Action(Kind.SKIP, dest, asset, "already published")

@@ -1,0 +1,59 @@
+"""A one-line progress display (files and bytes) for ``syncd sync`` on a terminal; silent otherwise."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TextIO
+
+
+def human(n: float) -> str:
+    """Bytes as a short human string: ``1.5 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+class Progress:
+    """Counts files and bytes from many threads; redraws at most ten times a second on a TTY."""
+
+    def __init__(self, stream: TextIO | None, files: int, total_bytes: int) -> None:
+        self.stream = stream
+        self.files = files
+        self.total = total_bytes
+        self.done_files = 0
+        self.done_bytes = 0
+        self._lock = threading.Lock()
+        self._last = 0.0
+
+    def add_bytes(self, n: int) -> None:
+        with self._lock:
+            self.done_bytes += n
+            self._draw(force=False)
+
+    def file_done(self) -> None:
+        with self._lock:
+            self.done_files += 1
+            self._draw(force=True)
+
+    def finish(self) -> None:
+        if self.stream is not None and self.files:
+            with self._lock:
+                self._draw(force=True)
+                self.stream.write("\n")
+                self.stream.flush()
+
+    def _draw(self, *, force: bool) -> None:
+        if self.stream is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.1:
+            return
+        self._last = now
+        self.stream.write(
+            f"\r\x1b[Ksyncing {self.done_files}/{self.files} files · "
+            f"{human(self.done_bytes)} of {human(self.total)}"
+        )
+        self.stream.flush()

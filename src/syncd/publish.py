@@ -1,0 +1,298 @@
+"""The export: the only module that writes under ``export.root``.
+
+Every ``dest`` is reached by walking its components from a descriptor of the export root with
+``O_NOFOLLOW``: a symlink anywhere below the root (a parent directory or the dest itself) is refused, never
+followed, so no symlink can redirect a write outside the export. The root itself may be a symlink (a mount
+point chosen by ops); it is never created: a missing root means the NFS mount is missing.
+
+A file becomes visible at its ``dest`` only by ``rename`` from the staging directory (same file system),
+after its bytes were verified and fsynced and its mode set to 0444; the directory is fsynced after the
+rename. Errors leave as :class:`~syncd.errors.PublishError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from syncd.errors import ConfigError, ExportMissingError, PublishError
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_CHUNK = 1 << 20
+
+
+class State(Enum):
+    MISSING = "missing"  # nothing at dest (parents may be missing too)
+    FILE = "file"  # a regular file
+    SYMLINK = "symlink"  # a symlink at dest: refused
+    OTHER = "other"  # a directory, socket, …: refused
+    BLOCKED = "blocked"  # a parent component is a symlink or not a directory: refused
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What is at a dest right now, seen without following any symlink."""
+
+    state: State
+    size: int = -1
+    detail: str = ""
+
+
+def _os_error(action: str, where: str, exc: OSError) -> PublishError:
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno == errno.ENOSPC:
+        reason = "no space left on the export file system"
+    return PublishError(f"{action} {where}: {reason}")
+
+
+class Export:
+    """The export root and its staging directory."""
+
+    def __init__(self, root: Path, staging: Path, *, staging_explicit: bool = False) -> None:
+        self.root = root
+        self.staging = staging
+        self.staging_explicit = staging_explicit
+        self._root_fd = -1
+        self._staging_fd = -1
+
+    def open(self, *, create_staging: bool = True) -> None:
+        """Check the root, create the staging directory (0700) and hold descriptors of both."""
+        try:
+            st = os.stat(self.root)
+        except FileNotFoundError:
+            raise ExportMissingError(
+                f"export root {self.root} does not exist (is the NFS export mounted?); syncd never creates it"
+            ) from None
+        except OSError as exc:
+            raise _os_error("cannot reach export root", str(self.root), exc) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise ExportMissingError(f"export root {self.root} is not a directory")
+        self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if not create_staging and not self.staging.exists():
+            return
+        try:
+            os.mkdir(self.staging, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise _os_error("cannot create staging directory", str(self.staging), exc) from None
+        try:
+            self._staging_fd = os.open(self.staging, _DIR_FLAGS)
+            sst = os.fstat(self._staging_fd)
+        except OSError as exc:
+            raise _os_error("cannot open staging directory", str(self.staging), exc) from None
+        if sst.st_dev != st.st_dev:
+            raise ConfigError(
+                "export.staging",
+                [
+                    f"at 'export.staging': {self.staging} is on another file system than "
+                    f"{self.root}; rename into the export would not be atomic"
+                ],
+            )
+        if stat.S_IMODE(sst.st_mode) != 0o700:
+            os.fchmod(self._staging_fd, 0o700)
+
+    def close(self) -> None:
+        for fd in (self._root_fd, self._staging_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._root_fd = self._staging_fd = -1
+
+    # reading ----------------------------------------------------------------------------------
+    def observe(self, dest: str) -> Observation:
+        """Look at ``dest`` without following symlinks and without creating anything."""
+        *parents, name = dest.split("/")
+        try:
+            with self._walk(parents, create=False) as parent:
+                if parent is None:
+                    return Observation(State.MISSING)
+                try:
+                    st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                except FileNotFoundError:
+                    return Observation(State.MISSING)
+        except _Blocked as b:
+            return Observation(State.BLOCKED, detail=str(b))
+        except OSError as exc:
+            raise _os_error("cannot inspect", dest, exc) from None
+        if stat.S_ISLNK(st.st_mode):
+            return Observation(State.SYMLINK, detail="a symlink is at dest")
+        if stat.S_ISREG(st.st_mode):
+            return Observation(State.FILE, size=st.st_size)
+        return Observation(State.OTHER, detail="something other than a regular file is at dest")
+
+    def hash_file(self, dest: str) -> tuple[str, int]:
+        """sha256 and size of the regular file at ``dest`` (read without following symlinks)."""
+        *parents, name = dest.split("/")
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with self._walk(parents, create=False) as parent:
+                if parent is None:
+                    raise PublishError(f"{dest} disappeared while being checked")
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+                try:
+                    while chunk := os.read(fd, _READ_CHUNK):
+                        digest.update(chunk)
+                        size += len(chunk)
+                finally:
+                    os.close(fd)
+        except _Blocked as b:
+            raise PublishError(f"{dest}: {b}") from None
+        except OSError as exc:
+            raise _os_error("cannot read", dest, exc) from None
+        return digest.hexdigest(), size
+
+    def make_read_only(self, dest: str) -> None:
+        """chmod 0444 the file at ``dest`` (used when adopting a file found in place)."""
+        *parents, name = dest.split("/")
+        try:
+            with self._walk(parents, create=False) as parent:
+                if parent is None:
+                    raise PublishError(f"{dest} disappeared while being adopted")
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+                try:
+                    os.fchmod(fd, 0o444)
+                finally:
+                    os.close(fd)
+        except _Blocked as b:
+            raise PublishError(f"{dest}: {b}") from None
+        except OSError as exc:
+            raise _os_error("cannot set mode 0444 on", dest, exc) from None
+
+    # writing ----------------------------------------------------------------------------------
+    def clean_staging(self) -> list[str]:
+        """Remove every leftover in the staging directory; return the names removed."""
+        if self._staging_fd < 0:
+            return []
+        removed = []
+        for name in os.listdir(self._staging_fd):
+            try:
+                os.unlink(name, dir_fd=self._staging_fd)
+                removed.append(name)
+            except IsADirectoryError:
+                continue
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _os_error("cannot clean staging file", name, exc) from None
+        return removed
+
+    def stage(self, dest: str) -> StagedFile:
+        """A new, empty staging file for ``dest``; write to it, then :meth:`StagedFile.publish`."""
+        name = hashlib.sha256(dest.encode()).hexdigest()[:32] + ".part"
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self._staging_fd)
+            fd = os.open(
+                name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=self._staging_fd,
+            )
+        except OSError as exc:
+            raise _os_error("cannot create staging file for", dest, exc) from None
+        return StagedFile(self, dest, name, fd)
+
+    def _publish(self, staged: StagedFile, *, replace: bool) -> None:
+        *parents, name = staged.dest.split("/")
+        try:
+            with self._walk(parents, create=True) as parent:
+                assert parent is not None
+                try:
+                    st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                except FileNotFoundError:
+                    pass
+                else:
+                    if stat.S_ISLNK(st.st_mode):
+                        raise PublishError(f"{staged.dest}: a symlink is at dest; refused")
+                    if not stat.S_ISREG(st.st_mode) or not replace:
+                        raise PublishError(f"{staged.dest}: something appeared at dest; refused")
+                os.rename(staged.name, name, src_dir_fd=self._staging_fd, dst_dir_fd=parent)
+                os.fsync(parent)
+                os.fsync(self._staging_fd)
+        except _Blocked as b:
+            raise PublishError(f"{staged.dest}: {b}") from None
+        except OSError as exc:
+            raise _os_error("cannot publish", staged.dest, exc) from None
+
+    @contextlib.contextmanager
+    def _walk(self, parts: list[str], *, create: bool) -> Iterator[int | None]:
+        """Yield a descriptor of the directory ``root/parts…`` (None when missing and not creating).
+
+        Raises :class:`_Blocked` if a component is a symlink or not a directory.
+        """
+        fd = os.dup(self._root_fd)
+        try:
+            for i, part in enumerate(parts):
+                try:
+                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        os.close(fd)
+                        fd = -1
+                        yield None
+                        return
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        where = "/".join(parts[: i + 1])
+                        raise _Blocked(f"{where} is a symlink or not a directory; refused") from None
+                    raise
+                os.close(fd)
+                fd = nfd
+            yield fd
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+
+class _Blocked(Exception):
+    """A path component below the export root is a symlink or not a directory."""
+
+
+class StagedFile:
+    """A file being written in staging; it reaches its dest only through :meth:`publish`."""
+
+    def __init__(self, export: Export, dest: str, name: str, fd: int) -> None:
+        self.export = export
+        self.dest = dest
+        self.name = name
+        self.fd = fd
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+        except OSError as exc:
+            raise _os_error("cannot write staging file for", self.dest, exc) from None
+
+    def publish(self, *, replace: bool = False) -> None:
+        """fsync, chmod 0444, rename into place, fsync the directory. The staged name is gone after."""
+        try:
+            os.fsync(self.fd)
+            os.fchmod(self.fd, 0o444)
+        except OSError as exc:
+            raise _os_error("cannot flush staging file for", self.dest, exc) from None
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+        self.export._publish(self, replace=replace)
+
+    def discard(self) -> None:
+        """Close and delete the staging file (unverified bytes are never kept)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.name, dir_fd=self.export._staging_fd)

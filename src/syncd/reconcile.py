@@ -1,0 +1,360 @@
+"""One reconcile pass: fetch git → desired state → plan → download/verify/publish → ledger → summary.
+
+``Reconciler.run_pass`` is the engine behind both ``syncd sync`` (one pass) and ``syncd run`` (a pass per
+interval). It is level-triggered: each pass compares the manifests at the branch head with the ledger and
+the export, so a failed asset is retried and a file deleted by hand comes back. It never raises for one bad
+manifest or one failing asset: those are logged (one event each) and counted in the :class:`PassResult`.
+It raises a :class:`~syncd.errors.SyncdError` only when no pass is possible at all (export root missing,
+git unreachable before anything was ever fetched, ledger unusable).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from syncd import logs, manifest
+from syncd.config import Config
+from syncd.errors import GitError, ManifestError, SyncdError
+from syncd.fetch import Fetcher
+from syncd.gitsource import ManifestRepo
+from syncd.ledger import CachedManifest, Ledger
+from syncd.manifest import Asset
+from syncd.plan import Action, Kind, plan
+from syncd.progress import Progress, human
+from syncd.publish import Export
+
+log = logs.get()
+
+
+@dataclass(frozen=True)
+class Desired:
+    """The desired state at one commit."""
+
+    commit: str
+    assets: dict[str, Asset]
+    conflicts: dict[str, list[Asset]]
+    invalid: dict[str, tuple[str, ...]]
+
+
+@dataclass
+class PassResult:
+    """What one pass did; ``ok`` means the export matches the manifests at ``commit``."""
+
+    commit: str = ""
+    planned: list[Action] = field(default_factory=list)
+    published: int = 0
+    adopted: int = 0
+    skipped: int = 0
+    refused: int = 0
+    failed: int = 0
+    orphaned: int = 0
+    invalid: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    bytes: int = 0
+    git_error: str = ""
+    dry_run: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not (self.refused or self.failed or self.invalid or self.git_error)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    action: Action
+    error: SyncdError | None = None
+    bytes: int = 0
+    seconds: float = 0.0
+    how: str = "downloaded"
+
+
+def load_desired(repo: ManifestRepo, ledger: Ledger, head: str) -> Desired:
+    """The assets wanted at ``head``, reusing the ledger's manifest cache through a tree diff."""
+    cache = ledger.manifests()
+    cached_commit = ledger.get("manifests_commit")
+    if cached_commit != head:
+        if cached_commit and repo.has_commit(cached_commit):
+            change = repo.changes(cached_commit, head)
+            upserts = {p: _parse(repo, p, repo.blob_id(head, p)) for p in sorted(change.changed)}
+            ledger.update_manifests(head, upserts, change.deleted)
+            for p in change.deleted:
+                cache.pop(p, None)
+            cache.update(upserts)
+        else:
+            blobs = repo.manifests(head)
+            cache = {
+                p: cache[p] if p in cache and cache[p].blob == b else _parse(repo, p, b)
+                for p, b in sorted(blobs.items())
+            }
+            ledger.update_manifests(head, cache, (), replace_all=True)
+    every = [a for c in cache.values() for a in c.assets]
+    conflicts = manifest.duplicates(every)
+    assets = {a.dest: a for a in every if a.dest not in conflicts}
+    invalid = {p: c.problems for p, c in sorted(cache.items()) if c.problems}
+    return Desired(head, assets, conflicts, invalid)
+
+
+def _parse(repo: ManifestRepo, path: str, blob: str) -> CachedManifest:
+    try:
+        return CachedManifest(blob, assets=tuple(manifest.parse(path, repo.read(blob))))
+    except ManifestError as exc:
+        return CachedManifest(blob, problems=tuple(exc.problems))
+
+
+class Reconciler:
+    """Owns the long-lived pieces (git clone, HTTP client, ledger) across passes."""
+
+    def __init__(self, cfg: Config, *, dry_run: bool = False, progress_stream: TextIO | None = None) -> None:
+        self.cfg = cfg
+        self.dry_run = dry_run
+        self.progress_stream = progress_stream
+        self.stop = threading.Event()
+        self.repo = ManifestRepo(cfg.source, cfg.state_dir, cfg.timeout)
+        self.ledger = Ledger.in_state_dir(cfg.state_dir, readonly=dry_run)
+        self.fetcher = Fetcher(cfg.artifactory, timeout=cfg.timeout, concurrency=cfg.concurrency)
+
+    def close(self) -> None:
+        self.fetcher.close()
+        self.ledger.close()
+
+    def run_pass(self) -> PassResult:
+        """One full reconcile pass. Raises :class:`SyncdError` only if no pass is possible."""
+        started = time.monotonic()
+        result = PassResult(dry_run=self.dry_run)
+        export = Export(self.cfg.export_root, self.cfg.staging, staging_explicit=self.cfg.staging_explicit)
+        export.open(create_staging=not self.dry_run)
+        try:
+            if not self.dry_run:
+                leftovers = export.clean_staging()
+                if leftovers:
+                    log.info("staging_cleaned", files=len(leftovers), staging=str(self.cfg.staging))
+            head = self._head(result)
+            result.commit = head
+            desired = load_desired(self.repo, self.ledger, head)
+            self._report_invalid(desired, result)
+            published = self.ledger.published()
+            observed = {d: export.observe(d) for d in desired.assets}
+            result.planned = plan(desired.assets, desired.conflicts, published, observed)
+            if not self.dry_run:
+                self._execute(export, result)
+                self._settle(desired, result)
+        finally:
+            export.close()
+        if self.dry_run:
+            _count_dry(result)
+        log.log(
+            20 if result.ok else 40,
+            "pass_finished",
+            commit=result.commit,
+            ok=result.ok,
+            dry_run=self.dry_run,
+            published=result.published,
+            adopted=result.adopted,
+            skipped=result.skipped,
+            refused=result.refused,
+            failed=result.failed,
+            orphaned=result.orphaned,
+            invalid_manifests=len(result.invalid),
+            bytes=result.bytes,
+            duration_s=round(time.monotonic() - started, 3),
+        )
+        return result
+
+    def _head(self, result: PassResult) -> str:
+        try:
+            head = self.repo.fetch()
+        except GitError as exc:
+            cached = self.ledger.get("manifests_commit")
+            if not cached or not self.repo.has_commit(cached):
+                raise
+            result.git_error = str(exc)
+            log.error("git_fetch_failed", error=str(exc), source=self.cfg.source.url, serving_commit=cached)
+            return cached
+        log.info("git_fetched", commit=head, branch=self.cfg.source.branch)
+        return head
+
+    def _report_invalid(self, desired: Desired, result: PassResult) -> None:
+        result.invalid = desired.invalid
+        for path, problems in desired.invalid.items():
+            log.error(
+                "manifest_invalid",
+                manifest=path,
+                commit=desired.commit,
+                error="; ".join(problems),
+                problems=list(problems),
+            )
+
+    def _execute(self, export: Export, result: PassResult) -> None:
+        work = [a for a in result.planned if a.kind in (Kind.DOWNLOAD, Kind.VERIFY)]
+        total = sum(a.asset.size for a in work if a.asset and a.kind is Kind.DOWNLOAD)
+        progress = Progress(self.progress_stream, len(work), total)
+        for a in result.planned:
+            if a.kind is Kind.SKIP:
+                result.skipped += 1
+            elif a.kind is Kind.REFUSE:
+                self._refuse(a, a.reason, result)
+        with ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix="syncd-dl") as pool:
+            futures: Iterable[Future[_Outcome]] = [
+                pool.submit(self._work, export, a, progress, result.commit) for a in work
+            ]
+            for fut in as_completed(futures):
+                self._record(fut.result(), result)
+                progress.file_done()
+        progress.finish()
+
+    def _work(self, export: Export, action: Action, progress: Progress, commit: str) -> _Outcome:
+        assert action.asset is not None
+        started = time.monotonic()
+        try:
+            if self.stop.is_set():
+                raise SyncdError("stopping: download not started")
+            if action.kind is Kind.VERIFY:
+                return self._verify(export, action)
+            staged = export.stage(action.dest)
+            try:
+                self.fetcher.download(action.asset, self._writer(staged.write), progress.add_bytes)
+                staged.publish(replace=action.replace)
+            except BaseException:
+                staged.discard()
+                raise
+        except SyncdError as exc:
+            return _Outcome(action, error=exc)
+        return _Outcome(action, bytes=action.asset.size, seconds=time.monotonic() - started)
+
+    def _writer(self, write: Callable[[bytes], None]) -> Callable[[bytes], None]:
+        stop = self.stop
+
+        def guarded(data: bytes) -> None:
+            if stop.is_set():
+                raise SyncdError("stopping: download interrupted")
+            write(data)
+
+        return guarded
+
+    def _verify(self, export: Export, action: Action) -> _Outcome:
+        asset = action.asset
+        assert asset is not None
+        actual, size = export.hash_file(asset.dest)
+        if actual != asset.sha256 or size != asset.size:
+            raise _Refusal(
+                f"a different file is at dest (sha256 {actual}, {size} bytes) and syncd did not "
+                "publish it; left untouched"
+            )
+        export.make_read_only(asset.dest)
+        return _Outcome(action, how="adopted")
+
+    def _record(self, out: _Outcome, result: PassResult) -> None:
+        a = out.action
+        asset = a.asset
+        assert asset is not None
+        if isinstance(out.error, _Refusal):
+            self._refuse(a, str(out.error), result)
+        elif out.error is not None:
+            result.failed += 1
+            attempts = self.ledger.record_failure(asset.dest, asset.sha256, str(out.error))
+            log.error(
+                "asset_failed",
+                dest=asset.dest,
+                source=asset.source,
+                manifest=asset.manifest,
+                sha256=asset.sha256,
+                error=str(out.error),
+                attempts=attempts,
+                commit=result.commit,
+            )
+        elif out.how == "adopted":
+            result.adopted += 1
+            self.ledger.record_published(asset, result.commit, "adopted")
+            log.info(
+                "asset_adopted",
+                dest=asset.dest,
+                sha256=asset.sha256,
+                bytes=asset.size,
+                manifest=asset.manifest,
+                commit=result.commit,
+            )
+        else:
+            result.published += 1
+            result.bytes += out.bytes
+            self.ledger.record_published(asset, result.commit, "downloaded")
+            mbps = out.bytes / out.seconds / 1e6 if out.seconds > 0 else 0.0
+            log.info(
+                "asset_published",
+                dest=asset.dest,
+                source=asset.source,
+                sha256=asset.sha256,
+                bytes=out.bytes,
+                duration_s=round(out.seconds, 3),
+                mb_per_s=round(mbps, 1),
+                manifest=asset.manifest,
+                commit=result.commit,
+                replaced=a.replace,
+            )
+
+    def _refuse(self, a: Action, reason: str, result: PassResult) -> None:
+        asset = a.asset
+        assert asset is not None
+        result.refused += 1
+        self.ledger.record_failure(a.dest, asset.sha256, reason)
+        log.error("asset_refused", dest=a.dest, manifest=asset.manifest, error=reason, commit=result.commit)
+
+    def _settle(self, desired: Desired, result: PassResult) -> None:
+        orphans = [a.dest for a in result.planned if a.kind is Kind.ORPHAN]
+        known = self.ledger.published()
+        fresh = [d for d in orphans if known[d].orphaned_at is None]
+        for a in result.planned:
+            if a.kind is Kind.ORPHAN and a.dest in fresh:
+                log.warning("asset_orphaned", dest=a.dest, reason=a.reason, commit=result.commit)
+        result.orphaned = len(orphans)
+        self.ledger.mark_orphaned(fresh)
+        back = [d for d in desired.assets if d in known and known[d].orphaned_at is not None]
+        self.ledger.unmark_orphaned(back)
+        self.ledger.clear_failures(keep=list(desired.assets) + list(desired.conflicts))
+        if result.ok:
+            self.ledger.set("synced_commit", result.commit)
+
+
+class _Refusal(SyncdError):
+    """A verify found a different file at dest: refused, left untouched."""
+
+
+def _count_dry(result: PassResult) -> None:
+    for a in result.planned:
+        if a.kind is Kind.SKIP:
+            result.skipped += 1
+        elif a.kind is Kind.REFUSE:
+            result.refused += 1
+        elif a.kind is Kind.ORPHAN:
+            result.orphaned += 1
+
+
+def render_plan(result: PassResult) -> str:
+    """The dry-run report: one line per action, then a summary line."""
+    lines = [f"invalid   {p}" for problems in result.invalid.values() for p in problems]
+    counts: dict[Kind, int] = dict.fromkeys(Kind, 0)
+    pending = 0
+    for a in result.planned:
+        counts[a.kind] += 1
+        size = human(a.asset.size) if a.asset else ""
+        if a.kind is Kind.DOWNLOAD and a.asset:
+            pending += a.asset.size
+            lines.append(f"download  {a.dest}  ({size} from {a.asset.source}; {a.reason})")
+        elif a.kind is Kind.SKIP:
+            lines.append(f"skip      {a.dest}  ({a.reason})")
+        elif a.kind is Kind.VERIFY:
+            lines.append(f"verify    {a.dest}  ({a.reason}; adopted if its sha256 matches)")
+        elif a.kind is Kind.REFUSE:
+            lines.append(f"refuse    {a.dest}  ({a.reason})")
+        else:
+            lines.append(f"orphan    {a.dest}  ({a.reason}; left in place)")
+    lines.append(
+        f"dry run at commit {result.commit[:12]}: {counts[Kind.DOWNLOAD]} to download "
+        f"({human(pending)}), {counts[Kind.VERIFY]} to verify, {counts[Kind.SKIP]} to skip, "
+        f"{counts[Kind.REFUSE]} refused, {counts[Kind.ORPHAN]} orphaned, "
+        f"{len(result.invalid)} invalid manifest(s); nothing was changed"
+    )
+    return "\n".join(lines)

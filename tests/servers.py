@@ -1,0 +1,718 @@
+"""Real loopback servers and fixtures-independent helpers for syncd tests.
+
+Everything here is plain Python (no pytest import) so that it can also be used
+from scripts. All servers listen on 127.0.0.1 only and are stopped by PID.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = [
+    "FaultServer",
+    "GitRepo",
+    "Nginx",
+    "Sshd",
+    "free_port",
+    "make_asset",
+    "start_nginx",
+    "start_sshd",
+]
+
+SSHD_BIN = "/usr/sbin/sshd"
+NGINX_BIN = "/usr/sbin/nginx"
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+SESSION_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+
+
+# --------------------------------------------------------------------------- utilities
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError as exc:
+        return f"<cannot read {path}: {exc}>"
+
+
+def _run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run a command, raising with its output on failure."""
+    proc = subprocess.run(args, capture_output=True, text=True, **kwargs)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"command failed ({proc.returncode}): {' '.join(args)}\n"
+            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
+    return proc
+
+
+def _wait_for_port(proc: subprocess.Popen[bytes], port: int, log: Path, what: str) -> None:
+    """Wait until `port` accepts connections; raise with the log if it never does."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"{what} exited with status {proc.returncode} before listening on "
+                f"127.0.0.1:{port}; log {log}:\n{_read(log)}"
+            )
+        if _port_open(port):
+            return
+        time.sleep(0.05)
+    _stop_pid(proc.pid, proc, signal.SIGTERM)
+    raise RuntimeError(
+        f"{what} did not listen on 127.0.0.1:{port} within {START_TIMEOUT}s; log {log}:\n{_read(log)}"
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop_pid(pid: int, proc: subprocess.Popen[bytes] | None, sig: signal.Signals) -> None:
+    """Send `sig` to `pid`, wait for it, and SIGKILL its process group if it lingers.
+
+    The servers are started with ``start_new_session=True``, so their process group id
+    equals their PID and the fallback also reaches worker children.
+    """
+    if proc is not None and proc.poll() is not None:
+        return
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT
+    if proc is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=STOP_TIMEOUT)
+    else:
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    if proc is not None:
+        proc.wait(timeout=STOP_TIMEOUT)
+
+
+# --------------------------------------------------------------------------- sshd
+
+
+@dataclass
+class Sshd:
+    """A private OpenSSH server on 127.0.0.1 that serves git repositories as root.
+
+    ``client_key`` is ``workdir/id_ed25519`` (no suffix), so its public half is both
+    ``client_key.with_suffix('.pub')`` and ``Path(str(client_key) + '.pub')``.
+    """
+
+    port: int
+    pid: int
+    workdir: Path
+    client_key: Path
+    known_hosts: Path
+    wrong_known_hosts: Path
+    repos_dir: Path
+    log: Path
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
+
+    def url(self, repo: str) -> str:
+        """``ssh://root@127.0.0.1:PORT/<absolute path of repos_dir/repo>``."""
+        path = (self.repos_dir / repo).absolute()
+        return f"ssh://root@127.0.0.1:{self.port}{path}"
+
+    def ssh_command(self, known_hosts: Path | None = None) -> str:
+        """A ``GIT_SSH_COMMAND`` value using the client key and strict host key checking."""
+        kh = known_hosts if known_hosts is not None else self.known_hosts
+        return (
+            f"ssh -i {self.client_key} -o UserKnownHostsFile={kh} "
+            "-o GlobalKnownHostsFile=/dev/null "
+            "-o StrictHostKeyChecking=yes -o IdentitiesOnly=yes -o BatchMode=yes"
+        )
+
+    def stop(self) -> None:
+        """Terminate the listening sshd by PID and wait for it (idempotent)."""
+        _stop_pid(self.pid, self._proc, signal.SIGTERM)
+
+
+def _keygen(path: Path, comment: str) -> None:
+    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
+    path.chmod(0o600)
+
+
+def start_sshd(workdir: Path) -> Sshd:
+    """Start ``sshd -D -e`` with a private config under `workdir` and wait until it listens."""
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # privilege separation directory
+
+    host_key = workdir / "ssh_host_ed25519_key"
+    client_key = workdir / "id_ed25519"
+    wrong_host_key = workdir / "wrong_host_ed25519_key"
+    for key, comment in (
+        (host_key, "syncd-test-host"),
+        (client_key, "syncd-test-client"),
+        (wrong_host_key, "syncd-test-wrong-host"),
+    ):
+        if not key.exists():
+            _keygen(key, comment)
+    authorized_keys = workdir / "authorized_keys"
+    shutil.copyfile(client_key.with_suffix(".pub"), authorized_keys)
+    authorized_keys.chmod(0o600)
+    repos_dir = workdir / "repos"
+    repos_dir.mkdir(exist_ok=True)
+    config = workdir / "sshd_config"
+    log = workdir / "sshd.log"
+
+    last_error: Exception | None = None
+    for _attempt in range(3):  # the free port may be taken in between; retry a few times
+        port = free_port()
+        config.write_text(
+            "\n".join(
+                [
+                    f"Port {port}",
+                    "ListenAddress 127.0.0.1",
+                    f"HostKey {host_key}",
+                    f"PidFile {workdir / 'sshd.pid'}",
+                    f"AuthorizedKeysFile {authorized_keys}",
+                    "PermitRootLogin prohibit-password",
+                    "PubkeyAuthentication yes",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "UsePAM no",
+                    "StrictModes no",
+                    "UseDNS no",
+                    "PrintMotd no",
+                    "X11Forwarding no",
+                    "MaxStartups 64",
+                    "LogLevel VERBOSE",
+                    f"SetEnv PATH={SESSION_PATH}",
+                    "",
+                ]
+            )
+        )
+        _run([SSHD_BIN, "-t", "-f", str(config)])
+        with log.open("ab") as log_fh:
+            proc = subprocess.Popen(
+                [SSHD_BIN, "-D", "-e", "-f", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_fh,
+                stderr=log_fh,
+                start_new_session=True,
+            )
+        try:
+            _wait_for_port(proc, port, log, "sshd")
+        except RuntimeError as exc:
+            last_error = exc
+            _stop_pid(proc.pid, proc, signal.SIGTERM)
+            continue
+        break
+    else:
+        raise RuntimeError(f"could not start sshd: {last_error}")
+
+    server = Sshd(
+        port=port,
+        pid=proc.pid,
+        workdir=workdir,
+        client_key=client_key,
+        known_hosts=workdir / "known_hosts",
+        wrong_known_hosts=workdir / "wrong_known_hosts",
+        repos_dir=repos_dir,
+        log=log,
+        _proc=proc,
+    )
+    atexit.register(server.stop)
+    try:
+        scan = _run(["ssh-keyscan", "-p", str(port), "-t", "ed25519", "-T", "5", "127.0.0.1"])
+        lines = [ln for ln in scan.stdout.splitlines() if ln and not ln.startswith("#")]
+        host_pub = host_key.with_suffix(".pub").read_text().split()[:2]
+        expected = f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}"
+        if lines != [expected]:
+            raise RuntimeError(f"ssh-keyscan gave {lines!r}, expected {[expected]!r}")
+        server.known_hosts.write_text(expected + "\n")
+        wrong_pub = wrong_host_key.with_suffix(".pub").read_text().split()[:2]
+        server.wrong_known_hosts.write_text(f"[127.0.0.1]:{port} {wrong_pub[0]} {wrong_pub[1]}\n")
+    except Exception:
+        server.stop()
+        raise
+    return server
+
+
+# --------------------------------------------------------------------------- nginx
+
+
+@dataclass
+class Nginx:
+    """A private nginx on 127.0.0.1 serving `root` under /bearer/, /basic/ and /open/."""
+
+    port: int
+    pid: int
+    root: Path
+    token: str
+    user: str
+    password: str
+    access_log: Path
+    error_log: Path
+    workdir: Path
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def bearer_url(self) -> str:
+        """Location that needs ``Authorization: Bearer <token>`` exactly."""
+        return f"{self.base_url}/bearer"
+
+    def basic_url(self) -> str:
+        """Location that needs HTTP Basic auth with `user`/`password`."""
+        return f"{self.base_url}/basic"
+
+    def open_url(self) -> str:
+        """Location without authentication."""
+        return f"{self.base_url}/open"
+
+    def stop(self) -> None:
+        """Fast-shutdown nginx (SIGTERM to the master) by PID and wait (idempotent)."""
+        _stop_pid(self.pid, self._proc, signal.SIGTERM)
+
+
+_NGINX_CONF = """\
+daemon off;
+master_process on;
+worker_processes 1;
+user root root;
+pid "{workdir}/nginx.pid";
+error_log "{error_log}" info;
+
+events {{
+    worker_connections 512;
+}}
+
+http {{
+    default_type application/octet-stream;
+    sendfile on;
+    server_tokens off;
+    log_format syncd_test '$request $status $http_range';
+    access_log "{access_log}" syncd_test;
+
+    client_body_temp_path "{tmp}/client_body";
+    proxy_temp_path "{tmp}/proxy";
+    fastcgi_temp_path "{tmp}/fastcgi";
+    uwsgi_temp_path "{tmp}/uwsgi";
+    scgi_temp_path "{tmp}/scgi";
+
+    server {{
+        listen 127.0.0.1:{port};
+        server_name localhost;
+        autoindex off;
+
+        location /bearer/ {{
+            if ($http_authorization != "Bearer {token}") {{
+                return 401;
+            }}
+            alias "{root}/";
+        }}
+
+        location /basic/ {{
+            auth_basic "syncd-test";
+            auth_basic_user_file "{htpasswd}";
+            alias "{root}/";
+        }}
+
+        location /open/ {{
+            alias "{root}/";
+        }}
+
+        location / {{
+            return 404;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(workdir: Path) -> Nginx:
+    """Start ``nginx -p DIR -c CONF`` (``daemon off``) under `workdir` and wait until it listens."""
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    root = workdir / "root"
+    root.mkdir(exist_ok=True)
+    tmp = workdir / "tmp"
+    tmp.mkdir(exist_ok=True)
+    token = "tok" + secrets.token_hex(16)
+    user = "user" + secrets.token_hex(4)
+    password = "pw" + secrets.token_hex(12)
+    htpasswd = workdir / "htpasswd"
+    _run(["htpasswd", "-bcB", str(htpasswd), user, password])
+    config = workdir / "nginx.conf"
+    access_log = workdir / "access.log"
+    error_log = workdir / "error.log"
+
+    last_error: Exception | None = None
+    for _attempt in range(3):
+        port = free_port()
+        config.write_text(
+            _NGINX_CONF.format(
+                workdir=workdir,
+                error_log=error_log,
+                access_log=access_log,
+                tmp=tmp,
+                port=port,
+                token=token,
+                root=root,
+                htpasswd=htpasswd,
+            )
+        )
+        base = [NGINX_BIN, "-p", str(workdir), "-e", str(error_log), "-c", str(config)]
+        _run([*base, "-t", "-q"])
+        with error_log.open("ab") as log_fh:
+            proc = subprocess.Popen(
+                base,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fh,
+                stderr=log_fh,
+                start_new_session=True,
+            )
+        try:
+            _wait_for_port(proc, port, error_log, "nginx")
+        except RuntimeError as exc:
+            last_error = exc
+            _stop_pid(proc.pid, proc, signal.SIGTERM)
+            continue
+        break
+    else:
+        raise RuntimeError(f"could not start nginx: {last_error}")
+
+    server = Nginx(
+        port=port,
+        pid=proc.pid,
+        root=root,
+        token=token,
+        user=user,
+        password=password,
+        access_log=access_log,
+        error_log=error_log,
+        workdir=workdir,
+        _proc=proc,
+    )
+    atexit.register(server.stop)
+    return server
+
+
+# --------------------------------------------------------------------------- fault server
+
+
+@dataclass(frozen=True)
+class _Route:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+    redirect: str | None
+    delay: float
+
+
+class FaultServer:
+    """A ThreadingHTTPServer on 127.0.0.1 answering registered routes, for faults nginx can't make.
+
+    Only GET and HEAD are routed (other methods get 405); unknown paths get 404.
+    Plain 200 body routes honour ``Range: bytes=N-`` / ``bytes=N-M`` with 206 and
+    Content-Range. A route's ``headers`` are sent verbatim and may override
+    Content-Length (e.g. to fake a truncated body). Responses use HTTP/1.0, so the
+    connection closes after each response.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._routes: dict[str, _Route] = {}
+        self._requests: list[tuple[str, str, dict[str, str]]] = []
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self.port: int = int(self._server.server_address[1])
+        self.url: str = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name=f"FaultServer:{self.port}", daemon=True
+        )
+        self._thread.start()
+        self._stopped = False
+
+    # -- public API
+    def route(
+        self,
+        path: str,
+        *,
+        status: int = 200,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        redirect: str | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        """Register the GET/HEAD response for `path` (302 to `redirect`; sleep `delay` s first)."""
+        with self._lock:
+            self._routes[path] = _Route(
+                status=302 if redirect is not None and status == 200 else status,
+                body=body,
+                headers=dict(headers or {}),
+                redirect=redirect,
+                delay=delay,
+            )
+
+    @property
+    def requests(self) -> list[tuple[str, str, dict[str, str]]]:
+        """Snapshot of ``(method, path, lowercased headers)`` for every request received."""
+        with self._lock:
+            return list(self._requests)
+
+    def clear_requests(self) -> None:
+        """Forget the recorded requests."""
+        with self._lock:
+            self._requests.clear()
+
+    def stop(self) -> None:
+        """Stop serving and close the socket (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=STOP_TIMEOUT)
+
+    def __enter__(self) -> FaultServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- internals
+    def _record(self, method: str, path: str, headers: dict[str, str]) -> None:
+        with self._lock:
+            self._requests.append((method, path, headers))
+
+    def _lookup(self, path: str) -> _Route | None:
+        with self._lock:
+            return self._routes.get(path) or self._routes.get(urlsplit(path).path)
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "FaultServer/1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _begin(self) -> None:
+                owner._record(self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
+
+            def _serve(self, with_body: bool) -> None:
+                self._begin()
+                route = owner._lookup(self.path)
+                if route is None:
+                    self._send(404, {}, b"not found\n", with_body)
+                    return
+                if route.delay:
+                    time.sleep(route.delay)
+                headers = dict(route.headers)
+                if route.redirect is not None:
+                    headers.setdefault("Location", route.redirect)
+                    self._send(route.status, headers, route.body, with_body)
+                    return
+                body, status = route.body, route.status
+                rng = self.headers.get("Range")
+                if status == 200 and rng:
+                    try:
+                        parsed = _parse_range(rng, len(body))
+                    except _UnsatisfiableRange:
+                        headers["Content-Range"] = f"bytes */{len(body)}"
+                        self._send(416, headers, b"", with_body)
+                        return
+                    if parsed is not None:
+                        start, end = parsed
+                        headers["Content-Range"] = f"bytes {start}-{end}/{len(body)}"
+                        body, status = body[start : end + 1], 206
+                headers.setdefault("Accept-Ranges", "bytes")
+                self._send(status, headers, body, with_body)
+
+            def _send(self, status: int, headers: dict[str, str], body: bytes, with_body: bool) -> None:
+                self.send_response(status)
+                lower = {k.lower() for k in headers}
+                if "content-length" not in lower:
+                    self.send_header("Content-Length", str(len(body)))
+                if "content-type" not in lower:
+                    self.send_header("Content-Type", "application/octet-stream")
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                if with_body and body:
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                        self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                self._serve(with_body=True)
+
+            def do_HEAD(self) -> None:
+                self._serve(with_body=False)
+
+            def _not_allowed(self) -> None:
+                self._begin()
+                self._send(405, {"Allow": "GET, HEAD"}, b"", with_body=True)
+
+            do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+        return Handler
+
+
+class _UnsatisfiableRange(Exception):
+    """The requested range starts beyond the end of the body (answer 416)."""
+
+
+def _parse_range(value: str, size: int) -> tuple[int, int] | None:
+    """Parse a single ``bytes=N-`` / ``bytes=N-M`` range; None means "ignore it, send 200"."""
+    unit, _, spec = value.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, _, last = spec.strip().partition("-")
+    if not first.isdigit() or (last and not last.isdigit()):
+        return None
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if start >= size or end < start:
+        raise _UnsatisfiableRange(value)
+    return start, end
+
+
+# --------------------------------------------------------------------------- git
+
+
+class GitRepo:
+    """A bare manifest repository plus a work clone on branch ``main``, driven by the git CLI.
+
+    ``url`` is what a syncd config should point at: by default ``bare_path.as_uri()``
+    (a ``file://`` URL); the ssh fixture passes an ``ssh://`` URL instead.
+    """
+
+    def __init__(self, bare_path: Path, work_path: Path, *, url: str | None = None) -> None:
+        self.bare_path = Path(bare_path).absolute()
+        self.work_path = Path(work_path).absolute()
+        self.url = url if url is not None else self.bare_path.as_uri()
+        self.env = {
+            **os.environ,
+            "GIT_AUTHOR_NAME": "Syncd Test",
+            "GIT_AUTHOR_EMAIL": "syncd-test@example.invalid",
+            "GIT_COMMITTER_NAME": "Syncd Test",
+            "GIT_COMMITTER_EMAIL": "syncd-test@example.invalid",
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": os.devnull,
+            "GIT_TERMINAL_PROMPT": "0",
+        }
+        self.bare_path.parent.mkdir(parents=True, exist_ok=True)
+        self.work_path.parent.mkdir(parents=True, exist_ok=True)
+        self._git(None, "init", "--quiet", "--bare", str(self.bare_path))
+        self._git(None, "init", "--quiet", str(self.work_path))
+        self.git("symbolic-ref", "HEAD", "refs/heads/main")
+        self.git("remote", "add", "origin", str(self.bare_path))
+
+    def _git(self, cwd: Path | None, *args: str) -> str:
+        return _run(["git", "-c", "init.defaultBranch=main", *args], cwd=cwd, env=self.env).stdout
+
+    def git(self, *args: str) -> str:
+        """Run ``git ARGS`` in the work clone and return stdout."""
+        return self._git(self.work_path, *args)
+
+    def write(self, relpath: str, text: str) -> Path:
+        """Write `text` to work/`relpath` (creating directories); returns the path."""
+        path = self.work_path / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    def remove(self, relpath: str) -> None:
+        """Delete a file or directory from the work tree (committed by the next `commit`)."""
+        path = self.work_path / relpath
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+    def commit(self, message: str) -> str:
+        """Commit all changes (incl. deletions), push to the bare repo's main, return the sha."""
+        self.git("add", "--all")
+        self.git("commit", "--quiet", "--allow-empty", "-m", message)
+        self.git("push", "--quiet", "origin", "HEAD:refs/heads/main")
+        return self.head()
+
+    def head(self) -> str:
+        """The work clone's HEAD commit sha."""
+        return self.git("rev-parse", "HEAD").strip()
+
+    def remote_head(self) -> str:
+        """The bare repo's ``main`` sha."""
+        return self._git(None, "--git-dir", str(self.bare_path), "rev-parse", "refs/heads/main").strip()
+
+    def force_reset(self, sha: str) -> None:
+        """``reset --hard`` the work clone to `sha` and force-push it to the bare repo's main."""
+        self.git("reset", "--quiet", "--hard", sha)
+        self.git("push", "--quiet", "--force", "origin", "HEAD:refs/heads/main")
+
+
+# --------------------------------------------------------------------------- assets
+
+
+def make_asset(root: Path, relpath: str, size: int, seed: int = 0) -> tuple[str, int]:
+    """Write `size` deterministic pseudo-random bytes to root/relpath; return (sha256 hex, size)."""
+    path = Path(root) / relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)  # noqa: S311 - deterministic test data, not crypto
+    digest = hashlib.sha256()
+    remaining = size
+    chunk = 1 << 20
+    with path.open("wb") as fh:
+        while remaining > 0:
+            data = rng.randbytes(min(chunk, remaining))
+            digest.update(data)
+            fh.write(data)
+            remaining -= len(data)
+    return digest.hexdigest(), size
