@@ -156,8 +156,11 @@ class Ledger:
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         if self.readonly:
-            # A dry run plans against the ledger but never changes it.
-            yield sqlite3.connect(":memory:")
+            # A dry run plans against the ledger but never changes it: writes go to a scratch copy.
+            scratch = sqlite3.connect(":memory:")
+            scratch.executescript(_SCHEMA)
+            yield scratch
+            scratch.close()
             return
         try:
             with self._db:

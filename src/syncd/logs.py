@@ -14,6 +14,12 @@ from typing import Any, TextIO
 import structlog
 
 
+def _lead_with_essentials(_: Any, __: str, event_dict: Any) -> Any:
+    """Put timestamp, level and event first so each JSON line reads left to right."""
+    head = {k: event_dict.pop(k) for k in ("timestamp", "level", "event") if k in event_dict}
+    return {**head, **event_dict}
+
+
 def configure(
     stream: TextIO | None = None, *, level: int = logging.INFO, console: bool | None = None
 ) -> None:
@@ -35,7 +41,7 @@ def configure(
     ]
     if not console:
         processors.append(structlog.processors.format_exc_info)
-    processors.append(renderer)
+    processors += [_lead_with_essentials, renderer]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
