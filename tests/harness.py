@@ -141,7 +141,9 @@ class World:
             stdin=subprocess.DEVNULL,
             check=False,
         )
-        return Run(proc.returncode, proc.stdout, proc.stderr, parse_events(proc.stderr))
+        # Commands that run passes log JSON only; validate and check-config talk to people.
+        events = parse_events(proc.stderr) if args[0] in ("sync", "run") else []
+        return Run(proc.returncode, proc.stdout, proc.stderr, events)
 
     def staging_files(self) -> list[str]:
         staging = self.export / ".syncd-staging"

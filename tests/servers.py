@@ -448,6 +448,7 @@ class _Route:
     headers: dict[str, str]
     redirect: str | None
     delay: float
+    send_length: bool = True
 
 
 class FaultServer:
@@ -484,8 +485,12 @@ class FaultServer:
         headers: dict[str, str] | None = None,
         redirect: str | None = None,
         delay: float = 0.0,
+        send_length: bool = True,
     ) -> None:
-        """Register the GET/HEAD response for `path` (302 to `redirect`; sleep `delay` s first)."""
+        """Register the GET/HEAD response for `path` (302 to `redirect`; sleep `delay` s first).
+
+        With ``send_length=False`` no Content-Length is sent: the body ends when the connection closes.
+        """
         with self._lock:
             self._routes[path] = _Route(
                 status=302 if redirect is not None and status == 200 else status,
@@ -493,6 +498,7 @@ class FaultServer:
                 headers=dict(headers or {}),
                 redirect=redirect,
                 delay=delay,
+                send_length=send_length,
             )
 
     @property
@@ -574,12 +580,19 @@ class FaultServer:
                         headers["Content-Range"] = f"bytes {start}-{end}/{len(body)}"
                         body, status = body[start : end + 1], 206
                 headers.setdefault("Accept-Ranges", "bytes")
-                self._send(status, headers, body, with_body)
+                self._send(status, headers, body, with_body, route.send_length)
 
-            def _send(self, status: int, headers: dict[str, str], body: bytes, with_body: bool) -> None:
+            def _send(
+                self,
+                status: int,
+                headers: dict[str, str],
+                body: bytes,
+                with_body: bool,
+                send_length: bool = True,
+            ) -> None:
                 self.send_response(status)
                 lower = {k.lower() for k in headers}
-                if "content-length" not in lower:
+                if send_length and "content-length" not in lower:
                     self.send_header("Content-Length", str(len(body)))
                 if "content-type" not in lower:
                     self.send_header("Content-Type", "application/octet-stream")
