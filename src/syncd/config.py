@@ -165,6 +165,8 @@ def load(path: Path) -> Config:
         raise ConfigError(shown, [f"cannot read the file: {_os_reason(exc)}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(shown, [f"not valid TOML: {exc}"]) from None
+    except RecursionError:
+        raise ConfigError(shown, ["not valid TOML: nested too deeply"]) from None
     try:
         parsed = _File.model_validate(raw)
     except ValidationError as exc:

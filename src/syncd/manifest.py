@@ -104,6 +104,8 @@ def parse(file: str, data: bytes) -> list[Asset]:
         doc = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ManifestError(file, [f"{file}: not UTF-8 text (byte {exc.start})"]) from None
+    except RecursionError:
+        raise ManifestError(file, [f"{file}: invalid TOML: nested too deeply"]) from None
     except tomllib.TOMLDecodeError as exc:
         msg = str(exc)
         m = _TOML_LINE.search(msg)

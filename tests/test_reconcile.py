@@ -1,0 +1,133 @@
+"""The reconcile engine in-process, against a real file:// repo and nginx: caching and convergence."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from harness import World, syncd_command
+from syncd import config, logs, manifest
+from syncd.ledger import Ledger
+from syncd.reconcile import PassResult, Reconciler
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def quiet_logs(tmp_path: Path) -> None:
+    """Send the engine's JSON log to a file so in-process passes do not clutter the test output."""
+    logs.configure(open(tmp_path / "log.jsonl", "w"), console=False)  # noqa: SIM115
+
+
+def one_pass(world: World) -> PassResult:
+    rec = Reconciler(config.load(world.config_path))
+    try:
+        return rec.run_pass()
+    finally:
+        rec.close()
+
+
+def count_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    real = manifest.parse
+
+    def counting(file: str, data: bytes) -> list[manifest.Asset]:
+        calls.append(file)
+        return real(file, data)
+
+    monkeypatch.setattr(manifest, "parse", counting)
+    return calls
+
+
+def test_unchanged_head_parses_no_manifest(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the branch head has not moved, a pass reads no manifest at all (ledger cache)."""
+    for i in range(3):
+        world.manifest(f"m{i}.toml", {**world.asset(f"{i}.bin", 100, seed=i), "dest": f"{i}.bin"})
+    world.repo.commit("three")
+    calls = count_parses(monkeypatch)
+    assert one_pass(world).ok
+    assert sorted(calls) == ["assets/m0.toml", "assets/m1.toml", "assets/m2.toml"]
+    calls.clear()
+    assert one_pass(world).ok
+    assert calls == []
+
+
+def test_new_commit_parses_only_changed_files(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new commit re-reads just the manifest files its tree diff touches."""
+    for i in range(3):
+        world.manifest(f"m{i}.toml", {**world.asset(f"{i}.bin", 100, seed=i), "dest": f"{i}.bin"})
+    world.repo.commit("three")
+    assert one_pass(world).ok
+    world.manifest("m1.toml", {**world.asset("1b.bin", 100, seed=9), "dest": "1b.bin"})
+    world.repo.remove("assets/m2.toml")
+    world.repo.commit("change m1, drop m2")
+    calls = count_parses(monkeypatch)
+    result = one_pass(world)
+    assert calls == ["assets/m1.toml"]
+    assert result.published == 1 and result.orphaned == 2
+
+
+def test_crash_between_rename_and_ledger_write_converges(world: World) -> None:
+    """A file published but missing from the ledger (crash before the row) is adopted, not refused."""
+    a = world.asset("a.bin", 5000, seed=1)
+    world.manifest("a.toml", {**a, "dest": "a.bin"})
+    world.repo.commit("a")
+    assert one_pass(world).ok
+    ledger = Ledger.in_state_dir(world.state)
+    ledger.forget("a.bin")
+    ledger.close()
+    result = one_pass(world)
+    assert result.ok and result.adopted == 1 and result.published == 0
+
+
+def test_stale_staging_files_are_removed_at_start(world: World) -> None:
+    """Leftovers in staging from a killed process are removed when the next pass starts."""
+    a = world.asset("a.bin", 100, seed=1)
+    world.manifest("a.toml", {**a, "dest": "a.bin"})
+    world.repo.commit("a")
+    staging = world.export / ".syncd-staging"
+    staging.mkdir(mode=0o700)
+    (staging / "deadbeef.part").write_bytes(b"half a file")
+    assert one_pass(world).ok
+    assert world.staging_files() == []
+    assert oct(staging.stat().st_mode & 0o777) == "0o700"
+
+
+def test_progress_on_a_terminal(world: World) -> None:
+    """On a terminal, syncd sync draws a files/bytes progress line; off a terminal it draws none."""
+    for i in range(3):
+        world.manifest(f"m{i}.toml", {**world.asset(f"{i}.bin", 200_000, seed=i), "dest": f"{i}.bin"})
+    world.repo.commit("three")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [syncd_command(), "sync", "-c", str(world.config_path)],
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+        close_fds=True,
+    )
+    os.close(slave)
+    out = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 30)
+        if not ready:
+            break
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=30) == 0
+    text = out.decode(errors="replace")
+    assert "syncing 3/3 files" in text
+    assert "585.9 KiB of 585.9 KiB" in text
+    assert "asset_published" in text  # the console renderer, not JSON
+    assert '{"timestamp"' not in text
