@@ -12,6 +12,7 @@ refused, as ssh refuses such a private key. Secret values are held in :class:`Se
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import stat
@@ -41,8 +42,10 @@ def parse_duration(value: object) -> float:
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
     else:
         raise ValueError(f'{value!r} is not a duration: use "90s", "5m", "1h" or a number of seconds')
-    if seconds <= 0:
-        raise ValueError("a duration must be greater than zero")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError("a duration must be a finite number greater than zero")
+    if seconds > 366 * 86400:
+        raise ValueError("a duration must be at most a year")
     return seconds
 
 
@@ -102,12 +105,14 @@ class StateSection(_Section):
     directory: str = "/var/lib/syncd"
 
 
-class _File(_Section):
-    source: SourceSection
-    artifactory: ArtifactorySection
-    export: ExportSection
-    download: DownloadSection = DownloadSection()
-    state: StateSection = StateSection()
+# Every section of the file: its schema, and whether it must be present.
+_SECTIONS: dict[str, tuple[type[_Section], bool]] = {
+    "source": (SourceSection, True),
+    "artifactory": (ArtifactorySection, True),
+    "export": (ExportSection, True),
+    "download": (DownloadSection, False),
+    "state": (StateSection, False),
+}
 
 
 @dataclass(frozen=True)
@@ -167,17 +172,39 @@ def load(path: Path) -> Config:
         raise ConfigError(shown, [f"not valid TOML: {exc}"]) from None
     except RecursionError:
         raise ConfigError(shown, ["not valid TOML: nested too deeply"]) from None
-    try:
-        parsed = _File.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(shown, _pydantic_problems(exc)) from None
-    return _Resolver(path).build(parsed)
+    sections, problems = _validate_sections(raw)
+    return _Resolver(path, problems).build(sections)
 
 
-def _pydantic_problems(exc: ValidationError) -> list[str]:
+def _validate_sections(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Validate each section on its own, so one bad section does not hide another's problems."""
+    problems = [
+        f"at '{name}': unknown section (check the spelling; see docs/configuration.md)"
+        for name in raw
+        if name not in _SECTIONS
+    ]
+    sections: dict[str, Any] = {}
+    for name, (model, required) in _SECTIONS.items():
+        if name not in raw:
+            if required:
+                problems.append(f"at '{name}': required section is missing")
+            else:
+                sections[name] = model()
+            continue
+        if not isinstance(raw[name], dict):
+            problems.append(f"at '{name}': must be a [{name}] table")
+            continue
+        try:
+            sections[name] = model.model_validate(raw[name])
+        except ValidationError as exc:
+            problems += _pydantic_problems(exc, name)
+    return sections, problems
+
+
+def _pydantic_problems(exc: ValidationError, section: str) -> list[str]:
     problems = []
     for err in exc.errors(include_url=False, include_input=False):
-        where = ".".join(str(p) for p in err["loc"])
+        where = ".".join([section, *(str(p) for p in err["loc"])])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see docs/configuration.md)"
@@ -196,39 +223,44 @@ def _os_reason(exc: BaseException) -> str:
 class _Resolver:
     """Turns the parsed file into a :class:`Config`, collecting problems instead of stopping early."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, problems: list[str]) -> None:
         self.path = path
         self.base = path.resolve().parent
         creds = os.environ.get("CREDENTIALS_DIRECTORY")
         self.secret_base = Path(creds) if creds else self.base
-        self.problems: list[str] = []
+        self.problems = problems
 
     def problem(self, where: str, message: str) -> None:
         self.problems.append(f"at '{where}': {message}")
 
-    def build(self, f: _File) -> Config:
-        source = self._source(f.source)
-        artifactory = self._artifactory(f.artifactory)
-        root = self.plain_path(f.export.root)
-        if not Path(f.export.root).is_absolute():
-            self.problem("export.root", "must be an absolute path")
-        staging = self.plain_path(f.export.staging) if f.export.staging else root / ".syncd-staging"
-        if f.export.staging is not None and staging.resolve() == root.resolve():
-            self.problem("export.staging", "must not be the export root itself")
-        state_dir = self.plain_path(f.state.directory)
+    def build(self, sections: dict[str, Any]) -> Config:
+        """Check every section that passed its schema; raise with all problems, or build the Config."""
+        source = self._source(sections["source"]) if "source" in sections else None
+        art = self._artifactory(sections["artifactory"]) if "artifactory" in sections else None
+        export: ExportSection | None = sections.get("export")
+        root = staging = None
+        if export is not None:
+            root = self.plain_path(export.root)
+            if not Path(export.root).is_absolute():
+                self.problem("export.root", "must be an absolute path")
+            staging = self.plain_path(export.staging) if export.staging else root / ".syncd-staging"
+            if export.staging is not None and staging.resolve() == root.resolve():
+                self.problem("export.staging", "must not be the export root itself")
         if self.problems:
             raise ConfigError(str(self.path), self.problems)
-        assert source is not None and artifactory is not None
+        assert source and art and export and root and staging
+        download: DownloadSection = sections["download"]
+        state: StateSection = sections["state"]
         return Config(
             path=self.path,
             source=source,
-            artifactory=artifactory,
+            artifactory=art,
             export_root=root,
             staging=staging,
-            staging_explicit=f.export.staging is not None,
-            concurrency=f.download.concurrency,
-            timeout=f.download.timeout,
-            state_dir=state_dir,
+            staging_explicit=export.staging is not None,
+            concurrency=download.concurrency,
+            timeout=download.timeout,
+            state_dir=self.plain_path(state.directory),
         )
 
     def plain_path(self, value: str) -> Path:
@@ -254,6 +286,14 @@ class _Resolver:
     def check_secret_file(self, where: str, path: Path) -> bool:
         try:
             st = path.stat()
+        except FileNotFoundError:
+            # The configured name is not echoed: a common slip is pasting the secret itself here.
+            self.problem(
+                where,
+                f"no such file in {path.parent} (the key names a file holding the secret, "
+                "not the secret itself)",
+            )
+            return False
         except OSError as exc:
             self.problem(where, f"cannot read {path}: {_os_reason(exc)}")
             return False

@@ -28,7 +28,7 @@ from syncd.errors import ManifestError
 
 RESERVED_PREFIX = ".syncd"
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 controls
 _TOML_LINE = re.compile(r"\(at line (\d+), column \d+\)$")
 
 
@@ -74,7 +74,7 @@ class _AssetModel(BaseModel):
 
     source: Annotated[str, AfterValidator(check_source)]
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=2**63 - 1)
     dest: Annotated[str, AfterValidator(check_dest)]
     description: str = ""
     replace: bool = False

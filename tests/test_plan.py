@@ -1,0 +1,192 @@
+"""Unit tests for syncd.plan: desired state + ledger + observed export → actions (pure, no I/O)."""
+
+from __future__ import annotations
+
+import pytest
+
+from syncd.ledger import Published
+from syncd.manifest import Asset
+from syncd.plan import Action, Kind, plan
+from syncd.publish import Observation, State
+
+pytestmark = pytest.mark.unit
+
+OLD = "1" * 64
+NEW = "2" * 64
+COMMIT = "abcdef0123456789abcdef0123456789abcdef01"
+MISSING = Observation(State.MISSING)
+
+
+def asset(dest: str = "d/file.bin", sha256: str = OLD, size: int = 100, **kw: object) -> Asset:
+    """An Asset from manifest 'm.toml' (index 0 unless given)."""
+    fields: dict[str, object] = {"source": f"src/{dest}", "manifest": "m.toml", "index": 0}
+    fields.update(kw)
+    return Asset(sha256=sha256, size=size, dest=dest, **fields)  # type: ignore[arg-type]
+
+
+def published(
+    dest: str = "d/file.bin", sha256: str = OLD, size: int = 100, manifest: str = "m.toml"
+) -> Published:
+    """A ledger row for ``dest`` published from ``manifest`` at COMMIT."""
+    return Published(
+        dest=dest,
+        sha256=sha256,
+        size=size,
+        source=f"src/{dest}",
+        manifest=manifest,
+        commit=COMMIT,
+        published_at="2024-05-01T12:00:00+00:00",
+        how="downloaded",
+        orphaned_at=None,
+    )
+
+
+def one(a: Asset, known: Published | None, seen: Observation) -> Action:
+    """The single action planned for one desired asset."""
+    actions = plan({a.dest: a}, {}, {a.dest: known} if known else {}, {a.dest: seen})
+    assert len(actions) == 1
+    return actions[0]
+
+
+def test_new_dest_is_downloaded() -> None:
+    """Nothing at dest and nothing in the ledger → download, reason 'new'."""
+    a = asset()
+    assert one(a, None, MISSING) == Action(Kind.DOWNLOAD, a.dest, a, "new", replace=False)
+
+
+def test_unknown_file_at_dest_is_verified() -> None:
+    """A file the ledger does not know is at dest → verify (hash once, adopt if it matches)."""
+    a = asset()
+    assert one(a, None, Observation(State.FILE, size=100)) == Action(
+        Kind.VERIFY, a.dest, a, "a file not published by syncd is at dest"
+    )
+
+
+def test_unknown_file_of_other_size_is_still_verified_not_downloaded() -> None:
+    """An unknown file is verified even when its size differs: verify refuses it, it is never overwritten."""
+    a = asset()
+    assert one(a, None, Observation(State.FILE, size=7)).kind is Kind.VERIFY
+
+
+def test_published_same_sha_and_size_is_skipped() -> None:
+    """Ledger has the same sha256 and a file of the ledger's size is there → skip."""
+    a = asset()
+    assert one(a, published(), Observation(State.FILE, size=100)) == Action(
+        Kind.SKIP, a.dest, a, "already published"
+    )
+
+
+def test_published_file_gone_is_downloaded_again() -> None:
+    """Ledger has the same sha256 but the file is missing (deleted by hand) → download, it comes back."""
+    a = asset()
+    assert one(a, published(), MISSING) == Action(
+        Kind.DOWNLOAD, a.dest, a, "published before but missing from the export", replace=False
+    )
+
+
+def test_published_file_with_changed_size_is_refused() -> None:
+    """Ledger has the same sha256 but the file's size differs (changed by hand) → refuse, never overwrite."""
+    a = asset()
+    assert one(a, published(), Observation(State.FILE, size=99)) == Action(
+        Kind.REFUSE, a.dest, a, "file at dest was changed outside syncd (size 99, ledger says 100)"
+    )
+
+
+@pytest.mark.parametrize("seen", [Observation(State.FILE, size=100), MISSING], ids=["file", "missing"])
+def test_changed_sha_without_replace_is_refused(seen: Observation) -> None:
+    """A manifest that changes a published dest's sha256 without replace = true is refused."""
+    a = asset(sha256=NEW)
+    assert one(a, published(), seen) == Action(
+        Kind.REFUSE,
+        a.dest,
+        a,
+        f"dest was published with sha256 {OLD} (commit {COMMIT[:12]}); "
+        "changing a published file needs replace = true in the manifest",
+    )
+
+
+@pytest.mark.parametrize("seen", [Observation(State.FILE, size=100), MISSING], ids=["file", "missing"])
+def test_changed_sha_with_replace_is_downloaded_as_replacement(seen: Observation) -> None:
+    """A changed sha256 with replace = true → download with replace=True."""
+    a = asset(sha256=NEW, size=5, replace=True)
+    assert one(a, published(), seen) == Action(
+        Kind.DOWNLOAD, a.dest, a, "replace = true: new content", replace=True
+    )
+
+
+def test_replace_flag_with_unchanged_sha_is_a_plain_skip() -> None:
+    """replace = true on an asset whose sha256 did not change does not re-download it."""
+    a = asset(replace=True)
+    assert one(a, published(), Observation(State.FILE, size=100)).kind is Kind.SKIP
+
+
+@pytest.mark.parametrize(
+    "seen",
+    [
+        Observation(State.SYMLINK, detail="a symlink is at dest"),
+        Observation(State.OTHER, detail="something other than a regular file is at dest"),
+        Observation(State.BLOCKED, detail="d is a symlink or not a directory; refused"),
+    ],
+    ids=["symlink", "other", "blocked"],
+)
+@pytest.mark.parametrize("known", [None, "same", "changed"], ids=["unknown", "published", "sha-changed"])
+def test_symlink_other_or_blocked_dest_is_refused(seen: Observation, known: str | None) -> None:
+    """A symlink, non-file or blocked path at dest is refused whatever the ledger says (even with replace)."""
+    a = asset(replace=True)
+    row = None if known is None else published(sha256=OLD if known == "same" else NEW)
+    assert one(a, row, seen) == Action(Kind.REFUSE, a.dest, a, f"{seen.detail}; refusing to write there")
+
+
+def test_conflicting_claims_are_refused_naming_every_manifest() -> None:
+    """A dest claimed by two manifests is refused with both FILE: asset[N] named; none is synced."""
+    a = asset("shared/x", manifest="teams/a.toml", index=2)
+    b = asset("shared/x", sha256=NEW, manifest="teams/b.toml", index=0)
+    assert plan({}, {"shared/x": [a, b]}, {}, {}) == [
+        Action(
+            Kind.REFUSE,
+            "shared/x",
+            a,
+            "dest is claimed by more than one asset (teams/a.toml: asset[2], teams/b.toml: asset[0]); "
+            "none is synced",
+        )
+    ]
+
+
+def test_published_dest_no_longer_desired_is_orphaned() -> None:
+    """A ledger dest that no manifest lists any more → orphan (left in place), naming its old manifest."""
+    assert plan({}, {}, {"old/f": published("old/f", manifest="gone.toml")}, {}) == [
+        Action(Kind.ORPHAN, "old/f", None, "no manifest lists it any more (was gone.toml)")
+    ]
+
+
+def test_conflicted_published_dest_is_not_an_orphan() -> None:
+    """A published dest that is now claimed twice is refused as a conflict, not reported as orphaned."""
+    a, b = asset("x", manifest="a.toml"), asset("x", manifest="b.toml")
+    actions = plan({}, {"x": [a, b]}, {"x": published("x")}, {})
+    assert [(act.kind, act.dest) for act in actions] == [(Kind.REFUSE, "x")]
+
+
+def test_empty_inputs_give_an_empty_plan() -> None:
+    """No desired assets, conflicts or ledger rows → no actions."""
+    assert plan({}, {}, {}, {}) == []
+
+
+def test_order_is_desired_sorted_then_conflicts_then_orphans() -> None:
+    """Actions come as desired dests in sorted order, then conflicts sorted, then orphans sorted."""
+    desired = {d: asset(d) for d in ("z/last", "a/first", "m/middle")}
+    observed = {"z/last": MISSING, "a/first": MISSING, "m/middle": Observation(State.FILE, size=100)}
+    conflicts = {
+        "y/conf": [asset("y/conf", manifest="1.toml"), asset("y/conf", manifest="2.toml")],
+        "b/conf": [asset("b/conf", manifest="1.toml"), asset("b/conf", manifest="3.toml")],
+    }
+    ledger = {d: published(d) for d in ("q/orphan", "c/orphan", "m/middle")}
+    actions = plan(desired, conflicts, ledger, observed)
+    assert [(a.kind, a.dest) for a in actions] == [
+        (Kind.DOWNLOAD, "a/first"),
+        (Kind.SKIP, "m/middle"),
+        (Kind.DOWNLOAD, "z/last"),
+        (Kind.REFUSE, "b/conf"),
+        (Kind.REFUSE, "y/conf"),
+        (Kind.ORPHAN, "c/orphan"),
+        (Kind.ORPHAN, "q/orphan"),
+    ]
