@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from git_http import GitHttp, start_git_http
 from harness import World
 from servers import FaultServer, GitRepo, Nginx, Sshd, start_nginx, start_sshd
 
@@ -77,3 +78,13 @@ def ssh_git_repo(sshd: Sshd, tmp_path: Path) -> GitRepo:
 def world(tmp_path: Path, git_repo: GitRepo, nginx: Nginx) -> World:
     """A manifest repo (file://), nginx as Artifactory (bearer token), an export and a config."""
     return World(tmp_path / "world", git_repo, nginx)
+
+
+@pytest.fixture(scope="session")
+def git_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GitHttp]:
+    """A session-wide smart-HTTP git server (nginx + fcgiwrap + git-http-backend, Basic auth) on 127.0.0.1."""
+    server = start_git_http(tmp_path_factory.mktemp("git_http"))
+    try:
+        yield server
+    finally:
+        server.stop()

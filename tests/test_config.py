@@ -448,7 +448,7 @@ def test_token_file_on_non_https_source_is_refused(confdir: Path) -> None:
     """source.token_file on a file:// url is an error."""
     src = '[source]\nurl = "file:///srv/git/m.git"\ntoken_file = "artifactory.token"\n'
     assert problems(write(confdir, src, ARTIFACTORY, EXPORT)) == [
-        "at 'source.token_file': only for an https:// url"
+        "at 'source.token_file': only for an https:// (or http://) url"
     ]
 
 
@@ -476,7 +476,7 @@ def test_source_url_with_password_is_refused(confdir: Path, url: str) -> None:
 def test_source_url_with_unsupported_scheme_is_refused(confdir: Path, url: str) -> None:
     """A source url that is not ssh://, https:// or file:// (scp syntax, plain paths) is refused."""
     assert problems(write(confdir, f'[source]\nurl = "{url}"\n', ARTIFACTORY, EXPORT)) == [
-        "at 'source.url': must start with ssh://, https:// or file://"
+        "at 'source.url': must start with ssh://, https://, http:// or file://"
     ]
 
 

@@ -313,7 +313,7 @@ class _Resolver:
         parts = urlsplit(s.url)
         scheme = parts.scheme
         if scheme not in ("ssh", "https", "http", "file"):
-            self.problem("source.url", "must start with ssh://, https:// or file://")
+            self.problem("source.url", "must start with ssh://, https://, http:// or file://")
             return None
         if parts.password:
             self.problem("source.url", "must not carry a password; put the token in source.token_file")
@@ -347,7 +347,7 @@ class _Resolver:
             if scheme in ("https", "http"):
                 token = self.read_secret("source.token_file", s.token_file)
             else:
-                self.problem("source.token_file", "only for an https:// url")
+                self.problem("source.token_file", "only for an https:// (or http://) url")
         return GitSource(
             url=s.url,
             branch=s.branch,
