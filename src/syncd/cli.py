@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.set_defaults(func=cmd_validate)
 
+    r = sub.add_parser("run", help="run as a daemon: a pass every [schedule] interval (for systemd)")
+    r.add_argument("-c", "--config", help=cfg_help)
+    r.set_defaults(func=cmd_run)
+
     c = sub.add_parser("check-config", help="validate the configuration and report every problem")
     c.add_argument("-c", "--config", help=cfg_help)
     c.set_defaults(func=cmd_check_config)
@@ -79,6 +83,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(render_plan(result))
     return 0 if result.ok else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from syncd import daemon
+
+    return daemon.run(config.config_path(args.config))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
-def parse_duration(value: object) -> float:
+def parse_duration(value: object, *, allow_zero: bool = False) -> float:
     """Turn ``"90s"``, ``"5m"``, ``"1h"``, ``"250ms"`` or a number of seconds into seconds (float)."""
     if isinstance(value, bool):
         raise ValueError('expected a duration such as "90s", "5m", "1h" or a number of seconds')
@@ -42,6 +42,8 @@ def parse_duration(value: object) -> float:
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
     else:
         raise ValueError(f'{value!r} is not a duration: use "90s", "5m", "1h" or a number of seconds')
+    if allow_zero and seconds == 0:
+        return 0.0
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError("a duration must be a finite number greater than zero")
     if seconds > 366 * 86400:
@@ -50,6 +52,7 @@ def parse_duration(value: object) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+ZeroOrDuration = Annotated[float, BeforeValidator(lambda v: parse_duration(v, allow_zero=True))]
 
 
 class Secret:
@@ -101,6 +104,11 @@ class DownloadSection(_Section):
     timeout: Duration = Field(default=60.0, strict=False)
 
 
+class ScheduleSection(_Section):
+    interval: Duration = Field(default=300.0, strict=False)
+    jitter: ZeroOrDuration | None = Field(default=None, strict=False)
+
+
 class StateSection(_Section):
     directory: str = "/var/lib/syncd"
 
@@ -111,6 +119,7 @@ _SECTIONS: dict[str, tuple[type[_Section], bool]] = {
     "artifactory": (ArtifactorySection, True),
     "export": (ExportSection, True),
     "download": (DownloadSection, False),
+    "schedule": (ScheduleSection, False),
     "state": (StateSection, False),
 }
 
@@ -152,6 +161,8 @@ class Config:
     concurrency: int
     timeout: float
     state_dir: Path
+    interval: float = 300.0
+    jitter: float = 30.0
 
 
 def config_path(cli_value: str | None) -> Path:
@@ -251,6 +262,8 @@ class _Resolver:
         assert source and art and export and root and staging
         download: DownloadSection = sections["download"]
         state: StateSection = sections["state"]
+        schedule: ScheduleSection = sections["schedule"]
+        jitter = schedule.interval / 10 if schedule.jitter is None else schedule.jitter
         return Config(
             path=self.path,
             source=source,
@@ -261,6 +274,8 @@ class _Resolver:
             concurrency=download.concurrency,
             timeout=download.timeout,
             state_dir=self.plain_path(state.directory),
+            interval=schedule.interval,
+            jitter=jitter,
         )
 
     def plain_path(self, value: str) -> Path:
@@ -402,4 +417,6 @@ def describe(cfg: Config) -> Mapping[str, Any]:
         "state_dir": str(cfg.state_dir),
         "concurrency": cfg.concurrency,
         "timeout_s": cfg.timeout,
+        "interval_s": cfg.interval,
+        "jitter_s": cfg.jitter,
     }

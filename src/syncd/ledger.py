@@ -123,7 +123,7 @@ class StateLock:
 
 
 class Ledger:
-    """Read and write the ledger. Use from one thread (the pass's coordinating thread)."""
+    """Read and write the ledger: one thread at a time (the coordinating thread of the running pass)."""
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
@@ -133,10 +133,10 @@ class Ledger:
                 if not path.exists():
                     self._db = sqlite3.connect(":memory:")
                 else:
-                    self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+                    self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                self._db = sqlite3.connect(path)
+                self._db = sqlite3.connect(path, check_same_thread=False)
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")

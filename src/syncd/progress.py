@@ -1,9 +1,10 @@
-"""A one-line progress display (files and bytes) for ``syncd sync`` on a terminal; silent otherwise."""
+"""Download progress (files and bytes): a redrawn line on a terminal, and a short status for systemd."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 
@@ -17,10 +18,19 @@ def human(n: float) -> str:
 
 
 class Progress:
-    """Counts files and bytes from many threads; redraws at most ten times a second on a TTY."""
+    """Counts files and bytes from many threads; redraws at most ten times a second on a TTY, and
+    reports ``downloading 3/10 (1.2 of 8.0 GiB)`` to ``on_status`` at most once a second."""
 
-    def __init__(self, stream: TextIO | None, files: int, total_bytes: int) -> None:
+    def __init__(
+        self,
+        stream: TextIO | None,
+        files: int,
+        total_bytes: int,
+        on_status: Callable[[str], None] | None = None,
+    ) -> None:
         self.stream = stream
+        self.on_status = on_status
+        self._last_status = 0.0
         self.files = files
         self.total = total_bytes
         self.done_files = 0
@@ -45,10 +55,20 @@ class Progress:
                 self.stream.write("\n")
                 self.stream.flush()
 
+    def status_line(self) -> str:
+        gib = 1024**3
+        return (
+            f"downloading {self.done_files}/{self.files} "
+            f"({self.done_bytes / gib:.1f} of {self.total / gib:.1f} GiB)"
+        )
+
     def _draw(self, *, force: bool) -> None:
+        now = time.monotonic()
+        if self.on_status is not None and (force or now - self._last_status >= 1.0):
+            self._last_status = now
+            self.on_status(self.status_line())
         if self.stream is None:
             return
-        now = time.monotonic()
         if not force and now - self._last < 0.1:
             return
         self._last = now

@@ -108,10 +108,18 @@ def _parse(repo: ManifestRepo, path: str, blob: str) -> CachedManifest:
 class Reconciler:
     """Owns the long-lived pieces (git clone, HTTP client, ledger) across passes."""
 
-    def __init__(self, cfg: Config, *, dry_run: bool = False, progress_stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        dry_run: bool = False,
+        progress_stream: TextIO | None = None,
+        on_status: Callable[[str], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.dry_run = dry_run
         self.progress_stream = progress_stream
+        self.on_status = on_status
         self.stop = threading.Event()
         self.repo = ManifestRepo(cfg.source, cfg.state_dir, cfg.timeout)
         self.ledger = Ledger.in_state_dir(cfg.state_dir, readonly=dry_run)
@@ -191,7 +199,7 @@ class Reconciler:
     def _execute(self, export: Export, result: PassResult) -> None:
         work = [a for a in result.planned if a.kind in (Kind.DOWNLOAD, Kind.VERIFY)]
         total = sum(a.asset.size for a in work if a.asset and a.kind is Kind.DOWNLOAD)
-        progress = Progress(self.progress_stream, len(work), total)
+        progress = Progress(self.progress_stream, len(work), total, self.on_status if work else None)
         for a in result.planned:
             if a.kind is Kind.SKIP:
                 result.skipped += 1

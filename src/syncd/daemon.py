@@ -1,0 +1,224 @@
+"""``syncd run``: the resident daemon for ``Type=notify`` — the reconcile pass on a schedule.
+
+In: a config path. Out: an exit code (0 after a graceful stop). Control: the main thread is the event
+loop: it waits on a self-pipe that receives signals (``signal.set_wakeup_fd``) and pings the watchdog;
+APScheduler 3 (a ``BackgroundScheduler`` with one worker thread) runs the pass every ``interval`` plus up to
+``jitter``, starting right away. A pass still running when the next is due is coalesced, never queued or
+run twice at once (``max_instances=1``, ``coalesce=True``).
+
+Signals: SIGTERM/SIGINT stop gracefully (no new downloads, in-flight ones interrupted and discarded, the
+ledger consistent, exit 0); SIGHUP re-reads the config (an invalid one is logged and the old one stays);
+SIGUSR1 starts a pass now, or one more right after the running one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from syncd import __version__, config, logs
+from syncd.config import Config
+from syncd.errors import ConfigError, SyncdError
+from syncd.ledger import StateLock
+from syncd.notify import Notifier
+from syncd.reconcile import PassResult, Reconciler
+
+log = logs.get()
+JOB = "poll"
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
+class Daemon:
+    """One resident syncd: config, lock, scheduler, and the loop that answers signals."""
+
+    def __init__(self, path: Path, cfg: Config) -> None:
+        self.path = path
+        self.cfg = cfg
+        self.notifier = Notifier()
+        self.rec = Reconciler(cfg, on_status=self.notifier.status)
+        self._pending: Config | None = None  # a reloaded config, applied between passes
+        self._pass_lock = threading.Lock()
+        self._again = False
+        self._running = False
+        self._stopping = False
+        self._first_started = threading.Event()
+        self._last: PassResult | None = None
+        self._last_error = ""
+        self.scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(1)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            timezone=UTC,
+        )
+
+    # the pass -----------------------------------------------------------------------------------
+    def _job(self) -> None:
+        with self._pass_lock:
+            while not self._stopping:
+                self._again = False
+                self._apply_pending()
+                self._running = True
+                self._first_started.set()
+                self.notifier.status("polling git")
+                try:
+                    self._last = self.rec.run_pass()
+                    self._last_error = ""
+                except SyncdError as exc:
+                    self._last, self._last_error = None, str(exc)
+                    log.error("pass_failed", error=str(exc), error_type=type(exc).__name__)
+                except Exception as exc:  # keep the daemon alive; the traceback names the bug
+                    self._last, self._last_error = None, f"internal error: {type(exc).__name__}"
+                    log.exception("internal_error", error_type=type(exc).__name__)
+                finally:
+                    self._running = False
+                self._update_status()
+                if not self._again:
+                    break
+
+    def _apply_pending(self) -> None:
+        cfg, self._pending = self._pending, None
+        if cfg is None:
+            return
+        old = self.rec
+        self.rec = Reconciler(cfg, on_status=self.notifier.status)
+        self.cfg = cfg
+        old.close()
+
+    def _update_status(self) -> None:
+        job = self.scheduler.get_job(JOB)
+        nxt = job.next_run_time if job is not None else None
+        when = f"next poll {nxt.astimezone(UTC):%H:%M:%S} UTC" if nxt else "no poll scheduled"
+        r = self._last
+        if r is None:
+            text = f"last pass failed: {self._last_error[:120]} (see journalctl -u syncd) · {when}"
+        elif r.ok:
+            count = sum(1 for a in r.planned if a.asset is not None and a.kind.value != "orphan")
+            text = f"synced {r.commit[:7]} · {count} assets · {when}"
+        else:
+            bad = r.failed + r.refused
+            parts = [f"{bad} assets"] if bad else []
+            parts += [f"{len(r.invalid)} manifests"] if r.invalid else []
+            parts += ["git unreachable"] if r.git_error else []
+            text = f"last pass failed: {', '.join(parts)} (see journalctl -u syncd) · {when}"
+        self.notifier.status(text)
+
+    # control ------------------------------------------------------------------------------------
+    def _trigger(self) -> IntervalTrigger:
+        return IntervalTrigger(seconds=self.cfg.interval, jitter=self.cfg.jitter or None, timezone=UTC)
+
+    def pass_now(self) -> None:
+        """SIGUSR1: a pass now, or one more right after the running one."""
+        if self._running:
+            self._again = True
+            log.info("pass_requested", when="after the running pass")
+        else:
+            self.scheduler.modify_job(JOB, next_run_time=datetime.now(UTC))
+            log.info("pass_requested", when="now")
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; keep the old one if the new one is invalid."""
+        self.notifier.reloading()
+        try:
+            cfg = config.load(self.path)
+        except ConfigError as exc:
+            log.error("config_reload_failed", config=str(self.path), error=str(exc), problems=exc.problems)
+            self.notifier.ready()
+            self._update_status()
+            return
+        if cfg.state_dir != self.cfg.state_dir:
+            log.warning(
+                "config_reload_partial",
+                error="state.directory changes only on restart",
+                kept=str(self.cfg.state_dir),
+            )
+            cfg = _with_state_dir(cfg, self.cfg.state_dir)
+        schedule_changed = (cfg.interval, cfg.jitter) != (self.cfg.interval, self.cfg.jitter)
+        self._pending = cfg
+        self.cfg = cfg
+        if schedule_changed:
+            self.scheduler.reschedule_job(JOB, trigger=self._trigger())
+        log.info("config_reloaded", config=str(self.path), interval_s=cfg.interval, jitter_s=cfg.jitter)
+        self.notifier.ready()
+        self._update_status()
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; return the exit code."""
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+        for sig in _SIGNALS:
+            signal.signal(sig, lambda *_: None)  # the byte on the wakeup fd does the work
+        try:
+            log.info("daemon_started", version=__version__, pid=os.getpid(), **config.describe(self.cfg))
+            self.scheduler.add_job(
+                self._job, self._trigger(), id=JOB, next_run_time=datetime.now(UTC), name="reconcile pass"
+            )
+            self.scheduler.start()
+            self._first_started.wait(timeout=30)
+            self.notifier.ready("first pass running")
+            self._loop(rfd)
+        finally:
+            self._stop()
+            signal.set_wakeup_fd(old_wakeup)
+            for sig in _SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            os.close(rfd)
+            os.close(wfd)
+        return 0
+
+    def _loop(self, rfd: int) -> None:
+        ping = self.notifier.watchdog_interval
+        next_ping = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if ping is not None and now >= next_ping:
+                self.notifier.watchdog()
+                next_ping = now + ping
+            timeout = max(0.0, next_ping - now) if ping is not None else 60.0
+            ready, _, _ = select.select([rfd], [], [], timeout)
+            if not ready:
+                continue
+            with contextlib.suppress(BlockingIOError):
+                for signum in os.read(rfd, 64):
+                    if signum in (signal.SIGTERM, signal.SIGINT):
+                        log.info("stop_requested", signal=signal.Signals(signum).name)
+                        return
+                    if signum == signal.SIGHUP:
+                        self.reload()
+                    elif signum == signal.SIGUSR1:
+                        self.pass_now()
+
+    def _stop(self) -> None:
+        self.notifier.stopping()
+        self._stopping = True
+        self.rec.stop.set()
+        started = time.monotonic()
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        self.rec.close()
+        log.info("daemon_stopped", duration_s=round(time.monotonic() - started, 3))
+
+
+def _with_state_dir(cfg: Config, state_dir: Path) -> Config:
+    from dataclasses import replace
+
+    return replace(cfg, state_dir=state_dir)
+
+
+def run(path: Path) -> int:
+    """Load the config, take the state lock, and run the daemon until stopped."""
+    cfg = config.load(path)
+    lock = StateLock(cfg.state_dir)
+    lock.acquire()
+    try:
+        return Daemon(path, cfg).run()
+    finally:
+        lock.release()
