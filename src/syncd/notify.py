@@ -19,6 +19,9 @@ class Notifier:
 
     def __init__(self) -> None:
         self._n = sdnotify.SystemdNotifier() if os.environ.get("NOTIFY_SOCKET") else None
+        if self._n is not None and self._n.socket is not None:
+            # Never block a pass on a slow reader of the socket: a status line can be dropped.
+            self._n.socket.settimeout(0.25)
         self._status = ""
         usec = os.environ.get("WATCHDOG_USEC", "")
         pid = os.environ.get("WATCHDOG_PID", "")

@@ -1,0 +1,239 @@
+"""``syncd run`` as a subprocess: sd_notify over a real AF_UNIX datagram socket, signals, scheduling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import World, syncd_command
+
+pytestmark = pytest.mark.e2e
+
+
+class Daemon:
+    """A running ``syncd run`` with its notify socket and its JSON log collected."""
+
+    def __init__(self, world: World, tmp: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.sock_path = tmp / "notify.sock"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.sock_path))
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+        self.events: list[dict[str, Any]] = []
+        env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_USEC", "JOURNAL_STREAM")}
+        env.update({"NOTIFY_SOCKET": str(self.sock_path), **(extra_env or {})})
+        self.proc = subprocess.Popen(
+            [syncd_command(), "run", "-c", str(world.config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+
+    def _read_log(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.events.append(json.loads(line))  # every line must be a JSON event
+
+    def _drain(self) -> None:
+        for _ in range(100):  # bounded: watchdog pings may never let the socket go quiet
+            try:
+                self.messages += self.sock.recv(4096).decode().split("\n")
+            except TimeoutError:
+                return
+
+    def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._drain()
+            if check():
+                return
+        raise AssertionError(f"timed out waiting for {what}; notify={self.messages} log={self.events}")
+
+    def wait_message(self, prefix: str, after: int = 0, timeout: float = 20) -> str:
+        self.wait_for(prefix, lambda: any(m.startswith(prefix) for m in self.messages[after:]), timeout)
+        return next(m for m in self.messages[after:] if m.startswith(prefix))
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == event]
+
+    def wait_event(self, event: str, count: int = 1, timeout: float = 20) -> dict[str, Any]:
+        self.wait_for(f"{count}x {event}", lambda: len(self.named(event)) >= count, timeout)
+        return self.named(event)[count - 1]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        self._drain()
+        return code
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.sock.close()
+
+
+@pytest.fixture
+def daemon(world: World, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def start(**env: str) -> Daemon:
+        d = Daemon(world, tmp_path, env)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.close()
+
+
+def test_ready_status_and_first_pass(world: World, daemon: Callable[..., Daemon]) -> None:
+    """READY=1 comes with the first pass; STATUS then reads 'synced <commit> · N assets · next poll'."""
+    a = world.asset("a.bin", 10_000, seed=1)
+    world.manifest("a.toml", {**a, "dest": "a.bin"})
+    commit = world.repo.commit("a")
+    world.write_config(schedule={"interval": "1h"})
+    d = daemon()
+    d.wait_message("READY=1")
+    status = d.wait_message(f"STATUS=synced {commit[:7]} · 1 assets · next poll ")
+    assert status.endswith(" UTC")
+    assert (world.export / "a.bin").read_bytes() == (world.blobs / "a.bin").read_bytes()
+    assert d.stop() == 0
+    assert "STOPPING=1" in d.messages
+    assert d.named("daemon_stopped")
+
+
+def test_usr1_runs_a_pass_now(world: World, daemon: Callable[..., Daemon]) -> None:
+    """SIGUSR1 starts a pass at once: a commit merged after start lands without waiting an interval."""
+    world.write_config(schedule={"interval": "1h"})
+    world.manifest("a.toml", {**world.asset("a.bin", 100, seed=1), "dest": "a.bin"})
+    world.repo.commit("a")
+    d = daemon()
+    d.wait_event("pass_finished")
+    b = world.asset("b.bin", 5000, seed=2)
+    world.manifest("b.toml", {**b, "dest": "b.bin"})
+    world.repo.commit("b")
+    d.proc.send_signal(signal.SIGUSR1)
+    ev = d.wait_event("asset_published", count=2)
+    assert ev["dest"] == "b.bin"
+    assert (world.export / "b.bin").read_bytes() == (world.blobs / "b.bin").read_bytes()
+    assert d.stop() == 0
+
+
+def test_interval_schedules_passes(world: World, daemon: Callable[..., Daemon]) -> None:
+    """With a short interval and no jitter, passes repeat on their own."""
+    world.write_config(schedule={"interval": "1s", "jitter": 0})
+    world.manifest("a.toml", {**world.asset("a.bin", 100, seed=1), "dest": "a.bin"})
+    world.repo.commit("a")
+    d = daemon()
+    d.wait_event("pass_finished", count=3, timeout=15)
+    assert d.stop() == 0
+    finished = [e["timestamp"] for e in d.named("pass_finished")]
+    assert len(finished) >= 3
+
+
+def test_reload_applies_new_interval(world: World, daemon: Callable[..., Daemon]) -> None:
+    """SIGHUP re-reads the config: RELOADING=1 then READY=1, and the new interval is in force."""
+    world.write_config(schedule={"interval": "1h"})
+    world.manifest("a.toml", {**world.asset("a.bin", 100, seed=1), "dest": "a.bin"})
+    world.repo.commit("a")
+    d = daemon()
+    d.wait_event("pass_finished")
+    mark = len(d.messages)
+    world.write_config(schedule={"interval": "1s", "jitter": 0})
+    d.proc.send_signal(signal.SIGHUP)
+    assert d.wait_event("config_reloaded")["interval_s"] == 1.0
+    d.wait_message("RELOADING=1", after=mark)
+    d.wait_message("READY=1", after=mark)
+    d.wait_event("pass_finished", count=3, timeout=15)  # the 1h schedule would never get here
+    assert d.stop() == 0
+
+
+def test_invalid_reload_keeps_old_config(world: World, daemon: Callable[..., Daemon]) -> None:
+    """A reload with a broken config logs an error naming the key and keeps running on the old one."""
+    world.write_config(schedule={"interval": "1h"})
+    world.manifest("a.toml", {**world.asset("a.bin", 100, seed=1), "dest": "a.bin"})
+    world.repo.commit("a")
+    d = daemon()
+    d.wait_event("pass_finished")
+    world.write_config(schedule={"interval": "soon"})
+    d.proc.send_signal(signal.SIGHUP)
+    failed = d.wait_event("config_reload_failed")
+    assert failed["level"] == "error" and "at 'schedule.interval'" in failed["error"]
+    b = world.asset("b.bin", 100, seed=2)
+    world.manifest("b.toml", {**b, "dest": "b.bin"})
+    world.repo.commit("b")
+    d.proc.send_signal(signal.SIGUSR1)
+    assert d.wait_event("asset_published", count=2)["dest"] == "b.bin"
+    assert d.proc.poll() is None
+    assert d.stop() == 0
+
+
+def test_watchdog_pings(world: World, daemon: Callable[..., Daemon]) -> None:
+    """With WATCHDOG_USEC set, WATCHDOG=1 pings arrive at half that period."""
+    world.write_config(schedule={"interval": "1h"})
+    d = daemon(WATCHDOG_USEC="200000")
+    d.wait_message("READY=1")
+    d.wait_for("5 pings", lambda: d.messages.count("WATCHDOG=1") >= 5, timeout=10)
+    assert d.stop() == 0
+
+
+def test_failed_pass_status(world: World, daemon: Callable[..., Daemon]) -> None:
+    """A failed asset makes STATUS say 'last pass failed: 1 assets (see journalctl -u syncd)'."""
+    world.write_config(schedule={"interval": "1h"})
+    bad = {**world.asset("a.bin", 100, seed=1), "sha256": "0" * 64}
+    world.manifest("a.toml", {**bad, "dest": "a.bin"})
+    world.repo.commit("bad")
+    d = daemon()
+    d.wait_message("STATUS=last pass failed: 1 assets (see journalctl -u syncd)")
+    assert d.named("asset_failed")[0]["level"] == "error"
+    assert d.stop() == 0
+
+
+def test_sigterm_mid_download_stops_cleanly(world: World, daemon: Callable[..., Daemon]) -> None:
+    """SIGTERM during downloads exits 0 promptly, leaves no staging files and no partial dest."""
+    world.write_config(schedule={"interval": "1h"}, download={"concurrency": 2})
+    assets = [{**world.asset(f"{i}.bin", 30_000_000, seed=i), "dest": f"big/{i}.bin"} for i in range(6)]
+    world.manifest("big.toml", *assets)
+    world.repo.commit("big")
+    d = daemon()
+    d.wait_message("READY=1")
+    time.sleep(0.3)
+    started = time.monotonic()
+    assert d.stop() == 0
+    assert time.monotonic() - started < 15
+    assert world.staging_files() == []
+    for a in assets:
+        dest = world.export / a["dest"]
+        if dest.exists():  # anything that made it is complete and verified
+            assert dest.stat().st_size == a["size"]
+    assert d.named("daemon_stopped")
+
+
+def test_second_daemon_refused(world: World, daemon: Callable[..., Daemon]) -> None:
+    """A second syncd run on the same state directory exits 1 with the holder's pid."""
+    world.write_config(schedule={"interval": "1h"})
+    world.manifest("a.toml", {**world.asset("a.bin", 100, seed=1), "dest": "a.bin"})
+    world.repo.commit("a")
+    first = daemon()
+    first.wait_event("pass_finished")
+    second = world.run("run", "-c", str(world.config_path), timeout=30)
+    assert second.code == 1
+    assert f"pid {first.proc.pid}" in second.one("command_failed")["error"]
+    assert first.stop() == 0
