@@ -84,6 +84,7 @@ class SourceSection(_Section):
     ssh_key: str | None = None
     known_hosts: str | None = None
     token_file: str | None = None
+    allow_force_push: bool = False
 
 
 class ArtifactorySection(_Section):
@@ -135,6 +136,7 @@ class GitSource:
     known_hosts: Path | None
     username: str | None
     token: Secret | None
+    allow_force_push: bool = False
 
 
 @dataclass(frozen=True)
@@ -371,6 +373,7 @@ class _Resolver:
             known_hosts=known_hosts,
             username=parts.username,
             token=token,
+            allow_force_push=s.allow_force_push,
         )
 
     def _artifactory(self, a: ArtifactorySection) -> Artifactory | None:

@@ -15,9 +15,11 @@ The only module that imports pygit2; every pygit2 error leaves it as :class:`~sy
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,11 @@ from typing import Any
 import pygit2
 from pygit2.enums import CredentialType, FetchPrune
 
+from syncd import logs
 from syncd.config import GitSource
 from syncd.errors import GitError
+
+log = logs.get()
 
 MANIFEST_SUFFIX = ".toml"
 
@@ -93,38 +98,93 @@ class ManifestRepo:
         return f"refs/remotes/origin/{self.source.branch}"
 
     def fetch(self) -> str:
-        """Create or update the bare clone; return the branch head's commit id (hex)."""
+        """Create or update the bare clone; return the branch head's commit id (hex).
+
+        A clone that cannot be opened, fetched into or read (killed mid-write, corrupted on disk) is moved
+        aside and cloned again; the export is not touched. Network, authentication and host-key failures
+        raise :class:`GitError` without touching the clone.
+        """
         self._prepare_ssh()
         pygit2.settings.server_connect_timeout = self.timeout_ms
         pygit2.settings.server_timeout = self.timeout_ms
+        try:
+            return self._fetch_once()
+        except _Damaged as exc:
+            self._set_aside(str(exc))
+            return self._fetch_once()
+
+    def _fetch_once(self) -> str:
         repo = self._open_or_create()
-        remote = repo.remotes["origin"]
-        if remote.url != self.source.url:
-            repo.remotes.set_url("origin", self.source.url)
+        try:
             remote = repo.remotes["origin"]
+            if remote.url != self.source.url:
+                repo.remotes.set_url("origin", self.source.url)
+                remote = repo.remotes["origin"]
+        except (pygit2.GitError, KeyError, ValueError) as exc:
+            raise _Damaged(f"remote 'origin' unreadable: {exc}") from None
         refspec = f"+refs/heads/{self.source.branch}:{self.ref}"
         try:
             remote.fetch([refspec], callbacks=_Callbacks(self.source), prune=FetchPrune.NO_PRUNE)
         except GitError:
             raise
         except (pygit2.GitError, OSError, KeyError, ValueError) as exc:
+            problem = self._damage()
+            if problem:
+                raise _Damaged(f"fetch failed ({exc}) and {problem}") from None
             raise GitError(f"fetch from {_safe(self.source.url)} failed: {exc}") from None
         try:
-            return str(repo.references[self.ref].resolve().target)
+            head = str(repo.references[self.ref].resolve().target)
         except KeyError:
             raise GitError(
                 f"branch {self.source.branch!r} does not exist in {_safe(self.source.url)}"
             ) from None
+        except (pygit2.GitError, ValueError) as exc:
+            raise _Damaged(f"{self.ref} unreadable: {exc}") from None
+        problem = self._damage(head)
+        if problem:
+            raise _Damaged(problem)
+        return head
+
+    def _damage(self, head: str | None = None) -> str:
+        """Why the clone is unusable, or "" when it can be read (``head``'s commit and tree included)."""
+        repo = self._repo
+        if repo is None:
+            return ""
+        try:
+            if head is None:
+                ref = repo.references.get(self.ref)
+                if ref is None:
+                    return ""
+                head = str(ref.resolve().target)
+            list_manifests(repo[head].peel(pygit2.Commit).tree, self.source.path)
+        except (pygit2.GitError, KeyError, ValueError, OSError) as exc:
+            return f"the clone cannot be read ({exc})"
+        return ""
+
+    def _set_aside(self, why: str) -> None:
+        """Move a damaged clone out of the way (kept for a post-mortem) so the next open clones anew."""
+        self._repo = None
+        aside = self.path.with_name(f"repo.git.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+        for old in sorted(self.path.parent.glob("repo.git.damaged-*"))[:-1]:
+            shutil.rmtree(old, ignore_errors=True)  # keep only the latest post-mortem copy
+        os.rename(self.path, aside)
+        log.error("git_clone_repaired", error=why, moved_to=str(aside), action="cloning again")
 
     def _open_or_create(self) -> pygit2.Repository:
         if self._repo is not None:
             return self._repo
+        for tmp in self.path.parent.glob(".repo.git.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)  # a clone interrupted by a crash
         if self.path.exists():
+            _remove_stale_locks(self.path)
             try:
                 self._repo = pygit2.Repository(str(self.path))
-            except pygit2.GitError as exc:
-                raise GitError(f"cannot open the bare clone {self.path}: {exc}") from None
-            return self._repo
+                self._repo.references.get(self.ref)
+            except (pygit2.GitError, ValueError) as exc:
+                self._repo = None
+                self._set_aside(f"cannot open the bare clone: {exc}")
+            else:
+                return self._repo
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".repo.git.tmp-", dir=self.path.parent))
         try:
@@ -214,6 +274,19 @@ class ManifestRepo:
             return bytes(self._open_or_create()[blob_id].read_raw())
         except (KeyError, ValueError, pygit2.GitError) as exc:
             raise GitError(f"cannot read blob {blob_id}: {exc}") from None
+
+
+class _Damaged(Exception):
+    """The bare clone is unusable and must be cloned again."""
+
+
+def _remove_stale_locks(path: Path) -> None:
+    """Delete ``*.lock`` files left by a process killed mid-write (syncd holds the state lock, so no
+    other writer can own them); libgit2 refuses to update a ref or config while its lock file exists."""
+    for lock in path.rglob("*.lock"):
+        with contextlib.suppress(OSError):
+            lock.unlink()
+            log.warning("git_stale_lock_removed", file=str(lock))
 
 
 def _is_manifest(path: str, prefix: str) -> bool:

@@ -173,17 +173,45 @@ class Reconciler:
         return result
 
     def _head(self, result: PassResult) -> str:
+        """The commit this pass serves: the fetched head, or the last good commit when git failed or
+        the branch history was rewritten (unless ``allow_force_push``)."""
+        cached = self.ledger.get("manifests_commit")
         try:
             head = self.repo.fetch()
         except GitError as exc:
-            cached = self.ledger.get("manifests_commit")
-            if not cached or not self.repo.has_commit(cached):
+            if not cached:
                 raise
             result.git_error = str(exc)
             log.error("git_fetch_failed", error=str(exc), source=self.cfg.source.url, serving_commit=cached)
             return cached
         log.info("git_fetched", commit=head, branch=self.cfg.source.branch)
-        return head
+        if not cached or cached == head:
+            return head
+        if self.repo.has_commit(cached) and self.repo.is_ancestor(cached, head):
+            return head
+        if self.cfg.source.allow_force_push:
+            log.warning(
+                "git_history_rewritten",
+                previous=cached,
+                commit=head,
+                action="following it",
+                branch=self.cfg.source.branch,
+            )
+            return head
+        result.git_error = (
+            f"branch {self.cfg.source.branch!r} was rewritten: {head[:12]} does not descend from the "
+            f"last synced commit {cached[:12]}"
+        )
+        log.error(
+            "git_history_rewritten",
+            previous=cached,
+            commit=head,
+            serving_commit=cached,
+            branch=self.cfg.source.branch,
+            error=result.git_error + "; still serving the last good commit (set [source] "
+            "allow_force_push = true to follow it)",
+        )
+        return cached
 
     def _report_invalid(self, desired: Desired, result: PassResult) -> None:
         result.invalid = desired.invalid
