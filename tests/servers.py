@@ -449,6 +449,10 @@ class _Route:
     redirect: str | None
     delay: float
     send_length: bool = True
+    ranges: bool = True
+    drip: tuple[int, float] | None = None
+    cut_at: int | None = None
+    faults: list[tuple[int, dict[str, str]]] = field(default_factory=list)
 
 
 class FaultServer:
@@ -465,6 +469,7 @@ class FaultServer:
         self._lock = threading.Lock()
         self._routes: dict[str, _Route] = {}
         self._requests: list[tuple[str, str, dict[str, str]]] = []
+        self._cuts: dict[str, int] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self.port: int = int(self._server.server_address[1])
@@ -486,10 +491,19 @@ class FaultServer:
         redirect: str | None = None,
         delay: float = 0.0,
         send_length: bool = True,
+        ranges: bool = True,
+        drip: tuple[int, float] | None = None,
+        cut_at: int | None = None,
+        cut_times: int = 0,
+        faults: list[tuple[int, dict[str, str]]] | None = None,
     ) -> None:
         """Register the GET/HEAD response for `path` (302 to `redirect`; sleep `delay` s first).
 
         With ``send_length=False`` no Content-Length is sent: the body ends when the connection closes.
+        ``ranges=False`` ignores Range headers (always 200). ``drip=(n, s)`` sends the body n bytes at a
+        time with s seconds between. ``cut_at=N`` with ``cut_times=K``: the first K responses stop after
+        N body bytes (the connection is closed mid-body). ``faults=[(status, headers), …]``: the first
+        requests get these error answers, one each, before the route answers normally.
         """
         with self._lock:
             self._routes[path] = _Route(
@@ -499,7 +513,12 @@ class FaultServer:
                 redirect=redirect,
                 delay=delay,
                 send_length=send_length,
+                ranges=ranges,
+                drip=drip,
+                cut_at=cut_at,
+                faults=list(faults or []),
             )
+            self._cuts[path] = cut_times
 
     @property
     def requests(self) -> list[tuple[str, str, dict[str, str]]]:
@@ -561,13 +580,22 @@ class FaultServer:
                     return
                 if route.delay:
                     time.sleep(route.delay)
+                with owner._lock:
+                    fault = route.faults.pop(0) if route.faults else None
+                    key = self.path if self.path in owner._cuts else urlsplit(self.path).path
+                    cut = route.cut_at if owner._cuts.get(key, 0) > 0 else None
+                    if cut is not None:
+                        owner._cuts[key] -= 1
+                if fault is not None:
+                    self._send(fault[0], dict(fault[1]), b"fault\n", with_body)
+                    return
                 headers = dict(route.headers)
                 if route.redirect is not None:
                     headers.setdefault("Location", route.redirect)
                     self._send(route.status, headers, route.body, with_body)
                     return
                 body, status = route.body, route.status
-                rng = self.headers.get("Range")
+                rng = self.headers.get("Range") if route.ranges else None
                 if status == 200 and rng:
                     try:
                         parsed = _parse_range(rng, len(body))
@@ -579,8 +607,9 @@ class FaultServer:
                         start, end = parsed
                         headers["Content-Range"] = f"bytes {start}-{end}/{len(body)}"
                         body, status = body[start : end + 1], 206
-                headers.setdefault("Accept-Ranges", "bytes")
-                self._send(status, headers, body, with_body, route.send_length)
+                if route.ranges:
+                    headers.setdefault("Accept-Ranges", "bytes")
+                self._send(status, headers, body, with_body, route.send_length, route.drip, cut)
 
             def _send(
                 self,
@@ -589,6 +618,8 @@ class FaultServer:
                 body: bytes,
                 with_body: bool,
                 send_length: bool = True,
+                drip: tuple[int, float] | None = None,
+                cut: int | None = None,
             ) -> None:
                 self.send_response(status)
                 lower = {k.lower() for k in headers}
@@ -599,9 +630,21 @@ class FaultServer:
                 for key, value in headers.items():
                     self.send_header(key, value)
                 self.end_headers()
-                if with_body and body:
-                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                        self.wfile.write(body)
+                if not (with_body and body):
+                    return
+                if cut is not None:
+                    body = body[:cut]
+                step, pause = drip if drip else (len(body), 0.0)
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    for i in range(0, len(body), step):
+                        self.wfile.write(body[i : i + step])
+                        self.wfile.flush()
+                        if pause:
+                            time.sleep(pause)
+                if cut is not None:
+                    self.close_connection = True
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(socket.SHUT_RDWR)
 
             def do_GET(self) -> None:
                 self._serve(with_body=True)

@@ -558,6 +558,7 @@ def test_loaded_config_never_shows_secrets(confdir: Path) -> None:
         "state_dir": "/var/lib/syncd",
         "concurrency": 4,
         "timeout_s": 60.0,
+        "retries": 5,
         "interval_s": 300.0,
         "jitter_s": 30.0,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 
 import pytest
 
@@ -39,10 +40,31 @@ def fetcher(url: str, token: str | None = TOKEN) -> Fetcher:
     return Fetcher(art, timeout=5, concurrency=2)
 
 
-def download(f: Fetcher, a: Asset) -> bytes:
-    out = bytearray()
-    f.download(a, out.extend)
-    return bytes(out)
+class MemorySink:
+    """A Sink in memory: what fetch.Fetcher.download writes, with optional kept bytes for resume."""
+
+    def __init__(self, kept: bytes = b"", validator: str | None = None) -> None:
+        self.data = bytearray(kept)
+        self.validator = validator
+        self.restarts = 0
+
+    def kept(self) -> Iterator[bytes]:
+        if self.data:
+            yield bytes(self.data)
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def restart(self, validator: str | None) -> None:
+        self.data.clear()
+        self.validator = validator
+        self.restarts += 1
+
+
+def download(f: Fetcher, a: Asset, sink: MemorySink | None = None) -> bytes:
+    sink = sink or MemorySink()
+    f.download(a, sink)
+    return bytes(sink.data)
 
 
 def test_redirect_to_other_origin_gets_no_credentials() -> None:
@@ -69,10 +91,10 @@ def test_wrong_checksum_header_fails_before_body() -> None:
     """An X-Checksum-Sha256 that contradicts the manifest fails fast, writing nothing."""
     with FaultServer() as art:
         art.route("/a/repo/file.bin", body=BODY, headers={"X-Checksum-Sha256": "f" * 64})
-        written: list[bytes] = []
+        sink = MemorySink()
         with pytest.raises(VerifyError, match="X-Checksum-Sha256"):
-            fetcher(f"{art.url}/a").download(asset(), written.append)
-    assert written == []
+            fetcher(f"{art.url}/a").download(asset(), sink)
+    assert sink.data == b""
 
 
 def test_matching_checksum_header_is_accepted() -> None:
@@ -87,10 +109,10 @@ def test_oversize_body_is_cut_off() -> None:
     """Without a Content-Length, a body longer than the manifest size is aborted past size."""
     with FaultServer() as art:
         art.route("/a/repo/file.bin", body=BODY + b"extra" * 10_000, send_length=False)
-        written = bytearray()
+        sink = MemorySink()
         with pytest.raises(VerifyError, match="more than"):
-            fetcher(f"{art.url}/a").download(asset(), written.extend)
-    assert len(written) <= len(BODY)
+            fetcher(f"{art.url}/a").download(asset(), sink)
+    assert len(sink.data) <= len(BODY)
 
 
 def test_short_body_fails() -> None:
@@ -163,3 +185,92 @@ def test_redirect_without_credentials_end_to_end(world: World, fault_server: Fau
         assert fault_server.requests[0][2]["authorization"] == f"Bearer {world.nginx.token}"
         assert storage.requests and all("authorization" not in h for _, _, h in storage.requests)
     assert (world.export / "r.bin").read_bytes() == (world.blobs / "r.bin").read_bytes()
+
+
+# resume -------------------------------------------------------------------------------------------
+
+
+def test_resume_with_range_from_nginx(nginx: Nginx) -> None:
+    """Kept bytes are re-hashed and the rest comes from a Range request (206) to nginx."""
+    sha, size = make_asset(nginx.root, "resume/r.bin", 300_000, seed=5)
+    data = (nginx.root / "resume/r.bin").read_bytes()
+    a = asset(b"", source="resume/r.bin", sha256=sha, size=size)
+    first = MemorySink()
+    download(fetcher(nginx.bearer_url(), nginx.token), a, first)
+    etag = first.validator
+    assert etag and etag.startswith('"')
+    before = nginx.access_log.read_text()
+    sink = MemorySink(kept=data[:100_000], validator=etag)
+    assert download(fetcher(nginx.bearer_url(), nginx.token), a, sink) == data
+    assert sink.restarts == 0
+    log = nginx.access_log.read_text()[len(before) :]
+    assert "206 bytes=100000-" in log
+
+
+def test_resume_with_changed_validator_starts_over(nginx: Nginx) -> None:
+    """If-Range with a stale ETag gets the whole file (200): the kept bytes are dropped."""
+    sha, size = make_asset(nginx.root, "resume/v.bin", 50_000, seed=6)
+    data = (nginx.root / "resume/v.bin").read_bytes()
+    a = asset(b"", source="resume/v.bin", sha256=sha, size=size)
+    sink = MemorySink(kept=b"x" * 20_000, validator='"stale-etag"')
+    assert download(fetcher(nginx.bearer_url(), nginx.token), a, sink) == data
+    assert sink.restarts == 1
+
+
+def test_server_ignoring_range_starts_over() -> None:
+    """A server that answers a Range request with 200 restarts the file from byte 0."""
+    with FaultServer() as art:
+        art.route("/a/repo/file.bin", body=BODY, ranges=False)
+        sink = MemorySink(kept=BODY[:5000])
+        assert download(fetcher(f"{art.url}/a"), asset(), sink) == BODY
+        assert sink.restarts == 1
+        assert art.requests[0][2]["range"] == "bytes=5000-"
+
+
+def test_wrong_kept_bytes_fail_verification() -> None:
+    """Kept bytes that were corrupted make the final sha256 fail (never published)."""
+    with FaultServer() as art:
+        art.route("/a/repo/file.bin", body=BODY)
+        sink = MemorySink(kept=b"\0" * 5000)
+        with pytest.raises(VerifyError, match="sha256 mismatch"):
+            download(fetcher(f"{art.url}/a"), asset(), sink)
+
+
+def test_complete_kept_file_needs_no_request() -> None:
+    """A complete, correct partial (crash before the rename) is verified without any request."""
+    with FaultServer() as art:
+        assert download(fetcher(f"{art.url}/a"), asset(), MemorySink(kept=BODY)) == BODY
+        assert art.requests == []
+
+
+def test_cut_connection_is_retryable() -> None:
+    """A body cut mid-way is a retryable FetchError; the bytes so far stay in the sink."""
+    with FaultServer() as art:
+        art.route("/a/repo/file.bin", body=BODY, cut_at=40_000, cut_times=1)
+        sink = MemorySink()
+        with pytest.raises(FetchError) as info:
+            download(fetcher(f"{art.url}/a"), asset(), sink)
+        assert info.value.retryable
+        assert len(sink.data) == 40_000
+        assert download(fetcher(f"{art.url}/a"), asset(), sink) == BODY
+        assert art.requests[1][2]["range"] == "bytes=40000-"
+
+
+def test_slow_drip_is_cut_off() -> None:
+    """A server that trickles bytes below 1 KiB/s for a whole timeout window is abandoned."""
+    with FaultServer() as art:
+        art.route("/a/repo/file.bin", body=BODY, drip=(100, 0.2))
+        art_cfg = Artifactory(url=f"{art.url}/a", token=None, username=None, password=None, ca_file=None)
+        f = Fetcher(art_cfg, timeout=1.0, concurrency=1)
+        with pytest.raises(FetchError, match="too slow") as info:
+            f.download(asset(), MemorySink())
+        assert info.value.retryable
+
+
+def test_retry_after_is_parsed() -> None:
+    """A 503 carries the server's Retry-After (seconds) on the error."""
+    with FaultServer() as art:
+        art.route("/a/repo/file.bin", body=BODY, faults=[(503, {"Retry-After": "7"})])
+        with pytest.raises(HTTPStatusError) as info:
+            download(fetcher(f"{art.url}/a"), asset())
+        assert info.value.retry_after == 7.0 and info.value.retryable

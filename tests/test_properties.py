@@ -27,6 +27,8 @@ from syncd.errors import ManifestError, PublishError
 from syncd.manifest import RESERVED_PREFIX, check_dest, check_source, parse
 from syncd.publish import Export, State
 
+SHA_NEW = "e" * 64
+
 pytestmark = pytest.mark.unit
 
 SETTINGS = settings(max_examples=200, deadline=None, database=None)
@@ -485,7 +487,7 @@ def test_publish_through_a_symlink_is_refused_and_writes_nothing_outside(
 ) -> None:
     """Staging + publishing a dest through a symlink raises PublishError; nothing lands outside."""
     before = snapshot(world.root.parent)
-    staged = world.export.stage(dest)
+    staged = world.export.stage(dest, SHA_NEW, 64)
     try:
         staged.write(b"payload that must not escape")
         with pytest.raises(PublishError):
@@ -515,7 +517,7 @@ def test_publish_lands_inside_root_or_is_refused(world: World, dest: str, replac
         export = Export(root, root / ".syncd-staging")
         export.open()
         try:
-            staged = export.stage(dest)
+            staged = export.stage(dest, SHA_NEW, 64)
             try:
                 staged.write(b"new bytes")
                 staged.publish(replace=replace)

@@ -103,6 +103,9 @@ class ExportSection(_Section):
 class DownloadSection(_Section):
     concurrency: int = Field(default=4, ge=1, le=64)
     timeout: Duration = Field(default=60.0, strict=False)
+    retries: int = Field(default=5, ge=1, le=100)
+    backoff: Duration = Field(default=1.0, strict=False)
+    backoff_max: Duration = Field(default=60.0, strict=False)
 
 
 class ScheduleSection(_Section):
@@ -165,6 +168,9 @@ class Config:
     state_dir: Path
     interval: float = 300.0
     jitter: float = 30.0
+    retries: int = 5
+    backoff: float = 1.0
+    backoff_max: float = 60.0
 
 
 def config_path(cli_value: str | None) -> Path:
@@ -275,6 +281,9 @@ class _Resolver:
             staging_explicit=export.staging is not None,
             concurrency=download.concurrency,
             timeout=download.timeout,
+            retries=download.retries,
+            backoff=download.backoff,
+            backoff_max=max(download.backoff_max, download.backoff),
             state_dir=self.plain_path(state.directory),
             interval=schedule.interval,
             jitter=jitter,
@@ -420,6 +429,7 @@ def describe(cfg: Config) -> Mapping[str, Any]:
         "state_dir": str(cfg.state_dir),
         "concurrency": cfg.concurrency,
         "timeout_s": cfg.timeout,
+        "retries": cfg.retries,
         "interval_s": cfg.interval,
         "jitter_s": cfg.jitter,
     }

@@ -45,7 +45,7 @@ class Daemon:
         self.path = path
         self.cfg = cfg
         self.notifier = Notifier()
-        self.rec = Reconciler(cfg, on_status=self.notifier.status)
+        self.rec = Reconciler(cfg, on_status=self.notifier.status, respect_backoff=True)
         self._pending: Config | None = None  # a reloaded config, applied between passes
         self._pass_lock = threading.Lock()
         self._again = False
@@ -89,7 +89,7 @@ class Daemon:
         if cfg is None:
             return
         old = self.rec
-        self.rec = Reconciler(cfg, on_status=self.notifier.status)
+        self.rec = Reconciler(cfg, on_status=self.notifier.status, respect_backoff=True)
         self.cfg = cfg
         old.close()
 

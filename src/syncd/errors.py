@@ -66,10 +66,11 @@ class FetchError(SyncdError):
 class HTTPStatusError(FetchError):
     """The server answered with an error status."""
 
-    def __init__(self, message: str, *, url: str, status: int) -> None:
+    def __init__(self, message: str, *, url: str, status: int, retry_after: float | None = None) -> None:
         self.status = status
+        self.retry_after = retry_after
         super().__init__(message, url=url)
-        self.retryable = status >= 500 or status == 429
+        self.retryable = status >= 500 or status in (408, 429)
 
 
 class VerifyError(FetchError):

@@ -15,9 +15,14 @@ The only module that imports httpx; every httpx error leaves it as a :class:`~sy
 from __future__ import annotations
 
 import base64
+import email.utils
 import hashlib
+import re
 import ssl
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Protocol
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 import httpx
@@ -27,6 +32,7 @@ from syncd.errors import FetchError, HTTPStatusError, VerifyError
 from syncd.manifest import Asset
 
 MAX_REDIRECTS = 10
+MIN_SPEED = 1024  # bytes/s, over a whole [download] timeout window: slower is a stalled server
 _REDIRECTS = {301, 302, 303, 307, 308}
 _SAFE_PATH = "/-._~!$&'()*+,;=:@"
 
@@ -50,6 +56,7 @@ class Fetcher:
     """An HTTP client bound to one Artifactory; safe to share between download threads."""
 
     def __init__(self, art: Artifactory, *, timeout: float, concurrency: int) -> None:
+        self.timeout = timeout
         self.base = art.url
         self.origin = origin(art.url)
         self._auth = _auth_header(art)
@@ -74,23 +81,44 @@ class Fetcher:
         """The asset's URL under the Artifactory base URL (the source path percent-encoded)."""
         return f"{self.base}/{quote(asset.source, safe=_SAFE_PATH)}"
 
-    def download(
-        self,
-        asset: Asset,
-        write: Callable[[bytes], object],
-        progress: Callable[[int], None] = lambda n: None,
-    ) -> None:
-        """Stream ``asset`` into ``write``; return once size and sha256 are verified.
+    def download(self, asset: Asset, sink: Sink, progress: Callable[[int], None] = lambda n: None) -> None:
+        """Stream ``asset`` into ``sink``, resuming after the bytes it already holds; return once size and
+        sha256 are verified.
 
-        Raises :class:`HTTPStatusError`, :class:`VerifyError` or :class:`FetchError`. On any error the
-        bytes already written must be discarded by the caller.
+        Resume: the kept bytes are re-hashed, then ``Range: bytes=N-`` is asked with ``If-Range`` (the
+        validator recorded when the partial was started). A ``206`` whose ``Content-Range`` starts at N
+        continues the file; a ``200`` (Range ignored, or the file changed) starts it over.
+
+        Raises :class:`HTTPStatusError`, :class:`VerifyError` (bytes must be discarded) or
+        :class:`FetchError` (``retryable``: a transport fault; the partial may be kept for resume).
         """
         url = self.url_for(asset)
+        digest = hashlib.sha256()
+        received = 0
+        for chunk in sink.kept():
+            digest.update(chunk)
+            received += len(chunk)
+        if received > asset.size:
+            sink.restart(None)
+            digest, received = hashlib.sha256(), 0
+        if received and received == asset.size and digest.hexdigest() == asset.sha256:
+            return  # a complete download that was not yet published (crash before the rename)
+        if received == asset.size:
+            sink.restart(None)
+            digest, received = hashlib.sha256(), 0
+        headers = {}
+        if received:
+            headers["Range"] = f"bytes={received}-"
+            if sink.validator:
+                headers["If-Range"] = sink.validator
+        guard = _SpeedGuard(self.timeout)
         try:
-            with self._open(url) as (final_url, resp):
-                _check_headers(asset, final_url, resp)
-                digest = hashlib.sha256()
-                received = 0
+            with _Response(self, url, headers) as (final_url, resp):
+                if received and not _continues(resp, received, asset.size):
+                    digest, received = hashlib.sha256(), 0  # Range ignored or file changed: start over
+                _check_headers(asset, final_url, resp, full=received == 0)
+                if received == 0:
+                    sink.restart(_validator(resp))
                 chunks = resp.iter_raw() if _identity(resp) else resp.iter_bytes()
                 for chunk in chunks:
                     received += len(chunk)
@@ -102,8 +130,9 @@ class Fetcher:
                             actual=f">{asset.size}",
                         )
                     digest.update(chunk)
-                    write(chunk)
+                    sink.write(chunk)
                     progress(len(chunk))
+                    guard.add(len(chunk), redact(final_url))
         except httpx.HTTPError as exc:
             raise FetchError(f"{type(exc).__name__} from {redact(url)}: {exc}", url=redact(url)) from None
         if received != asset.size:
@@ -117,37 +146,98 @@ class Fetcher:
                 actual=actual,
             )
 
-    def _open(self, url: str) -> _Response:
-        return _Response(self, url)
-
-    def _send(self, url: str) -> httpx.Response:
-        headers = {}
+    def _send(self, url: str, headers: dict[str, str]) -> httpx.Response:
+        headers = dict(headers)
         if self._auth and origin(url) == self.origin:
             headers["Authorization"] = self._auth
         request = self._client.build_request("GET", url, headers=headers)
         return self._client.send(request, stream=True)
 
 
+class Sink(Protocol):
+    """Where a download goes (a staging file): the bytes kept from an earlier attempt, and a validator
+    (ETag or Last-Modified) recorded when they were started."""
+
+    validator: str | None
+
+    def kept(self) -> Iterator[bytes]:
+        """The bytes already staged, in order (re-hashed before resuming)."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """Append ``data``."""
+        ...
+
+    def restart(self, validator: str | None) -> None:
+        """Drop every kept byte and remember ``validator`` for a later resume."""
+        ...
+
+
+class _SpeedGuard:
+    """Fail a download that trickles: fewer than MIN_SPEED bytes/s over a whole ``timeout`` window.
+
+    A per-read timeout never fires on a server that sends one byte every few seconds; this does."""
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.start = time.monotonic()
+        self.bytes = 0
+
+    def add(self, n: int, url: str) -> None:
+        self.bytes += n
+        elapsed = time.monotonic() - self.start
+        if elapsed < self.window:
+            return
+        if self.bytes < MIN_SPEED * elapsed:
+            raise FetchError(
+                f"download too slow: {self.bytes} bytes in {elapsed:.0f} s from {url} "
+                f"(less than {MIN_SPEED // 1024} KiB/s)",
+                url=url,
+            )
+        self.start, self.bytes = time.monotonic(), 0
+
+
+def _continues(resp: httpx.Response, offset: int, size: int) -> bool:
+    """Whether ``resp`` is a 206 that continues exactly at ``offset`` of a ``size``-byte file."""
+    if resp.status_code != 206:
+        return False
+    m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.headers.get("content-range", "").strip())
+    if m is None:
+        return False
+    return int(m.group(1)) == offset and m.group(3) in (str(size), "*")
+
+
+def _validator(resp: httpx.Response) -> str | None:
+    """A strong ETag, else Last-Modified: what ``If-Range`` may carry to resume safely."""
+    etag: str | None = resp.headers.get("etag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    modified: str | None = resp.headers.get("last-modified")
+    return modified
+
+
 class _Response:
     """Follow redirects by hand (credentials only to the origin) and close the final response."""
 
-    def __init__(self, fetcher: Fetcher, url: str) -> None:
+    def __init__(self, fetcher: Fetcher, url: str, headers: dict[str, str]) -> None:
         self.fetcher = fetcher
         self.url = url
+        self.headers = headers
         self.resp: httpx.Response | None = None
 
     def __enter__(self) -> tuple[str, httpx.Response]:
         url = self.url
         for _ in range(MAX_REDIRECTS + 1):
-            resp = self.fetcher._send(url)
+            resp = self.fetcher._send(url, self.headers)
             if resp.status_code not in _REDIRECTS:
                 self.resp = resp
-                if resp.status_code != 200:
+                if resp.status_code not in (200, 206):
                     resp.close()
                     raise HTTPStatusError(
                         f"HTTP {resp.status_code} {resp.reason_phrase} from {redact(url)}",
                         url=redact(url),
                         status=resp.status_code,
+                        retry_after=_retry_after(resp.headers.get("retry-after")),
                     )
                 return url, resp
             location = resp.headers.get("location")
@@ -169,7 +259,21 @@ def _identity(resp: httpx.Response) -> bool:
     return encoding.lower() == "identity"
 
 
-def _check_headers(asset: Asset, url: str, resp: httpx.Response) -> None:
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _check_headers(asset: Asset, url: str, resp: httpx.Response, *, full: bool) -> None:
     claimed = resp.headers.get("x-checksum-sha256")
     if claimed and claimed.strip().lower() != asset.sha256:
         raise VerifyError(
@@ -180,7 +284,7 @@ def _check_headers(asset: Asset, url: str, resp: httpx.Response) -> None:
             actual=claimed.strip().lower(),
         )
     length = resp.headers.get("content-length")
-    if length is not None and _identity(resp) and length.isdigit() and int(length) != asset.size:
+    if full and length is not None and _identity(resp) and length.isdigit() and int(length) != asset.size:
         raise VerifyError(
             f"server's Content-Length {length} differs from the manifest's size {asset.size}; "
             "not downloading",

@@ -11,6 +11,7 @@ verify     a file is at dest that the ledger does not know: hash it once, adopt 
 refuse     a symlink or non-file at dest or on its path; a changed sha256 without ``replace``;
            a file the ledger knows but whose size changed by hand; a dest claimed twice
 orphan     the ledger has a file whose manifest entry is gone: left in place, reported
+defer      a download that failed pass after pass waits out its backoff (``syncd run`` only)
 =========  =====================================================================================
 """
 
@@ -31,6 +32,7 @@ class Kind(Enum):
     VERIFY = "verify"
     REFUSE = "refuse"
     ORPHAN = "orphan"
+    DEFER = "defer"
 
 
 @dataclass(frozen=True)
@@ -49,9 +51,19 @@ def plan(
     conflicts: Mapping[str, list[Asset]],
     published: Mapping[str, Published],
     observed: Mapping[str, Observation],
+    deferred: Mapping[str, str] | None = None,
 ) -> list[Action]:
-    """Every action for this pass, in dest order: desired dests, conflicts, then orphans."""
+    """Every action for this pass, in dest order: desired dests, conflicts, then orphans.
+
+    ``deferred`` maps dests still in their across-pass backoff to the reason; their downloads wait."""
     actions = [_one(a, published.get(d), observed[d]) for d, a in sorted(desired.items())]
+    if deferred:
+        actions = [
+            Action(Kind.DEFER, a.dest, a.asset, deferred[a.dest])
+            if a.kind is Kind.DOWNLOAD and a.dest in deferred
+            else a
+            for a in actions
+        ]
     for dest, claims in sorted(conflicts.items()):
         where = ", ".join(a.where() for a in claims)
         actions.append(

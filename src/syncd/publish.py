@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import stat
 from collections.abc import Iterator
@@ -167,38 +168,73 @@ class Export:
             raise _os_error("cannot set mode 0444 on", dest, exc) from None
 
     # writing ----------------------------------------------------------------------------------
-    def clean_staging(self) -> list[str]:
-        """Remove every leftover in the staging directory; return the names removed."""
+    def clean_staging(self, keep: set[str] | None = None) -> list[str]:
+        """Remove leftovers from the staging directory; return the names removed.
+
+        With ``keep=None`` (start of a pass) partial downloads with their ``.meta`` are kept for resume and
+        everything else goes. With a set of dests, only the partials of those dests are kept."""
         if self._staging_fd < 0:
             return []
+        names = set(os.listdir(self._staging_fd))
+        wanted = {staging_name(d) for d in keep} if keep is not None else None
         removed = []
-        for name in os.listdir(self._staging_fd):
+        for name in sorted(names):
+            stem, _, ext = name.rpartition(".")
+            resumable = ext in ("part", "meta") and {f"{stem}.part", f"{stem}.meta"} <= names
+            if resumable and (wanted is None or stem in wanted):
+                continue
             try:
                 os.unlink(name, dir_fd=self._staging_fd)
                 removed.append(name)
-            except IsADirectoryError:
-                continue
-            except FileNotFoundError:
+            except (IsADirectoryError, FileNotFoundError):
                 continue
             except OSError as exc:
                 raise _os_error("cannot clean staging file", name, exc) from None
         return removed
 
-    def stage(self, dest: str) -> StagedFile:
-        """A new, empty staging file for ``dest``; write to it, then :meth:`StagedFile.publish`."""
-        name = hashlib.sha256(dest.encode()).hexdigest()[:32] + ".part"
+    def free_bytes(self) -> int:
+        """Bytes available to syncd on the export's file system."""
+        st = os.fstatvfs(self._staging_fd)
+        return st.f_bavail * st.f_frsize
+
+    def stage(self, dest: str, sha256: str, size: int) -> StagedFile:
+        """The staging file for ``dest``: the partial kept from an earlier attempt at the same sha256 (to
+        resume), else a new empty one. Raises :class:`PublishError` when the bytes still to come do not fit
+        on the export's file system."""
+        stem = staging_name(dest)
+        part, meta = f"{stem}.part", f"{stem}.meta"
+        validator = None
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name, dir_fd=self._staging_fd)
-            fd = os.open(
-                name,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-                dir_fd=self._staging_fd,
-            )
+            try:
+                with open(meta, "rb", opener=self._opener) as fh:
+                    info = json.loads(fh.read())
+                if info.get("sha256") != sha256:
+                    raise ValueError("partial of another version")
+                validator = info.get("validator")
+                fd = os.open(part, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._staging_fd)
+            except (OSError, ValueError):
+                for name in (part, meta):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=self._staging_fd)
+                fd = os.open(
+                    part,
+                    os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=self._staging_fd,
+                )
+            kept = os.lseek(fd, 0, os.SEEK_END)
         except OSError as exc:
             raise _os_error("cannot create staging file for", dest, exc) from None
-        return StagedFile(self, dest, name, fd)
+        need, free = size - min(kept, size), self.free_bytes()
+        if need > free:
+            os.close(fd)
+            raise PublishError(
+                f"not enough space on the export for {dest}: {need} bytes still to download, {free} free"
+            )
+        return StagedFile(self, dest, stem, fd, sha256, validator, kept)
+
+    def _opener(self, name: str, flags: int) -> int:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._staging_fd)
 
     def _publish(self, staged: StagedFile, *, replace: bool) -> None:
         *parents, name = staged.dest.split("/")
@@ -214,9 +250,10 @@ class Export:
                         raise PublishError(f"{staged.dest}: a symlink is at dest; refused")
                     if not stat.S_ISREG(st.st_mode) or not replace:
                         raise PublishError(f"{staged.dest}: something appeared at dest; refused")
-                os.rename(staged.name, name, src_dir_fd=self._staging_fd, dst_dir_fd=parent)
+                os.rename(staged.part, name, src_dir_fd=self._staging_fd, dst_dir_fd=parent)
                 os.fsync(parent)
-                os.fsync(self._staging_fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staged.meta, dir_fd=self._staging_fd)
         except _Blocked as b:
             raise PublishError(f"{staged.dest}: {b}") from None
         except OSError as exc:
@@ -260,13 +297,53 @@ class _Blocked(Exception):
 
 
 class StagedFile:
-    """A file being written in staging; it reaches its dest only through :meth:`publish`."""
+    """A file being written in staging; it reaches its dest only through :meth:`publish`.
 
-    def __init__(self, export: Export, dest: str, name: str, fd: int) -> None:
+    Implements :class:`syncd.fetch.Sink`: ``kept()`` yields the bytes from an earlier attempt, ``restart``
+    drops them and records the validator for a later resume in ``<name>.meta``."""
+
+    def __init__(
+        self, export: Export, dest: str, stem: str, fd: int, sha256: str, validator: str | None, kept: int
+    ) -> None:
         self.export = export
         self.dest = dest
-        self.name = name
+        self.part = f"{stem}.part"
+        self.meta = f"{stem}.meta"
         self.fd = fd
+        self.sha256 = sha256
+        self.validator = validator
+        self.size = kept
+
+    def kept(self) -> Iterator[bytes]:
+        offset = 0
+        while offset < self.size:
+            chunk = os.pread(self.fd, min(_READ_CHUNK, self.size - offset), offset)
+            if not chunk:
+                break
+            offset += len(chunk)
+            yield chunk
+
+    def restart(self, validator: str | None) -> None:
+        self.validator = validator
+        try:
+            os.ftruncate(self.fd, 0)
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            self.size = 0
+            tmp = f"{self.meta}.tmp"
+            data = json.dumps({"dest": self.dest, "sha256": self.sha256, "validator": validator}).encode()
+            fd = os.open(
+                tmp,
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                0o600,
+                dir_fd=self.export._staging_fd,
+            )
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.meta, src_dir_fd=self.export._staging_fd, dst_dir_fd=self.export._staging_fd)
+        except OSError as exc:
+            raise _os_error("cannot reset staging file for", self.dest, exc) from None
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -276,6 +353,7 @@ class StagedFile:
                 view = view[n:]
         except OSError as exc:
             raise _os_error("cannot write staging file for", self.dest, exc) from None
+        self.size += len(data)
 
     def publish(self, *, replace: bool = False) -> None:
         """fsync, chmod 0444, rename into place, fsync the directory. The staged name is gone after."""
@@ -289,10 +367,20 @@ class StagedFile:
             self.fd = -1
         self.export._publish(self, replace=replace)
 
-    def discard(self) -> None:
-        """Close and delete the staging file (unverified bytes are never kept)."""
+    def keep(self) -> None:
+        """Close, leaving the partial bytes in staging for the next attempt to resume."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.name, dir_fd=self.export._staging_fd)
+
+    def discard(self) -> None:
+        """Close and delete the staging file (unverified bytes are never kept)."""
+        self.keep()
+        for name in (self.part, self.meta):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self.export._staging_fd)
+
+
+def staging_name(dest: str) -> str:
+    """The staging file stem for ``dest`` (a hash: dests may be long or nested)."""
+    return hashlib.sha256(dest.encode()).hexdigest()[:32]

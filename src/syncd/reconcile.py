@@ -15,11 +15,14 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TextIO
 
-from syncd import logs, manifest
+import tenacity
+
+from syncd import logs, manifest, retry
 from syncd.config import Config
-from syncd.errors import GitError, ManifestError, SyncdError
+from syncd.errors import FetchError, GitError, ManifestError, SyncdError
 from syncd.fetch import Fetcher
 from syncd.gitsource import ManifestRepo
 from syncd.ledger import CachedManifest, Ledger
@@ -53,6 +56,7 @@ class PassResult:
     refused: int = 0
     failed: int = 0
     orphaned: int = 0
+    deferred: int = 0
     invalid: dict[str, tuple[str, ...]] = field(default_factory=dict)
     bytes: int = 0
     git_error: str = ""
@@ -60,7 +64,7 @@ class PassResult:
 
     @property
     def ok(self) -> bool:
-        return not (self.refused or self.failed or self.invalid or self.git_error)
+        return not (self.refused or self.failed or self.deferred or self.invalid or self.git_error)
 
 
 @dataclass(frozen=True)
@@ -115,8 +119,10 @@ class Reconciler:
         dry_run: bool = False,
         progress_stream: TextIO | None = None,
         on_status: Callable[[str], None] | None = None,
+        respect_backoff: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.respect_backoff = respect_backoff
         self.dry_run = dry_run
         self.progress_stream = progress_stream
         self.on_status = on_status
@@ -146,7 +152,9 @@ class Reconciler:
             self._report_invalid(desired, result)
             published = self.ledger.published()
             observed = {d: export.observe(d) for d in desired.assets}
-            result.planned = plan(desired.assets, desired.conflicts, published, observed)
+            result.planned = plan(
+                desired.assets, desired.conflicts, published, observed, self._deferred(desired)
+            )
             if not self.dry_run:
                 self._execute(export, result)
                 self._settle(desired, result)
@@ -166,6 +174,7 @@ class Reconciler:
             refused=result.refused,
             failed=result.failed,
             orphaned=result.orphaned,
+            deferred=result.deferred,
             invalid_manifests=len(result.invalid),
             bytes=result.bytes,
             duration_s=round(time.monotonic() - started, 3),
@@ -213,6 +222,24 @@ class Reconciler:
         )
         return cached
 
+    def _deferred(self, desired: Desired) -> dict[str, str]:
+        """Dests whose downloads wait out their across-pass backoff (daemon only)."""
+        if not self.respect_backoff:
+            return {}
+        now = datetime.now(UTC)
+        out = {}
+        for dest, f in self.ledger.failures().items():
+            asset = desired.assets.get(dest)
+            if asset is None or asset.sha256 != f.sha256:
+                continue
+            until = retry.next_attempt(f.attempts, datetime.fromisoformat(f.last_failed_at))
+            if until > now:
+                out[dest] = (
+                    f"failed {f.attempts} passes in a row (last: {f.last_error[:200]}); "
+                    f"next try after {until:%H:%M:%S} UTC"
+                )
+        return out
+
     def _report_invalid(self, desired: Desired, result: PassResult) -> None:
         result.invalid = desired.invalid
         for path, problems in desired.invalid.items():
@@ -233,43 +260,87 @@ class Reconciler:
                 result.skipped += 1
             elif a.kind is Kind.REFUSE:
                 self._refuse(a, a.reason, result)
+            elif a.kind is Kind.DEFER:
+                result.deferred += 1
+                log.info("asset_deferred", dest=a.dest, reason=a.reason, commit=result.commit)
+        keep = {a.dest for a in result.planned if a.kind is Kind.DEFER}
         with ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix="syncd-dl") as pool:
             futures: Iterable[Future[_Outcome]] = [
                 pool.submit(self._work, export, a, progress, result.commit) for a in work
             ]
             for fut in as_completed(futures):
-                self._record(fut.result(), result)
+                out = fut.result()
+                self._record(out, result)
+                if isinstance(out.error, FetchError) and out.error.retryable:
+                    keep.add(out.action.dest)
                 progress.file_done()
         progress.finish()
+        # Partials stay only for assets still wanted whose download broke on a transport fault.
+        export.clean_staging(keep=keep)
 
     def _work(self, export: Export, action: Action, progress: Progress, commit: str) -> _Outcome:
-        assert action.asset is not None
+        asset = action.asset
+        assert asset is not None
         started = time.monotonic()
         try:
             if self.stop.is_set():
-                raise SyncdError("stopping: download not started")
+                raise _Stopping("stopping: download not started")
             if action.kind is Kind.VERIFY:
                 return self._verify(export, action)
-            staged = export.stage(action.dest)
-            try:
-                self.fetcher.download(action.asset, self._writer(staged.write), progress.add_bytes)
-                staged.publish(replace=action.replace)
-            except BaseException:
-                staged.discard()
-                raise
+            attempts = retry.within_pass(
+                self.cfg.retries, self.cfg.backoff, self.cfg.backoff_max, self.stop, self._retrying(asset)
+            )
+            for attempt in attempts:
+                with attempt:
+                    self._attempt(export, action, progress)
         except SyncdError as exc:
             return _Outcome(action, error=exc)
-        return _Outcome(action, bytes=action.asset.size, seconds=time.monotonic() - started)
+        return _Outcome(action, bytes=asset.size, seconds=time.monotonic() - started)
 
-    def _writer(self, write: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    def _attempt(self, export: Export, action: Action, progress: Progress) -> None:
+        """One download attempt: resume what staging holds, verify, publish. A transport fault keeps the
+        partial for the next attempt; anything else removes it."""
+        asset = action.asset
+        assert asset is not None
+        staged = export.stage(asset.dest, asset.sha256, asset.size)
         stop = self.stop
 
-        def guarded(data: bytes) -> None:
+        def on_bytes(n: int) -> None:
+            progress.add_bytes(n)
             if stop.is_set():
-                raise SyncdError("stopping: download interrupted")
-            write(data)
+                raise _Stopping("stopping: download interrupted (partial kept for resume)")
 
-        return guarded
+        try:
+            self.fetcher.download(asset, staged, on_bytes)
+        except FetchError as exc:
+            if exc.retryable:
+                staged.keep()
+            else:
+                staged.discard()
+            raise
+        except BaseException:
+            staged.discard()
+            raise
+        try:
+            staged.publish(replace=action.replace)
+        except BaseException:
+            staged.discard()
+            raise
+
+    def _retrying(self, asset: Asset) -> Callable[[tenacity.RetryCallState], None]:
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            wait = state.next_action.sleep if state.next_action else 0.0
+            log.warning(
+                "asset_retry",
+                dest=asset.dest,
+                attempt=state.attempt_number,
+                error=str(exc),
+                wait_s=round(wait, 2),
+                source=asset.source,
+            )
+
+        return before_sleep
 
     def _verify(self, export: Export, action: Action) -> _Outcome:
         asset = action.asset
@@ -289,9 +360,12 @@ class Reconciler:
         assert asset is not None
         if isinstance(out.error, _Refusal):
             self._refuse(a, str(out.error), result)
+        elif isinstance(out.error, _Stopping):
+            result.failed += 1  # not the asset's fault: no failure row, no backoff
+            log.info("asset_interrupted", dest=asset.dest, error=str(out.error), commit=result.commit)
         elif out.error is not None:
             result.failed += 1
-            attempts = self.ledger.record_failure(asset.dest, asset.sha256, str(out.error))
+            failed_passes = self.ledger.record_failure(asset.dest, asset.sha256, str(out.error))
             log.error(
                 "asset_failed",
                 dest=asset.dest,
@@ -299,7 +373,8 @@ class Reconciler:
                 manifest=asset.manifest,
                 sha256=asset.sha256,
                 error=str(out.error),
-                attempts=attempts,
+                failed_passes=failed_passes,
+                retry="next pass",
                 commit=result.commit,
             )
         elif out.how == "adopted":
@@ -356,6 +431,10 @@ class Reconciler:
 
 class _Refusal(SyncdError):
     """A verify found a different file at dest: refused, left untouched."""
+
+
+class _Stopping(FetchError):
+    """The daemon is stopping: not a fault of the asset; its partial is kept for resume."""
 
 
 def _count_dry(result: PassResult) -> None:
