@@ -228,6 +228,10 @@ class Export:
         need, free = size - min(kept, size), self.free_bytes()
         if need > free:
             os.close(fd)
+            if kept == 0:  # nothing worth keeping: leave staging as it was
+                for name in (part, meta):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=self._staging_fd)
             raise PublishError(
                 f"not enough space on the export for {dest}: {need} bytes still to download, {free} free"
             )
