@@ -237,3 +237,20 @@ def test_second_daemon_refused(world: World, daemon: Callable[..., Daemon]) -> N
     assert second.code == 1
     assert f"pid {first.proc.pid}" in second.one("command_failed")["error"]
     assert first.stop() == 0
+
+
+def test_sigterm_during_a_long_pass_exits_promptly(world: World, daemon: Callable[..., Daemon]) -> None:
+    """SIGTERM while a pass is still downloading ends the daemon within seconds (no shutdown deadlock)."""
+    world.write_config(schedule={"interval": "1h"}, download={"concurrency": 1})
+    big = {**world.asset("big.bin", 400_000_000, seed=7), "dest": "big.bin"}
+    world.manifest("big.toml", big)
+    world.repo.commit("big")
+    d = daemon()
+    d.wait_message("READY=1")
+    d.wait_message("STATUS=downloading")
+    started = time.monotonic()
+    assert d.stop() == 0
+    assert time.monotonic() - started < 10
+    assert not (world.export / "big.bin").exists()
+    assert d.named("asset_interrupted") and not d.named("asset_failed")
+    assert all(name.endswith((".part", ".meta")) for name in world.staging_files())

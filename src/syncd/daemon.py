@@ -80,7 +80,8 @@ class Daemon:
                     log.exception("internal_error", error_type=type(exc).__name__)
                 finally:
                     self._running = False
-                self._update_status()
+                if not self._stopping:
+                    self._update_status()
                 if not self._again:
                     break
 
@@ -202,6 +203,10 @@ class Daemon:
         self.rec.stop.set()
         started = time.monotonic()
         if self.scheduler.running:
+            # Let the running pass end first: BaseScheduler.shutdown() holds its job-store lock while it
+            # waits for the executor, and a pass ends with _update_status() -> get_job(), which needs it.
+            with self._pass_lock:
+                pass
             self.scheduler.shutdown(wait=True)
         self.rec.close()
         log.info("daemon_stopped", duration_s=round(time.monotonic() - started, 3))

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -27,6 +28,9 @@ from syncd.errors import ConfigError, ExportMissingError, PublishError
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_CHUNK = 1 << 20
+# Downloads at least this big record their resume metadata when they start (so a crash mid-way can resume);
+# smaller ones only when a transport fault leaves them half done.
+RESUME_META_EARLY = 8 << 20
 
 
 class State(Enum):
@@ -62,6 +66,8 @@ class Export:
         self.staging_explicit = staging_explicit
         self._root_fd = -1
         self._staging_fd = -1
+        self._lock = threading.Lock()
+        self._unsynced_dirs: set[tuple[str, ...]] = set()
 
     def open(self, *, create_staging: bool = True) -> None:
         """Check the root, create the staging directory (0700) and hold descriptors of both."""
@@ -100,7 +106,24 @@ class Export:
         if stat.S_IMODE(sst.st_mode) != 0o700:
             os.fchmod(self._staging_fd, 0o700)
 
+    def sync_dirs(self) -> None:
+        """fsync every directory a rename went into since the last call, each once.
+
+        Batching is safe: the file's bytes were fsynced before its rename, so a power cut can at worst
+        undo a rename (the dest is missing, and the next pass downloads it again), never expose bad bytes.
+        """
+        with self._lock:
+            dirs, self._unsynced_dirs = self._unsynced_dirs, set()
+        for parts in sorted(dirs):
+            try:
+                with self._walk(list(parts), create=False) as fd:
+                    if fd is not None:
+                        os.fsync(fd)
+            except (OSError, _Blocked):
+                continue  # best effort: a vanished directory has nothing left to persist
+
     def close(self) -> None:
+        self.sync_dirs()
         for fd in (self._root_fd, self._staging_fd):
             if fd >= 0:
                 os.close(fd)
@@ -235,7 +258,7 @@ class Export:
             raise PublishError(
                 f"not enough space on the export for {dest}: {need} bytes still to download, {free} free"
             )
-        return StagedFile(self, dest, stem, fd, sha256, validator, kept)
+        return StagedFile(self, dest, stem, fd, sha256, validator, kept, size)
 
     def _opener(self, name: str, flags: int) -> int:
         return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._staging_fd)
@@ -255,7 +278,8 @@ class Export:
                     if not stat.S_ISREG(st.st_mode) or not replace:
                         raise PublishError(f"{staged.dest}: something appeared at dest; refused")
                 os.rename(staged.part, name, src_dir_fd=self._staging_fd, dst_dir_fd=parent)
-                os.fsync(parent)
+            with self._lock:
+                self._unsynced_dirs.add(tuple(parents))
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staged.meta, dir_fd=self._staging_fd)
         except _Blocked as b:
@@ -307,8 +331,17 @@ class StagedFile:
     drops them and records the validator for a later resume in ``<name>.meta``."""
 
     def __init__(
-        self, export: Export, dest: str, stem: str, fd: int, sha256: str, validator: str | None, kept: int
+        self,
+        export: Export,
+        dest: str,
+        stem: str,
+        fd: int,
+        sha256: str,
+        validator: str | None,
+        kept: int,
+        expected: int = 0,
     ) -> None:
+        self.expected = expected
         self.export = export
         self.dest = dest
         self.part = f"{stem}.part"
@@ -333,8 +366,19 @@ class StagedFile:
             os.ftruncate(self.fd, 0)
             os.lseek(self.fd, 0, os.SEEK_SET)
             self.size = 0
+        except OSError as exc:
+            raise _os_error("cannot reset staging file for", self.dest, exc) from None
+        if self.expected >= RESUME_META_EARLY:
+            self._write_meta()  # a big download may be cut by a crash: make it resumable from the start
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.meta, dir_fd=self.export._staging_fd)
+
+    def _write_meta(self) -> None:
+        try:
             tmp = f"{self.meta}.tmp"
-            data = json.dumps({"dest": self.dest, "sha256": self.sha256, "validator": validator}).encode()
+            info = {"dest": self.dest, "sha256": self.sha256, "validator": self.validator}
+            data = json.dumps(info).encode()
             fd = os.open(
                 tmp,
                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
@@ -347,7 +391,7 @@ class StagedFile:
                 os.close(fd)
             os.rename(tmp, self.meta, src_dir_fd=self.export._staging_fd, dst_dir_fd=self.export._staging_fd)
         except OSError as exc:
-            raise _os_error("cannot reset staging file for", self.dest, exc) from None
+            raise _os_error("cannot record resume data for", self.dest, exc) from None
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -373,13 +417,17 @@ class StagedFile:
 
     def keep(self) -> None:
         """Close, leaving the partial bytes in staging for the next attempt to resume."""
+        if self.fd >= 0 and self.size > 0:
+            self._write_meta()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
     def discard(self) -> None:
         """Close and delete the staging file (unverified bytes are never kept)."""
-        self.keep()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         for name in (self.part, self.meta):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=self.export._staging_fd)
