@@ -227,24 +227,24 @@ class Export:
         stem = staging_name(dest)
         part, meta = f"{stem}.part", f"{stem}.meta"
         validator = None
+        create = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             try:
-                with open(meta, "rb", opener=self._opener) as fh:
-                    info = json.loads(fh.read())
-                if info.get("sha256") != sha256:
-                    raise ValueError("partial of another version")
-                validator = info.get("validator")
-                fd = os.open(part, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._staging_fd)
-            except (OSError, ValueError):
-                for name in (part, meta):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(name, dir_fd=self._staging_fd)
-                fd = os.open(
-                    part,
-                    os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    0o600,
-                    dir_fd=self._staging_fd,
-                )
+                fd = os.open(part, create, 0o600, dir_fd=self._staging_fd)
+            except FileExistsError:
+                # A partial from an earlier attempt: resume it if it is for this very sha256.
+                try:
+                    with open(meta, "rb", opener=self._opener) as fh:
+                        info = json.loads(fh.read())
+                    if info.get("sha256") != sha256:
+                        raise ValueError("partial of another version") from None
+                    validator = info.get("validator")
+                    fd = os.open(part, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._staging_fd)
+                except (OSError, ValueError):
+                    for name in (part, meta):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(name, dir_fd=self._staging_fd)
+                    fd = os.open(part, create, 0o600, dir_fd=self._staging_fd)
             kept = os.lseek(fd, 0, os.SEEK_END)
         except OSError as exc:
             raise _os_error("cannot create staging file for", dest, exc) from None
@@ -350,6 +350,7 @@ class StagedFile:
         self.sha256 = sha256
         self.validator = validator
         self.size = kept
+        self.resumed = validator is not None or kept > 0
 
     def kept(self) -> Iterator[bytes]:
         offset = 0
@@ -362,17 +363,17 @@ class StagedFile:
 
     def restart(self, validator: str | None) -> None:
         self.validator = validator
-        try:
-            os.ftruncate(self.fd, 0)
-            os.lseek(self.fd, 0, os.SEEK_SET)
-            self.size = 0
-        except OSError as exc:
-            raise _os_error("cannot reset staging file for", self.dest, exc) from None
+        if self.size or self.resumed:  # a new, empty file needs no reset (the common case)
+            try:
+                os.ftruncate(self.fd, 0)
+                os.lseek(self.fd, 0, os.SEEK_SET)
+                self.size = 0
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.meta, dir_fd=self.export._staging_fd)
+            except OSError as exc:
+                raise _os_error("cannot reset staging file for", self.dest, exc) from None
         if self.expected >= RESUME_META_EARLY:
             self._write_meta()  # a big download may be cut by a crash: make it resumable from the start
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.meta, dir_fd=self.export._staging_fd)
 
     def _write_meta(self) -> None:
         try:
@@ -404,9 +405,9 @@ class StagedFile:
         self.size += len(data)
 
     def publish(self, *, replace: bool = False) -> None:
-        """fsync, chmod 0444, rename into place, fsync the directory. The staged name is gone after."""
+        """fdatasync, chmod 0444, rename into place (the directory is fsynced by :meth:`Export.sync_dirs`)."""
         try:
-            os.fsync(self.fd)
+            os.fdatasync(self.fd)  # the bytes and the size: all a reader needs after a power cut
             os.fchmod(self.fd, 0o444)
         except OSError as exc:
             raise _os_error("cannot flush staging file for", self.dest, exc) from None

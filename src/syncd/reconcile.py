@@ -10,10 +10,11 @@ git unreachable before anything was ever fetched, ledger unusable).
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TextIO
@@ -264,16 +265,25 @@ class Reconciler:
                 result.deferred += 1
                 log.info("asset_deferred", dest=a.dest, reason=a.reason, commit=result.commit)
         keep = {a.dest for a in result.planned if a.kind is Kind.DEFER}
-        with ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix="syncd-dl") as pool:
-            futures: Iterable[Future[_Outcome]] = [
-                pool.submit(self._work, export, a, progress, result.commit) for a in work
-            ]
-            for fut in as_completed(futures):
-                out = fut.result()
-                self._record(out, result)
-                if isinstance(out.error, FetchError) and out.error.retryable:
-                    keep.add(out.action.dest)
-                progress.file_done()
+        queue = iter(work)
+        limit = 2 * self.cfg.concurrency  # bounded: memory does not grow with the number of assets
+        with (
+            ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix="syncd-dl") as pool,
+            self.ledger.batch(),
+        ):
+            running: set[Future[_Outcome]] = set()
+            while True:
+                for action in itertools.islice(queue, limit - len(running)):
+                    running.add(pool.submit(self._work, export, action, progress, result.commit))
+                if not running:
+                    break
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    out = fut.result()
+                    self._record(out, result)
+                    if isinstance(out.error, FetchError) and out.error.retryable:
+                        keep.add(out.action.dest)
+                    progress.file_done()
         progress.finish()
         # Partials stay only for assets still wanted whose download broke on a transport fault.
         export.clean_staging(keep=keep)
