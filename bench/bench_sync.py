@@ -1,0 +1,693 @@
+#!/usr/bin/env python3
+"""Benchmark ``syncd sync`` against ``aria2c`` and ``curl`` + ``sha256sum`` on the same files.
+
+One run of this script, for each case (one 2 GiB file; 200 files of 10 MiB; 2,000 files of 64 KiB):
+
+1. writes the files (deterministic bytes) under a temporary directory and serves them from a real nginx on
+   127.0.0.1 (``tests/servers.py``'s ``start_nginx``, its bearer-token location);
+2. builds a ``file://`` manifest repository (``tests/servers.py``'s ``GitRepo``, one manifest per 100 assets
+   under ``assets/``) and a syncd configuration (concurrency 4, like ``tests/harness.py``);
+3. times, ``--repeat`` times each and interleaved (syncd, aria2c, curl, syncd, …), from an empty output
+   directory (and for syncd an empty state directory):
+
+   a. ``syncd sync -c CONFIG``: the whole job (git clone/fetch, download, verify, fsync, publish, ledger);
+   b. ``aria2c -i INPUT`` with a ``checksum=sha-256=…`` per file, ``-j 4``; ``-x 4 -s 4`` for the single
+      big file, ``-x 1 -s 1`` for the many-file cases;
+   c. ``xargs -P 4`` running ``curl -sSf -o FILE URL && echo "HEX  FILE" | sha256sum -c --quiet`` per file;
+
+4. checks after every run, untimed, that every output file has the right size and sha256 (Python hashlib),
+   so that no tool wins by skipping work;
+5. prints per case: median wall time, MB/s (10^6 bytes/s of payload), peak RSS, CPU time, the ratio of the
+   wall time to aria2c's (< 1 means faster than aria2c) and the CPU time the rest of the machine used during
+   the runs (a shared machine makes the figures noisy); ``--json PATH`` writes the same data as JSON.
+
+Peak RSS comes from ``wait4`` in GNU ``/usr/bin/time`` (``%M``) wrapped around the command: Linux reports
+the largest ``ru_maxrss`` of the child and of every descendant it waited for. For syncd and aria2c that is
+the one process; for the curl pipeline it is the largest single process (curl, sha256sum, sh or xargs), not
+the sum of the four concurrent pipelines. (``os.wait4`` straight from this script would not do: a child's
+``ru_maxrss`` starts at the RSS of the process that forked it.)
+
+Caches: nothing is dropped from the page cache, so the served files are warm (they were just written). Dirty
+pages are flushed with sync(2) before each timed run (untimed) so that one run's writeback does not land in
+the next run's time. syncd fsyncs every file and directory it publishes as part of its job; aria2c and curl
+do not fsync, their output may still be in the page cache when their clock stops.
+
+``--scale F`` multiplies every size and count (minimum 1) for a quick smoke run, e.g. ``--scale 0.01``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+
+from servers import GitRepo, Nginx, start_nginx  # noqa: E402
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+CONCURRENCY = 4
+ASSETS_PER_MANIFEST = 100
+TOOLS = ("syncd", "aria2c", "curl")
+
+# name -> (file count, file size, description)
+CASES: dict[str, tuple[int, int, str]] = {
+    "big": (1, 2 * GiB, "one 2 GiB file"),
+    "medium": (200, 10 * MiB, "200 files of 10 MiB"),
+    "small": (2000, 64 * KiB, "2,000 files of 64 KiB"),
+}
+
+CURL_SNIPPET = 'curl -sSf -H "$BENCH_AUTH" --create-dirs -o "$2" "$1" && echo "$3  $2" | sha256sum -c --quiet'
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class File:
+    rel: str  # path under the served root and under every output directory
+    size: int
+    sha256: str
+
+
+@dataclass
+class Case:
+    name: str
+    count: int
+    size: int
+    description: str
+    files: list[File] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.count * self.size
+
+
+def scaled_cases(names: list[str], scale: float) -> list[Case]:
+    out = []
+    for name in names:
+        count, size, description = CASES[name]
+        c, s = max(1, round(count * scale)), max(1, round(size * scale))
+        if scale != 1:
+            description = f"{c} file(s) of {human(s)} (scale {scale:g})"
+        out.append(Case(name, c, s, description))
+    return out
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:g} {unit}" if unit == "B" else f"{n:.4g} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def write_files(root: Path, case: Case, seed: int) -> None:
+    """Write the case's files: a random 1 MiB block repeated, each MiB stamped with (file, chunk) numbers.
+
+    Fast (memory-speed writes, one sha256 pass) and deterministic; no two chunks of the whole run are equal.
+    """
+    block = random.Random(seed).randbytes(MiB)  # noqa: S311 - benchmark data, not crypto
+    case_id = sum(case.name.encode())
+    for i in range(case.count):
+        rel = f"{case.name}/d{i // 1000:02}/f{i:05}.bin"
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        with open(path, "wb", buffering=0) as fh:
+            done, chunk_no = 0, 0
+            while done < case.size:
+                n = min(MiB, case.size - done)
+                stamp = struct.pack("<IIQ", case_id, i, chunk_no)
+                data = (stamp + block[len(stamp) : n]) if n > len(stamp) else stamp[:n]
+                digest.update(data)
+                fh.write(data)
+                done += n
+                chunk_no += 1
+        case.files.append(File(rel, case.size, digest.hexdigest()))
+
+
+def verify_output(root: Path, files: list[File]) -> list[str]:
+    """Problems found in ``root`` (missing file, wrong size, wrong sha256); empty means byte-exact."""
+    problems = []
+    for f in files:
+        path = root / f.rel
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{f.rel}: missing")
+            continue
+        if size != f.size:
+            problems.append(f"{f.rel}: size {size}, expected {f.size}")
+            continue
+        with open(path, "rb") as fh:
+            actual = hashlib.file_digest(fh, "sha256").hexdigest()
+        if actual != f.sha256:
+            problems.append(f"{f.rel}: sha256 {actual}, expected {f.sha256}")
+    return problems
+
+
+# --------------------------------------------------------------------------- syncd world
+
+
+def toml_str(v: str) -> str:
+    return json.dumps(v)
+
+
+def build_repo(base: Path, case: Case, url_prefix: str) -> GitRepo:
+    """A bare manifest repo (file://) with one manifest per 100 assets under assets/."""
+    repo = GitRepo(base / "manifests.git", base / "manifests-work")
+    for m in range(0, len(case.files), ASSETS_PER_MANIFEST):
+        lines = []
+        for f in case.files[m : m + ASSETS_PER_MANIFEST]:
+            lines += [
+                "[[asset]]",
+                f"source = {toml_str(url_prefix + f.rel)}",
+                f"sha256 = {toml_str(f.sha256)}",
+                f"size = {f.size}",
+                f"dest = {toml_str(f.rel)}",
+                "",
+            ]
+        repo.write(f"assets/{case.name}-{m // ASSETS_PER_MANIFEST:03}.toml", "\n".join(lines))
+    repo.commit(f"bench: {case.description}")
+    return repo
+
+
+def write_config(base: Path, repo: GitRepo, nginx: Nginx, export: Path, state: Path) -> Path:
+    etc = base / "etc"
+    etc.mkdir(parents=True, exist_ok=True)
+    token = etc / "artifactory.token"
+    token.write_text(nginx.token + "\n")
+    token.chmod(0o600)
+    config = etc / "syncd.conf"
+    config.write_text(
+        "\n".join(
+            [
+                "[source]",
+                f"url = {toml_str(repo.url)}",
+                'branch = "main"',
+                'path = "assets"',
+                "",
+                "[artifactory]",
+                f"url = {toml_str(nginx.bearer_url())}",
+                'token_file = "artifactory.token"',
+                "",
+                "[export]",
+                f"root = {toml_str(str(export))}",
+                "",
+                "[download]",
+                f"concurrency = {CONCURRENCY}",
+                'timeout = "60s"',
+                "",
+                "[state]",
+                f"directory = {toml_str(str(state))}",
+                "",
+            ]
+        )
+    )
+    return config
+
+
+SYNCD_OVERRIDE: list[str] = []  # set by --syncd
+
+
+def syncd_command() -> str:
+    if SYNCD_OVERRIDE:
+        return SYNCD_OVERRIDE[0]
+    beside = Path(sys.executable).parent / "syncd"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("syncd")
+    if not found:
+        raise SystemExit("syncd is not installed (pip install -e . into this Python's environment)")
+    return found
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Sample:
+    wall: float
+    maxrss_kib: int
+    cpu: float  # user + sys of the child and its waited-for descendants
+    server_cpu: float = 0.0  # user + sys of nginx (master and workers) during the run
+    other_cpu: float = 0.0  # CPU the rest of the machine used during the run (another workload)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent not idle (user, nice, system, irq, softirq, steal)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def _proc_stat(pid: str) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def server_cpu_s(pid: int) -> float:
+    """user + sys CPU seconds of ``pid`` and its direct children (nginx: master and workers)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _proc_stat(entry)  # fields[1] is the ppid, [11] utime, [12] stime (stat fields 4, 14, 15)
+        if fields and (entry == str(pid) or fields[1] == str(pid)):
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+TIME_BIN = "/usr/bin/time"  # GNU time: forks the command from a ~1 MiB process
+
+
+def measure(
+    argv: list[str],
+    *,
+    log: Path,
+    server_pid: int,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Sample:
+    """Run ``argv`` to completion: wall clock here, peak RSS and CPU time from GNU time's wait4.
+
+    GNU ``time`` is the parent because a child's ``ru_maxrss`` starts at the RSS of the process it was forked
+    from (checked: ``true`` forked by a 200 MiB Python reports 215 MiB through ``os.wait4``, 1 MiB through
+    ``/usr/bin/time``). Without GNU time, ``os.wait4`` is used and the figure is a floor of this script's RSS.
+
+    ``other_cpu`` is the machine's busy CPU time during the run less the tool's and nginx's: near 0 when the
+    machine was otherwise quiet, large when another workload shared the cores (the run is then less reliable).
+    """
+    usage_file = log.with_suffix(".rusage")
+    wrapped = [TIME_BIN, "-o", str(usage_file), "-f", "%M %U %S", *argv] if Path(TIME_BIN).exists() else argv
+    with open(log, "wb") as out:
+        busy0, server0 = machine_busy_s(), server_cpu_s(server_pid)
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(wrapped, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, cwd=cwd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        busy, server = machine_busy_s() - busy0, server_cpu_s(server_pid) - server0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{argv[0]} exited with {proc.returncode}; log {log}:\n{tail}")
+    if wrapped is argv:
+        maxrss, cpu = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
+    else:
+        rss_text, user, system = usage_file.read_text().split("\n")[-2].split()
+        maxrss, cpu = int(rss_text), float(user) + float(system)
+    return Sample(wall, maxrss, cpu, server, max(0.0, busy - cpu - server))
+
+
+def fresh_dir(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
+class Runner:
+    """The three ways to get one case's files, each from an empty output directory."""
+
+    def __init__(self, case: Case, nginx: Nginx, base: Path, url_prefix: str) -> None:
+        self.case = case
+        self.nginx = nginx
+        self.base = base
+        self.logs = base / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.url_prefix = url_prefix
+        self.out = {tool: base / "out" / tool for tool in TOOLS}
+        self.state = base / "state"
+        repo = build_repo(base / "git", case, url_prefix)
+        self.config = write_config(base, repo, nginx, self.out["syncd"], self.state)
+        self.split = 4 if case.count == 1 else 1
+        self.aria_input = base / "aria2c.input"
+        self.aria_input.write_text(
+            "".join(
+                f"{self.url(f)}\n  dir={self.out['aria2c'] / Path(f.rel).parent}\n"
+                f"  out={Path(f.rel).name}\n  checksum=sha-256={f.sha256}\n"
+                for f in case.files
+            )
+        )
+        self.curl_list = base / "curl.list"
+        self.curl_list.write_text("".join(f"{self.url(f)} {f.rel} {f.sha256}\n" for f in case.files))
+
+    def url(self, f: File) -> str:
+        return f"{self.nginx.bearer_url()}/{self.url_prefix}{f.rel}"
+
+    def describe(self, tool: str) -> str:
+        if tool == "syncd":
+            return f"syncd sync -c CONFIG (concurrency {CONCURRENCY})"
+        if tool == "aria2c":
+            return f"aria2c -j {CONCURRENCY} -x {self.split} -s {self.split} --check-integrity=true"
+        return f"xargs -P {CONCURRENCY} curl + sha256sum -c"
+
+    def run(self, tool: str, run_no: int) -> Sample:
+        out = self.out[tool]
+        fresh_dir(out)
+        if tool == "syncd":
+            fresh_dir(self.state)
+        os.sync()  # flush earlier runs' dirty pages (untimed); the page cache itself stays warm
+        log = self.logs / f"{tool}-{run_no}.log"
+        sample = getattr(self, f"_{tool}")(log)
+        problems = verify_output(out, self.case.files)
+        if problems:
+            raise RuntimeError(
+                f"{tool} run {run_no} left a wrong output ({len(problems)} problem(s)): "
+                + "; ".join(problems[:5])
+            )
+        return sample
+
+    def cleanup(self, tool: str) -> None:
+        shutil.rmtree(self.out[tool], ignore_errors=True)
+        if tool == "syncd":
+            shutil.rmtree(self.state, ignore_errors=True)
+
+    def _syncd(self, log: Path) -> Sample:
+        env = {k: v for k, v in os.environ.items() if k != "SYNCD_CONFIG"}
+        sample = measure(
+            [syncd_command(), "sync", "-c", str(self.config)], log=log, server_pid=self.nginx.pid, env=env
+        )
+        for line in log.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event.get("event") == "pass_finished":
+                sample.extra["pass_s"] = event.get("duration_s")
+                sample.extra["published"] = event.get("published")
+        return sample
+
+    def _aria2c(self, log: Path) -> Sample:
+        argv = [
+            "aria2c",
+            "--no-conf",
+            "-i",
+            str(self.aria_input),
+            f"-j{CONCURRENCY}",
+            f"-x{self.split}",
+            f"-s{self.split}",
+            "--header",
+            f"Authorization: Bearer {self.nginx.token}",
+            "--check-integrity=true",
+            "--allow-overwrite=true",
+            "--auto-file-renaming=false",
+            "--file-allocation=none",
+            "--console-log-level=warn",
+            "--summary-interval=0",
+            "--download-result=hide",
+        ]
+        return measure(argv, log=log, server_pid=self.nginx.pid)
+
+    def _curl(self, log: Path) -> Sample:
+        env = {**os.environ, "BENCH_AUTH": f"Authorization: Bearer {self.nginx.token}", "LC_ALL": "C"}
+        argv = [
+            "xargs",
+            "-a",
+            str(self.curl_list),
+            "-P",
+            str(CONCURRENCY),
+            "-n",
+            "3",
+            "sh",
+            "-c",
+            CURL_SNIPPET,
+            "_",
+        ]
+        return measure(argv, log=log, server_pid=self.nginx.pid, env=env, cwd=self.out["curl"])
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def source_tree() -> str:
+    """The commit of this checkout and whether src/ has uncommitted changes (what the default syncd runs)."""
+    if SYNCD_OVERRIDE:
+        return "not timed: --syncd given"
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head} (src/ with uncommitted changes)" if dirty else head
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kib = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    except OSError:
+        pass
+
+    def version(argv: list[str]) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, check=False).stdout.splitlines()[0]
+        except (OSError, IndexError):
+            return "not found"
+
+    nginx_v = subprocess.run(["nginx", "-v"], capture_output=True, text=True, check=False).stderr.strip()
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "mem_gib": round(mem_kib / MiB, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "aria2c": version(["aria2c", "--version"]),
+        "curl": version(["curl", "--version"]),
+        "nginx": nginx_v,
+        "syncd": version([syncd_command(), "--version"]),
+        "syncd_command": syncd_command(),
+        "source_tree": source_tree(),
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def summarize(case: Case, runner: Runner, samples: dict[str, list[Sample]]) -> dict[str, Any]:
+    rows = []
+    medians = {tool: statistics.median(s.wall for s in ss) for tool, ss in samples.items() if ss}
+    for tool, ss in samples.items():
+        if not ss:
+            continue
+        wall = medians[tool]
+        row: dict[str, Any] = {
+            "tool": tool,
+            "command": runner.describe(tool),
+            "runs_s": [round(s.wall, 3) for s in ss],
+            "median_s": round(wall, 3),
+            "mb_per_s": round(case.total / wall / 1e6, 1),
+            "peak_rss_mib": round(max(s.maxrss_kib for s in ss) / KiB, 1),
+            "cpu_s_median": round(statistics.median(s.cpu for s in ss), 2),
+            "nginx_cpu_s_median": round(statistics.median(s.server_cpu for s in ss), 2),
+            "other_cpu_s": [round(s.other_cpu, 2) for s in ss],
+            "ratio_to_aria2c": round(wall / medians["aria2c"], 2) if "aria2c" in medians else None,
+        }
+        if tool == "syncd":
+            row["pass_s"] = [s.extra.get("pass_s") for s in ss]
+        rows.append(row)
+    return {
+        "case": case.name,
+        "description": case.description,
+        "files": case.count,
+        "file_size": case.size,
+        "total_bytes": case.total,
+        "results": rows,
+    }
+
+
+def table(summary: dict[str, Any]) -> str:
+    head = (
+        f"{'tool':<8} {'median s':>9} {'MB/s':>8} {'peak RSS MiB':>13} {'CPU s':>7} {'vs aria2c':>10}"
+        f" {'other CPU s':>12}  runs s"
+    )
+    lines = [
+        f"== {summary['case']}: {summary['description']} ({human(summary['total_bytes'])} in total)",
+        head,
+        "-" * len(head),
+    ]
+    for r in summary["results"]:
+        ratio = f"{r['ratio_to_aria2c']:.2f}" if r["ratio_to_aria2c"] is not None else "n/a"
+        runs = ", ".join(f"{x:.2f}" for x in r["runs_s"])
+        other = f"{max(r['other_cpu_s']):.2f}"
+        lines.append(
+            f"{r['tool']:<8} {r['median_s']:>9.2f} {r['mb_per_s']:>8.1f} {r['peak_rss_mib']:>13.1f} "
+            f"{r['cpu_s_median']:>7.2f} {ratio:>10} {other:>12}  {runs}"
+        )
+    for r in summary["results"]:
+        lines.append(f"   {r['tool']}: {r['command']}")
+    return "\n".join(lines)
+
+
+NOTES = (
+    "Wall time: median of the runs, from fork to exit, each run into an empty output directory (syncd: "
+    "empty export and state directory, so it clones the manifest repo too). MB/s = payload bytes / median "
+    "wall / 10^6. Peak RSS: largest ru_maxrss over the runs (GNU time %M; for curl the largest single "
+    "process of the pipeline). CPU s: median user+sys of the tool (nginx not included). vs aria2c = median "
+    "wall / aria2c's median wall (< 1: faster than aria2c). other CPU s: the most CPU time, over the runs, "
+    "that the rest of the machine (neither the tool nor nginx) used during a run, from /proc/stat; well "
+    "above 0 means another workload shared the cores. "
+    "Page cache: nothing dropped, served files warm; sync(2) before each run, untimed. syncd fsyncs what "
+    "it publishes, aria2c and curl do not. Every output was checked byte-exact (size + sha256), untimed."
+)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default="big,medium,small", help="comma-separated: big, medium, small")
+    p.add_argument("--tools", default=",".join(TOOLS), help="comma-separated: syncd, aria2c, curl")
+    p.add_argument("--repeat", type=int, default=3, help="runs per tool and case (median reported)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every size and count (smoke: 0.01)")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp"), help="where the temporary directory goes")
+    p.add_argument("--json", type=Path, help="also write the results as JSON to this path")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
+    p.add_argument(
+        "--syncd",
+        metavar="CMD",
+        help="the syncd executable to time (default: the one next to this Python, else on PATH)",
+    )
+    args = p.parse_args(argv)
+    args.case_names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    args.tool_names = [t.strip() for t in args.tools.split(",") if t.strip()]
+    for c in args.case_names:
+        if c not in CASES:
+            p.error(f"unknown case {c!r} (choose from {', '.join(CASES)})")
+    for t in args.tool_names:
+        if t not in TOOLS:
+            p.error(f"unknown tool {t!r} (choose from {', '.join(TOOLS)})")
+    if args.repeat < 1 or args.scale <= 0:
+        p.error("--repeat must be >= 1 and --scale > 0")
+    return args
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.syncd:
+        SYNCD_OVERRIDE[:] = [args.syncd]
+    missing = [
+        t for t in args.tool_names if t != "syncd" and not shutil.which("aria2c" if t == "aria2c" else "curl")
+    ]
+    for needed in ("nginx", "git", "xargs", "sha256sum"):
+        if not shutil.which(needed) and not Path(f"/usr/sbin/{needed}").exists():
+            missing.append(needed)
+    if missing:
+        say(f"missing tools: {', '.join(missing)}")
+        return 2
+    tools = [t for t in TOOLS if t in args.tool_names]
+    cases = scaled_cases(args.case_names, args.scale)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="syncd-bench-", dir=args.workdir))
+    report: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "repeat": args.repeat,
+        "scale": args.scale,
+        "concurrency": CONCURRENCY,
+        "notes": NOTES,
+        "cases": [],
+    }
+    if not Path(TIME_BIN).exists():
+        report["notes"] += (
+            f" {TIME_BIN} was missing (Debian package 'time'): peak RSS came from os.wait4 and includes"
+            " this script's own RSS at fork time, so it is only an upper bound."
+        )
+        say(f"warning: {TIME_BIN} missing (apt-get install time); peak RSS figures are upper bounds")
+    say(f"workdir {work}; tools {', '.join(tools)}; repeat {args.repeat}; scale {args.scale:g}")
+    nginx = None
+    try:
+        nginx = start_nginx(work / "nginx")
+        say(f"nginx pid {nginx.pid} on {nginx.base_url}")
+        for seed, case in enumerate(cases):
+            say(f"[{case.name}] writing {case.description} ...")
+            t0 = time.perf_counter()
+            write_files(nginx.root, case, seed)
+            say(f"[{case.name}] wrote {human(case.total)} in {time.perf_counter() - t0:.1f}s")
+            runner = Runner(case, nginx, work / "cases" / case.name, url_prefix="")
+            samples: dict[str, list[Sample]] = {t: [] for t in tools}
+            for run_no in range(1, args.repeat + 1):
+                for tool in tools:
+                    s = runner.run(tool, run_no)
+                    runner.cleanup(tool)
+                    samples[tool].append(s)
+                    extra = f", pass {s.extra['pass_s']}s" if "pass_s" in s.extra else ""
+                    say(
+                        f"[{case.name}] run {run_no} {tool:<6} {s.wall:8.2f}s  "
+                        f"rss {s.maxrss_kib / KiB:7.1f} MiB  cpu {s.cpu:6.2f}s  nginx {s.server_cpu:5.2f}s  "
+                        f"other {s.other_cpu:5.2f}s{extra}"
+                    )
+            summary = summarize(case, runner, samples)
+            report["cases"].append(summary)
+            print(table(summary) + "\n", flush=True)
+            shutil.rmtree(nginx.root / case.name, ignore_errors=True)  # free the disk before the next case
+        print(report["notes"], flush=True)
+        m = report["machine"]
+        print(
+            f"Machine: {m['nproc']} CPU(s) {m['cpu']}, {m['mem_gib']} GiB RAM, kernel {m['kernel']}; "
+            f"{m['syncd']} ({m['syncd_command']}; checkout {m['source_tree']}), {m['aria2c']}, "
+            f"{m['curl'].split(' (')[0]}, {m['nginx']}; {report['date']}",
+            flush=True,
+        )
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+            say(f"wrote {args.json}")
+    finally:
+        if nginx is not None:
+            nginx.stop()
+        if args.keep:
+            say(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
