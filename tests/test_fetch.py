@@ -274,3 +274,12 @@ def test_retry_after_is_parsed() -> None:
         with pytest.raises(HTTPStatusError) as info:
             download(fetcher(f"{art.url}/a"), asset())
         assert info.value.retry_after == 7.0 and info.value.retryable
+
+
+def test_resume_answered_416_starts_over() -> None:
+    """A 416 to a resume (the kept bytes exceed the server's file) restarts from zero in the same call."""
+    with FaultServer() as art:
+        art.route("/a/repo/file.bin", body=BODY, faults=[(416, {"Content-Range": f"bytes */{len(BODY)}"})])
+        sink = MemorySink(kept=BODY[:5000])
+        assert download(fetcher(f"{art.url}/a"), asset(), sink) == BODY
+        assert [h.get("range") for _, _, h in art.requests] == ["bytes=5000-", None]

@@ -22,7 +22,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 import httpx
@@ -111,6 +111,26 @@ class Fetcher:
             headers["Range"] = f"bytes={received}-"
             if sink.validator:
                 headers["If-Range"] = sink.validator
+        try:
+            self._stream(asset, url, sink, progress, digest, received, headers)
+        except HTTPStatusError as exc:
+            if exc.status != 416 or not received:
+                raise
+            # The kept bytes do not fit the file the server has now: start over in this same attempt.
+            sink.restart(None)
+            self._stream(asset, url, sink, progress, hashlib.sha256(), 0, {})
+
+    def _stream(
+        self,
+        asset: Asset,
+        url: str,
+        sink: Sink,
+        progress: Callable[[int], None],
+        digest: Any,
+        received: int,
+        headers: dict[str, str],
+    ) -> None:
+        """One request: stream the body (after ``received`` kept bytes) into ``sink``, then verify."""
         guard = _SpeedGuard(self.timeout)
         try:
             with _Response(self, url, headers) as (final_url, resp):
