@@ -1,0 +1,105 @@
+"""The shipped packaging: a hardened unit that systemd accepts, and an example config that validates."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from harness import syncd_command
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "packaging" / "syncd.service"
+EXAMPLE = ROOT / "packaging" / "syncd.conf.example"
+needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+
+
+@needs_analyze
+def test_unit_exposure_is_at_most_2() -> None:
+    """systemd-analyze security rates the unit 2.0 or lower, and --threshold=20 agrees."""
+    out = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(UNIT)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    m = re.search(r"Overall exposure level for syncd\.service: (\d+\.\d+)", out.stdout + out.stderr)
+    assert m, out.stdout + out.stderr
+    assert float(m.group(1)) <= 2.0
+    gate = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--threshold=20", str(UNIT)],
+        capture_output=True,
+        check=False,
+    )
+    assert gate.returncode == 0
+
+
+@needs_analyze
+def test_unit_verifies_cleanly() -> None:
+    """systemd-analyze verify reports nothing but the (not installed here) ExecStart binary."""
+    out = subprocess.run(
+        ["systemd-analyze", "verify", str(UNIT)], capture_output=True, text=True, check=False
+    )
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    assert all("/opt/syncd/bin/syncd" in line for line in lines), lines
+
+
+def test_unit_contract() -> None:
+    """The unit is Type=notify with a watchdog, reload by SIGHUP, a state directory and credentials."""
+    text = UNIT.read_text()
+    for line in (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "StateDirectory=syncd",
+        "User=syncd",
+        "LoadCredential=artifactory.token:",
+        "ReadWritePaths=/srv/nfs/ml-assets",
+        "ProtectSystem=strict",
+    ):
+        assert line in text, line
+
+
+def test_example_config_is_valid_but_for_missing_files(tmp_path: Path) -> None:
+    """check-config on the example reports only files that do not exist on this machine."""
+    out = subprocess.run(
+        [syncd_command(), "check-config", "-c", str(EXAMPLE)], capture_output=True, text=True, check=False
+    )
+    problems = [line for line in out.stderr.splitlines() if line.startswith("at '")]
+    assert out.returncode in (0, 2)
+    for line in problems:
+        assert "no such file" in line or "does not exist" in line, line
+
+
+def test_example_config_passes_with_its_files(tmp_path: Path) -> None:
+    """With its secret files present (as systemd's LoadCredential= provides them), the example passes."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    for name in ("id_ed25519", "artifactory.token"):
+        (creds / name).write_text("secret\n")
+        (creds / name).chmod(0o600)
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("git.example.com ssh-ed25519 AAAA\n")
+    conf = tmp_path / "syncd.conf"
+    conf.write_text(EXAMPLE.read_text().replace("/etc/syncd/known_hosts", str(known_hosts)))
+    out = subprocess.run(
+        [syncd_command(), "check-config", "-c", str(conf)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "CREDENTIALS_DIRECTORY": str(creds)},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "interval_s = 300.0" in out.stdout
+
+
+def test_sysusers_declares_the_user() -> None:
+    """The sysusers file creates the syncd user the unit runs as."""
+    text = (ROOT / "packaging" / "syncd.sysusers").read_text()
+    assert re.search(r"^u syncd ", text, re.M)
