@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from servers import NGINX_BIN, START_TIMEOUT, _read, _run, _stop_pid, _wait_for_port, free_port
+from servers import START_TIMEOUT, _read, _run, _stop_pid, launch_nginx
 
 __all__ = ["GIT_HTTP_BACKEND", "GitHttp", "start_git_http"]
 
@@ -173,41 +173,23 @@ def start_git_http(workdir: Path) -> GitHttp:
 
     fcgiwrap = _start_fcgiwrap(workdir, sock, fcgiwrap_log)
     try:
-        last_error: Exception | None = None
-        for _attempt in range(3):  # the free port may be taken in between; retry a few times
-            port = free_port()
-            config.write_text(
-                _CONF.format(
-                    workdir=workdir,
-                    error_log=error_log,
-                    access_log=access_log,
-                    tmp=tmp,
-                    port=port,
-                    htpasswd=htpasswd,
-                    socket=sock,
-                    backend=GIT_HTTP_BACKEND,
-                    repos=repos,
-                )
-            )
-            base = [NGINX_BIN, "-p", str(workdir), "-e", str(error_log), "-c", str(config)]
-            _run([*base, "-t", "-q"])
-            with error_log.open("ab") as log_fh:
-                nginx = subprocess.Popen(
-                    base,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_fh,
-                    stderr=log_fh,
-                    start_new_session=True,
-                )
-            try:
-                _wait_for_port(nginx, port, error_log, "nginx (git smart HTTP)")
-            except RuntimeError as exc:
-                last_error = exc
-                _stop_pid(nginx.pid, nginx, signal.SIGTERM)
-                continue
-            break
-        else:
-            raise RuntimeError(f"could not start nginx for git smart HTTP: {last_error}")
+        nginx, port = launch_nginx(
+            workdir,
+            config,
+            error_log,
+            lambda port: _CONF.format(
+                workdir=workdir,
+                error_log=error_log,
+                access_log=access_log,
+                tmp=tmp,
+                port=port,
+                htpasswd=htpasswd,
+                socket=sock,
+                backend=GIT_HTTP_BACKEND,
+                repos=repos,
+            ),
+            "nginx (git smart HTTP)",
+        )
     except BaseException:
         _stop_pid(fcgiwrap.pid, fcgiwrap, signal.SIGTERM)
         raise

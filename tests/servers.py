@@ -18,6 +18,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -370,6 +371,31 @@ http {{
 """
 
 
+def launch_nginx(
+    workdir: Path, config: Path, error_log: Path, render: Callable[[int], str], what: str
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Write ``render(port)`` as nginx's config and start nginx on a free port (a few tries, since a
+    free port can be taken in between); return the process and the port."""
+    last_error: Exception | None = None
+    for _attempt in range(3):
+        port = free_port()
+        config.write_text(render(port))
+        base = [NGINX_BIN, "-p", str(workdir), "-e", str(error_log), "-c", str(config)]
+        _run([*base, "-t", "-q"])
+        with error_log.open("ab") as log_fh:
+            proc = subprocess.Popen(
+                base, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=log_fh, start_new_session=True
+            )
+        try:
+            _wait_for_port(proc, port, error_log, what)
+        except RuntimeError as exc:
+            last_error = exc
+            _stop_pid(proc.pid, proc, signal.SIGTERM)
+            continue
+        return proc, port
+    raise RuntimeError(f"could not start {what}: {last_error}")
+
+
 def start_nginx(workdir: Path) -> Nginx:
     """Start ``nginx -p DIR -c CONF`` (``daemon off``) under `workdir` and wait until it listens."""
     workdir = Path(workdir).absolute()
@@ -387,40 +413,22 @@ def start_nginx(workdir: Path) -> Nginx:
     access_log = workdir / "access.log"
     error_log = workdir / "error.log"
 
-    last_error: Exception | None = None
-    for _attempt in range(3):
-        port = free_port()
-        config.write_text(
-            _NGINX_CONF.format(
-                workdir=workdir,
-                error_log=error_log,
-                access_log=access_log,
-                tmp=tmp,
-                port=port,
-                token=token,
-                root=root,
-                htpasswd=htpasswd,
-            )
-        )
-        base = [NGINX_BIN, "-p", str(workdir), "-e", str(error_log), "-c", str(config)]
-        _run([*base, "-t", "-q"])
-        with error_log.open("ab") as log_fh:
-            proc = subprocess.Popen(
-                base,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fh,
-                stderr=log_fh,
-                start_new_session=True,
-            )
-        try:
-            _wait_for_port(proc, port, error_log, "nginx")
-        except RuntimeError as exc:
-            last_error = exc
-            _stop_pid(proc.pid, proc, signal.SIGTERM)
-            continue
-        break
-    else:
-        raise RuntimeError(f"could not start nginx: {last_error}")
+    proc, port = launch_nginx(
+        workdir,
+        config,
+        error_log,
+        lambda port: _NGINX_CONF.format(
+            workdir=workdir,
+            error_log=error_log,
+            access_log=access_log,
+            tmp=tmp,
+            port=port,
+            token=token,
+            root=root,
+            htpasswd=htpasswd,
+        ),
+        "nginx",
+    )
 
     server = Nginx(
         port=port,

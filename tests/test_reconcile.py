@@ -131,3 +131,34 @@ def test_progress_on_a_terminal(world: World) -> None:
     assert "585.9 KiB of 585.9 KiB" in text
     assert "asset_published" in text  # the console renderer, not JSON
     assert '{"timestamp"' not in text
+
+
+def test_refusal_does_not_start_a_download_backoff(world: World) -> None:
+    """A dest refused (symlink) and then fixed is downloaded on the next daemon pass, not deferred."""
+    a = world.asset("a.bin", 100, seed=1)
+    world.manifest("a.toml", {**a, "dest": "a.bin"})
+    world.repo.commit("a")
+    (world.export / "a.bin").symlink_to("/nonexistent")
+    rec = Reconciler(config.load(world.config_path), respect_backoff=True)
+    try:
+        assert rec.run_pass().refused == 1
+        (world.export / "a.bin").unlink()
+        result = rec.run_pass()
+    finally:
+        rec.close()
+    assert result.ok and result.published == 1 and result.deferred == 0
+
+
+def test_download_failure_is_deferred_by_the_daemon(world: World) -> None:
+    """A failed download is deferred on the daemon's next pass; a one-shot pass retries it at once."""
+    world.manifest(
+        "a.toml", {"source": f"{world.tag}/missing.bin", "sha256": "a" * 64, "size": 1, "dest": "a"}
+    )
+    world.repo.commit("a")
+    daemon_like = Reconciler(config.load(world.config_path), respect_backoff=True)
+    try:
+        assert daemon_like.run_pass().failed == 1
+        assert daemon_like.run_pass().deferred == 1
+    finally:
+        daemon_like.close()
+    assert one_pass(world).failed == 1

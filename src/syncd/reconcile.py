@@ -33,6 +33,7 @@ from syncd.progress import Progress, human
 from syncd.publish import Export
 
 log = logs.get()
+REFUSED = "refused: "  # prefix of a failure row written for a refusal (not a download failure)
 
 
 @dataclass(frozen=True)
@@ -231,8 +232,8 @@ class Reconciler:
         out = {}
         for dest, f in self.ledger.failures().items():
             asset = desired.assets.get(dest)
-            if asset is None or asset.sha256 != f.sha256:
-                continue
+            if asset is None or asset.sha256 != f.sha256 or f.last_error.startswith(REFUSED):
+                continue  # a refusal never reached Artifactory: nothing to back off from
             until = retry.next_attempt(f.attempts, datetime.fromisoformat(f.last_failed_at))
             if until > now:
                 out[dest] = (
@@ -420,7 +421,7 @@ class Reconciler:
         asset = a.asset
         assert asset is not None
         result.refused += 1
-        self.ledger.record_failure(a.dest, asset.sha256, reason)
+        self.ledger.record_failure(a.dest, asset.sha256, REFUSED + reason)
         log.error("asset_refused", dest=a.dest, manifest=asset.manifest, error=reason, commit=result.commit)
 
     def _settle(self, desired: Desired, result: PassResult) -> None:
