@@ -5,10 +5,12 @@ Nothing here imports syncd, so these fixtures work while the package is being wr
 
 from __future__ import annotations
 
+import socket
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,6 +34,21 @@ def pytest_configure(config: pytest.Config) -> None:
     for name, description in MARKERS.items():
         if name not in known:  # pyproject.toml may already declare them
             config.addinivalue_line("markers", f"{name}: {description}")
+
+
+@pytest.fixture(autouse=True)
+def _no_network_in_unit_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests marked ``unit`` must not open network connections (AF_UNIX stays allowed)."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    real_connect = socket.socket.connect
+
+    def guarded(self: socket.socket, address: Any) -> None:
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            raise RuntimeError(f"unit test tried to connect to {address!r}; mark it integration")
+        real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
 
 
 @pytest.fixture(scope="session")
