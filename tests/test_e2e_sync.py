@@ -379,3 +379,28 @@ def test_many_assets_concurrently(world: World) -> None:
         for i in range(10):
             src = world.blobs / f"m{m}/f{i}.bin"
             assert (world.export / f"many/m{m}/f{i}.bin").read_bytes() == src.read_bytes()
+
+
+def test_dry_run_beside_a_running_syncd(world: World) -> None:
+    """With the lock held, --dry-run plans against the last fetched commit and touches nothing."""
+    a = world.asset("a.bin", 100, seed=30)
+    world.manifest("m.toml", {**a, "dest": "a.bin"})
+    synced = world.repo.commit("a")
+    assert world.sync().code == 0
+    (world.export / "a.bin").unlink()
+    b = world.asset("b.bin", 100, seed=31)
+    world.manifest("b.toml", {**b, "dest": "b.bin"})
+    world.repo.commit("b, not fetched yet")
+    clone_ref = world.state / "repo.git" / "packed-refs"
+    before = clone_ref.read_bytes() if clone_ref.exists() else b""
+    with open(world.state / "lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.write("4343\n")
+        fh.flush()
+        run = world.sync("--dry-run")
+    assert run.code == 0, run.err
+    assert run.one("git_not_fetched")["commit"] == synced
+    assert "download  a.bin" in run.out and "b.bin" not in run.out
+    assert "not fetched: another syncd (pid 4343)" in run.out
+    assert world.export_files() == []
+    assert (clone_ref.read_bytes() if clone_ref.exists() else b"") == before

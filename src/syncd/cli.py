@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from syncd import __version__, config, logs
-from syncd.errors import ConfigError, SyncdError
+from syncd.errors import ConfigError, LockHeldError, SyncdError
 
 log = logs.get()
 
@@ -67,12 +67,20 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
     cfg = config.load(config.config_path(args.config))
     lock = StateLock(cfg.state_dir)
-    lock.acquire()
+    owner = ""
+    try:
+        lock.acquire()
+    except LockHeldError as exc:
+        if not args.dry_run:
+            raise
+        # A dry run beside a running daemon: plan against its last fetched commit, touching nothing.
+        owner = str(exc)
     try:
         rec = Reconciler(
             cfg,
             dry_run=args.dry_run,
             progress_stream=sys.stderr if sys.stderr.isatty() and not args.dry_run else None,
+            fetch=not owner,
         )
         try:
             result = rec.run_pass()
@@ -82,6 +90,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         lock.release()
     if args.dry_run:
         print(render_plan(result))
+        if owner:
+            print(f"(not fetched: {owner.split(';')[0]}; planned against the commit it fetched last)")
     return 0 if result.ok else 1
 
 

@@ -170,6 +170,19 @@ class ManifestRepo:
         os.rename(self.path, aside)
         log.error("git_clone_repaired", error=why, moved_to=str(aside), action="cloning again")
 
+    def last_fetched(self) -> str:
+        """The branch head as last fetched, without fetching or repairing anything (read-only: for a dry
+        run beside a running daemon, which owns the clone)."""
+        if self._repo is None:
+            try:
+                self._repo = pygit2.Repository(str(self.path))
+            except (pygit2.GitError, ValueError) as exc:
+                raise GitError(f"no usable clone at {self.path} yet: {exc}") from None
+        try:
+            return str(self._repo.references[self.ref].resolve().target)
+        except (KeyError, pygit2.GitError, ValueError) as exc:
+            raise GitError(f"branch {self.source.branch!r} was never fetched: {exc}") from None
+
     def _open_or_create(self) -> pygit2.Repository:
         if self._repo is not None:
             return self._repo

@@ -122,8 +122,10 @@ class Reconciler:
         progress_stream: TextIO | None = None,
         on_status: Callable[[str], None] | None = None,
         respect_backoff: bool = False,
+        fetch: bool = True,
     ) -> None:
         self.cfg = cfg
+        self.fetch = fetch
         self.respect_backoff = respect_backoff
         self.dry_run = dry_run
         self.progress_stream = progress_stream
@@ -187,6 +189,10 @@ class Reconciler:
         """The commit this pass serves: the fetched head, or the last good commit when git failed or
         the branch history was rewritten (unless ``allow_force_push``)."""
         cached = self.ledger.get("manifests_commit")
+        if not self.fetch:
+            head = self.repo.last_fetched()
+            log.info("git_not_fetched", commit=head, reason="another syncd owns the clone; last fetched head")
+            return head
         try:
             head = self.repo.fetch()
         except GitError as exc:
