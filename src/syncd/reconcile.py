@@ -180,6 +180,7 @@ class Reconciler:
             orphaned=result.orphaned,
             deferred=result.deferred,
             invalid_manifests=len(result.invalid),
+            git_error=result.git_error or None,
             bytes=result.bytes,
             duration_s=round(time.monotonic() - started, 3),
         )
