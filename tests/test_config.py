@@ -102,7 +102,6 @@ def test_full_valid_config_resolves_paths_and_defaults(confdir: Path) -> None:
     assert (art.username, art.password, art.ca_file) == (None, None, None)
     assert cfg.export_root == Path("/srv/nfs/ml-assets")
     assert cfg.staging == Path("/srv/nfs/ml-assets/.syncd-staging")
-    assert cfg.staging_explicit is False
     assert (cfg.concurrency, cfg.timeout) == (4, 60.0)
     assert cfg.state_dir == Path("/var/lib/syncd")
 
@@ -123,7 +122,6 @@ def test_explicit_sections_and_relative_paths_resolve_against_config_dir(confdir
     assert cfg.artifactory.url == "https://artifactory.example.com/artifactory"
     assert cfg.artifactory.ca_file == confdir / "ca.pem"
     assert cfg.staging == confdir.parent / "staging"
-    assert cfg.staging_explicit is True
     assert (cfg.concurrency, cfg.timeout) == (16, 300.0)
     assert cfg.state_dir == confdir / "state"
 

@@ -162,7 +162,6 @@ class Config:
     artifactory: Artifactory
     export_root: Path
     staging: Path
-    staging_explicit: bool
     concurrency: int
     timeout: float
     state_dir: Path
@@ -278,7 +277,6 @@ class _Resolver:
             artifactory=art,
             export_root=root,
             staging=staging,
-            staging_explicit=export.staging is not None,
             concurrency=download.concurrency,
             timeout=download.timeout,
             retries=download.retries,

@@ -14,6 +14,7 @@ SIGUSR1 starts a pass now, or one more right after the running one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import select
 import signal
@@ -141,7 +142,7 @@ class Daemon:
                 error="state.directory changes only on restart",
                 kept=str(self.cfg.state_dir),
             )
-            cfg = _with_state_dir(cfg, self.cfg.state_dir)
+            cfg = dataclasses.replace(cfg, state_dir=self.cfg.state_dir)
         schedule_changed = (cfg.interval, cfg.jitter) != (self.cfg.interval, self.cfg.jitter)
         self._pending = cfg
         self.cfg = cfg
@@ -210,12 +211,6 @@ class Daemon:
             self.scheduler.shutdown(wait=True)
         self.rec.close()
         log.info("daemon_stopped", duration_s=round(time.monotonic() - started, 3))
-
-
-def _with_state_dir(cfg: Config, state_dir: Path) -> Config:
-    from dataclasses import replace
-
-    return replace(cfg, state_dir=state_dir)
 
 
 def run(path: Path) -> int:

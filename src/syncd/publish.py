@@ -60,10 +60,9 @@ def _os_error(action: str, where: str, exc: OSError) -> PublishError:
 class Export:
     """The export root and its staging directory."""
 
-    def __init__(self, root: Path, staging: Path, *, staging_explicit: bool = False) -> None:
+    def __init__(self, root: Path, staging: Path) -> None:
         self.root = root
         self.staging = staging
-        self.staging_explicit = staging_explicit
         self._root_fd = -1
         self._staging_fd = -1
         self._lock = threading.Lock()

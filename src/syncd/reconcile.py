@@ -143,7 +143,7 @@ class Reconciler:
         """One full reconcile pass. Raises :class:`SyncdError` only if no pass is possible."""
         started = time.monotonic()
         result = PassResult(dry_run=self.dry_run)
-        export = Export(self.cfg.export_root, self.cfg.staging, staging_explicit=self.cfg.staging_explicit)
+        export = Export(self.cfg.export_root, self.cfg.staging)
         export.open(create_staging=not self.dry_run)
         try:
             if not self.dry_run:
@@ -282,7 +282,7 @@ class Reconciler:
             running: set[Future[_Outcome]] = set()
             while True:
                 for action in itertools.islice(queue, limit - len(running)):
-                    running.add(pool.submit(self._work, export, action, progress, result.commit))
+                    running.add(pool.submit(self._work, export, action, progress))
                 if not running:
                     break
                 done, running = wait(running, return_when=FIRST_COMPLETED)
@@ -296,7 +296,7 @@ class Reconciler:
         # Partials stay only for assets still wanted whose download broke on a transport fault.
         export.clean_staging(keep=keep)
 
-    def _work(self, export: Export, action: Action, progress: Progress, commit: str) -> _Outcome:
+    def _work(self, export: Export, action: Action, progress: Progress) -> _Outcome:
         asset = action.asset
         assert asset is not None
         started = time.monotonic()
