@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from harness import toml_str
 from syncd.errors import ManifestError, SyncdError
 from syncd.manifest import Asset, check_dest, check_source, duplicates, parse
 
@@ -18,21 +19,6 @@ SIZE_MSG = "must be a non-negative whole number of bytes"
 SHA_MSG = "must be 64 lowercase hex characters (the output of sha256sum)"
 SCHEME_MSG = "must be a path under [artifactory].url, without a scheme or host"
 RESERVED_MSG = "must not start with '.syncd' (reserved for syncd's own use)"
-
-
-def toml_str(value: str) -> str:
-    """Render ``value`` as a TOML basic string (control characters escaped)."""
-    out = []
-    for ch in value:
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
 
 
 def table(**fields: str | None) -> str:

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import event, example, given, note, settings
 from hypothesis import strategies as st
 
+from harness import toml_str
 from syncd.errors import ManifestError, PublishError
 from syncd.manifest import RESERVED_PREFIX, check_dest, check_source, parse
 from syncd.publish import Export, State
@@ -38,21 +39,6 @@ ROOT = "/srv/nfs/ml-assets"
 
 
 # helpers ----------------------------------------------------------------------------------------------
-
-
-def toml_str(value: str) -> str:
-    """Render ``value`` as a TOML basic string (control characters escaped)."""
-    out = []
-    for ch in value:
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
 
 
 def toml_value(value: object) -> str:
