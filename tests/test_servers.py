@@ -9,6 +9,7 @@ import os
 import socket
 import stat
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -194,7 +195,11 @@ def test_nginx_start_and_stop(tmp_path: Path) -> None:
     server = start_nginx(tmp_path / "nginx")
     try:
         assert _port_open(server.port)
-        children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+        # The master listens before it forks its workers: wait (bounded) for them to appear.
+        children_file = Path(f"/proc/{server.pid}/task/{server.pid}/children")
+        deadline = time.monotonic() + 10
+        while not (children := children_file.read_text().split()) and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert children, "expected nginx worker processes"
     finally:
         server.stop()
