@@ -242,6 +242,19 @@ def test_sigterm_mid_download_stops_cleanly(world: World, daemon: Callable[..., 
         assert hashlib.sha256((world.export / a["dest"]).read_bytes()).hexdigest() == a["sha256"]
 
 
+def test_second_daemon_refused(world: World, daemon: Callable[..., Daemon]) -> None:
+    """A second syncd run on the same state directory exits 1 with the holder's pid."""
+    world.write_config(schedule={"interval": "1h"})
+    world.manifest("a.toml", {**world.asset("a.bin", 100, seed=1), "dest": "a.bin"})
+    world.repo.commit("a")
+    first = daemon()
+    first.wait_event("pass_finished")
+    second = world.run("run", "-c", str(world.config_path), timeout=30)
+    assert second.code == 1
+    assert f"pid {first.proc.pid}" in second.one("command_failed")["error"]
+    assert first.stop() == 0
+
+
 def test_sigterm_during_a_long_pass_exits_promptly(world: World, daemon: Callable[..., Daemon]) -> None:
     """SIGTERM while a pass is still downloading ends the daemon within seconds (no shutdown deadlock)."""
     world.write_config(schedule={"interval": "1h"}, download={"concurrency": 1})
