@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from servers import START_TIMEOUT, _read, _run, _stop_pid, launch_nginx
+from servers import START_TIMEOUT, _read, _run, _stop_pid, _wait_port_free, launch_nginx
 
 __all__ = ["GIT_HTTP_BACKEND", "GitHttp", "start_git_http"]
 
@@ -56,6 +56,7 @@ class GitHttp:
     def stop(self) -> None:
         """Stop nginx, then fcgiwrap, each by PID, and wait for them (idempotent)."""
         _stop_pid(self.nginx_pid, self._nginx, signal.SIGTERM)
+        _wait_port_free(self.port)
         _stop_pid(self.fcgiwrap_pid, self._fcgiwrap, signal.SIGTERM)
         self.socket.unlink(missing_ok=True)
 

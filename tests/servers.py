@@ -98,6 +98,23 @@ def _wait_for_port(proc: subprocess.Popen[bytes], port: int, log: Path, what: st
     )
 
 
+def _listening(port: int) -> bool:
+    """Whether any socket listens on 127.0.0.1:``port`` (read from /proc/net/tcp: no connection made)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+            return True
+    return False
+
+
+def _wait_port_free(port: int) -> None:
+    """Wait (bounded) until nothing listens on ``port``. A child forked for a connection holds the inherited
+    listener for a moment after the master has gone, until the kernel has finished killing it."""
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while _listening(port) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -169,8 +186,9 @@ class Sshd:
         )
 
     def stop(self) -> None:
-        """Terminate the listening sshd by PID and wait for it (idempotent)."""
+        """Terminate the listening sshd by PID and wait for it and its port (idempotent)."""
         _stop_pid(self.pid, self._proc, signal.SIGTERM)
+        _wait_port_free(self.port)
 
 
 def _keygen(path: Path, comment: str) -> None:
@@ -312,8 +330,9 @@ class Nginx:
         return f"{self.base_url}/open"
 
     def stop(self) -> None:
-        """Fast-shutdown nginx (SIGTERM to the master) by PID and wait (idempotent)."""
+        """Fast-shutdown nginx (SIGTERM to the master) by PID and wait for it and its port (idempotent)."""
         _stop_pid(self.pid, self._proc, signal.SIGTERM)
+        _wait_port_free(self.port)
 
 
 _NGINX_CONF = """\
