@@ -36,6 +36,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from servers import _pid_alive
+
 SUITE = "bookworm"
 VARIANT = "minbase"
 INCLUDE = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "ca-certificates", "procps")
@@ -403,22 +405,6 @@ class Container:
                 return True
             time.sleep(0.1)
         return False
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:  # never probe or signal -1 (every process) or 0 (our group)
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie is not alive: its process is gone, only its exit status waits to be read
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
 
 
 def _kill(pid: int, sig: signal.Signals) -> None:

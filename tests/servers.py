@@ -116,12 +116,18 @@ def _wait_port_free(port: int) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # never probe or signal -1 (every process) or 0 (our group)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    # a zombie is not alive: its process is gone, only its exit status waits to be read
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
     return True
 
 

@@ -6,7 +6,6 @@ import base64
 import hashlib
 import http.client
 import os
-import socket
 import stat
 import subprocess
 import time
@@ -17,7 +16,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servers import FaultServer, GitRepo, Nginx, Sshd, make_asset, start_nginx, start_sshd
+from servers import (
+    FaultServer,
+    GitRepo,
+    Nginx,
+    Sshd,
+    _pid_alive,
+    _port_open,
+    make_asset,
+    start_nginx,
+    start_sshd,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -53,22 +62,6 @@ def _git_clone(sshd: Sshd, url: str, dest: Path, known_hosts: Path) -> subproces
     return subprocess.run(
         ["git", "clone", url, str(dest)], capture_output=True, text=True, env=env, timeout=60
     )
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
 
 
 # --------------------------------------------------------------------------- sshd
