@@ -19,6 +19,12 @@ from typing import Any
 from servers import GitRepo, Nginx, make_asset
 
 
+def examples(n: int) -> int:
+    """How many generated examples a property test runs: ``n`` in CI, ``n * $SYNCD_SOAK`` in a soak run
+    (``SYNCD_SOAK=20 scripts/test -k hostile``)."""
+    return n * max(1, int(os.environ.get("SYNCD_SOAK", "1")))
+
+
 def syncd_command() -> str:
     """The installed ``syncd`` entry point (next to this Python, else on PATH)."""
     beside = Path(sys.executable).parent / "syncd"
