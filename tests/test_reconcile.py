@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -162,3 +163,56 @@ def test_download_failure_is_deferred_by_the_daemon(world: World) -> None:
     finally:
         daemon_like.close()
     assert one_pass(world).failed == 1
+
+
+SECRET = "tok-3f9a1c-SECRET"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        TypeError(f"can't compare offset-naive and offset-aware datetimes {SECRET}"),
+        ValueError(f"Invalid port: 'Authorization: Bearer {SECRET}'"),
+        UnicodeEncodeError("ascii", f'W/"é{SECRET}"', 3, 4, f"ordinal not in range {SECRET}"),
+    ],
+    ids=["TypeError", "ValueError", "UnicodeEncodeError"],
+)
+def test_unexpected_exception_fails_only_that_asset(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: Exception
+) -> None:
+    """A bug in one asset's work (any exception) fails that asset alone, without its text; the rest land."""
+    for i in range(4):
+        world.manifest(f"m{i}.toml", {**world.asset(f"{i}.bin", 3000, seed=i), "dest": f"{i}.bin"})
+    world.repo.commit("four")
+    rec = Reconciler(config.load(world.config_path), respect_backoff=True)
+    real = rec.fetcher.download
+
+    def download(asset: manifest.Asset, *args: object, **kwargs: object) -> None:
+        if asset.dest == "2.bin":  # no real server can make an arbitrary internal bug: inject one
+            raise exc
+        real(asset, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rec.fetcher, "download", download)
+    try:
+        first = rec.run_pass()
+        second = rec.run_pass()
+    finally:
+        rec.close()
+    assert (first.published, first.failed, first.ok) == (3, 1, False)
+    assert second.deferred == 1 and second.published == 0  # backed off as usual
+    assert sorted(world.export_files()) == ["0.bin", "1.bin", "3.bin"]
+    assert world.staging_files() == []
+    events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    failed = [e for e in events if e["event"] == "asset_failed"]
+    assert [e["dest"] for e in failed] == ["2.bin"]
+    assert failed[0]["error"].startswith(f"internal error: {type(exc).__name__} at test_reconcile.py:")
+    assert SECRET not in (tmp_path / "log.jsonl").read_text()
+    ledger = Ledger.in_state_dir(world.state)
+    try:
+        failures = ledger.failures()
+    finally:
+        ledger.close()
+    assert list(failures) == ["2.bin"] and SECRET not in failures["2.bin"].last_error
+    assert "internal error" in failures["2.bin"].last_error
+    raw = b"".join(p.read_bytes() for p in world.state.glob("ledger.sqlite3*"))
+    assert SECRET.encode() not in raw

@@ -11,8 +11,10 @@ git unreachable before anything was ever fetched, ledger unusable).
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -288,7 +290,12 @@ class Reconciler:
                 done, running = wait(running, return_when=FIRST_COMPLETED)
                 for fut in done:
                     out = fut.result()
-                    self._record(out, result)
+                    try:
+                        self._record(out, result)
+                    except SyncdError:
+                        raise  # the ledger is unusable: no pass is possible
+                    except Exception as exc:  # a bug recording one asset fails that asset only
+                        self._record(_Outcome(out.action, error=internal_error(exc)), result)
                     if isinstance(out.error, FetchError) and out.error.retryable:
                         keep.add(out.action.dest)
                     progress.file_done()
@@ -313,6 +320,8 @@ class Reconciler:
                     self._attempt(export, action, progress)
         except SyncdError as exc:
             return _Outcome(action, error=exc)
+        except Exception as exc:  # one asset's work is a hard boundary: a bug here fails only this asset
+            return _Outcome(action, error=internal_error(exc))
         return _Outcome(action, bytes=asset.size, seconds=time.monotonic() - started)
 
     def _attempt(self, export: Export, action: Action, progress: Progress) -> None:
@@ -453,6 +462,21 @@ class _Refusal(SyncdError):
 
 class _Stopping(FetchError):
     """The daemon is stopping: not a fault of the asset; its partial is kept for resume."""
+
+
+class InternalError(SyncdError):
+    """An unexpected exception inside one asset's work (a bug): that asset fails, the pass goes on."""
+
+
+def internal_error(exc: BaseException) -> InternalError:
+    """A message of our own for ``exc``: its type and where it was raised, never its text (which can
+    hold a header value, a URL with credentials or a response body)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    return InternalError(
+        f"internal error: {type(exc).__name__}{where} (a bug in syncd; please report it with this "
+        "line and the syncd version)"
+    )
 
 
 def _count_dry(result: PassResult) -> None:
