@@ -91,3 +91,17 @@ def test_base_must_resolve(world: World, git_repo: GitRepo) -> None:
     run = world.run("validate", "--base", "no-such-rev", str(git_repo.work_path / "assets"))
     assert run.code == 1
     assert "no-such-rev" in run.out
+
+
+def test_file_dest_overlapping_a_directory_dest_across_files(world: World, tmp_path: Path) -> None:
+    """'p' in one file and 'p/q' in another: both claims are reported (as the daemon refuses both)."""
+    one = tmp_path / "one.toml"
+    two = tmp_path / "two.toml"
+    one.write_text(manifest_text(entry("p")))
+    two.write_text(manifest_text(entry("p/q")))
+    run = world.run("validate", str(tmp_path))
+    assert run.code == 1
+    assert run.out.splitlines() == [
+        f"{one}: asset[0].dest: 'p' is a file dest but 'p/q' ({two}: asset[0]) puts a file under it",
+        f"{two}: asset[0].dest: 'p/q' needs 'p' to be a directory, but 'p' ({one}: asset[0]) makes it a file",
+    ]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from harness import toml_str
+from harness import examples, toml_str
 from syncd.errors import ManifestError, SyncdError
-from syncd.manifest import Asset, check_dest, check_source, duplicates, parse
+from syncd.manifest import Asset, check_dest, check_source, conflicts, parse
 
 pytestmark = pytest.mark.unit
 
@@ -334,7 +336,7 @@ def test_deeply_nested_toml_is_a_manifest_error(data: bytes) -> None:
     assert problems_of(data) == [f"{FILE}: invalid TOML: nested too deeply"]
 
 
-# duplicates() and the path checks ---------------------------------------------------------------------
+# conflicts() and the path checks ---------------------------------------------------------------------
 
 
 def _asset(dest: str, manifest: str, index: int = 0) -> Asset:
@@ -342,20 +344,76 @@ def _asset(dest: str, manifest: str, index: int = 0) -> Asset:
 
 
 def test_duplicates_across_files_lists_every_claim() -> None:
-    """duplicates() maps each dest claimed more than once to all its claimants, in input order."""
+    """conflicts() maps each dest claimed more than once to all its claimants, in input order."""
     a, b, c, d = (
         _asset("x", "a.toml"),
         _asset("y", "a.toml", 1),
         _asset("x", "b.toml"),
         _asset("x", "c.toml", 4),
     )
-    assert duplicates([a, b, c, d]) == {"x": [a, c, d]}
+    assert conflicts([a, b, c, d]) == {"x": [a, c, d]}
 
 
 def test_duplicates_of_unique_dests_is_empty() -> None:
-    """duplicates() is empty when every dest is claimed once (and for no assets at all)."""
-    assert duplicates([_asset("x", "a.toml"), _asset("y", "a.toml")]) == {}
-    assert duplicates([]) == {}
+    """conflicts() is empty when every dest is claimed once (and for no assets at all)."""
+    assert conflicts([_asset("x", "a.toml"), _asset("y", "a.toml")]) == {}
+    assert conflicts([_asset("p", "a.toml"), _asset("pq/r", "a.toml"), _asset("p.d/x", "a.toml")]) == {}
+    assert conflicts([]) == {}
+
+
+def test_file_dest_and_dest_under_it_are_both_conflicts() -> None:
+    """'p' and 'p/q/r' (two files) are both conflicts, each listing itself first, then the other."""
+    p, q = _asset("p", "a.toml"), _asset("p/q/r", "b.toml", 3)
+    assert conflicts([p, q]) == {"p": [p, q], "p/q/r": [q, p]}
+
+
+def test_overlap_within_one_file_makes_the_file_invalid() -> None:
+    """A file dest and a dest under it in one file: both reported, naming FILE asset[N]."""
+    text = table(dest='"p"') + table(dest='"p/q"', source='"b"')
+    assert problems_of(text) == [
+        f"{FILE}: asset[0].dest: 'p' is a file dest but 'p/q' ({FILE}: asset[1]) puts a file under it",
+        f"{FILE}: asset[1].dest: 'p/q' needs 'p' to be a directory, but 'p' ({FILE}: asset[0]) "
+        "makes it a file",
+    ]
+
+
+_SEGMENT = st.sampled_from(["a", "b", "a.b", "ab", "c"])
+_DEST = st.lists(_SEGMENT, min_size=1, max_size=4).map("/".join)
+
+
+def _collide(x: str, y: str) -> bool:
+    return x == y or x.startswith(y + "/") or y.startswith(x + "/")
+
+
+@settings(max_examples=examples(300), deadline=None, database=None)
+@given(st.lists(_DEST, max_size=30))
+def test_conflicts_equal_a_brute_force_pairwise_check(dests: list[str]) -> None:
+    """For any set of dests, conflicts() names exactly the dests that are equal to or a proper path
+    prefix of another asset's dest, each with exactly the assets it collides with."""
+    assets = [_asset(d, "m.toml", i) for i, d in enumerate(dests)]
+    expected: dict[str, set[int]] = {}
+    for a in assets:
+        for b in assets:
+            if a is not b and _collide(a.dest, b.dest):
+                expected.setdefault(a.dest, {a.index}).update({a.index, b.index})
+    got = conflicts(assets)
+    assert {d: {a.index for a in v} for d, v in got.items()} == expected
+    for dest, claims in got.items():
+        assert len(claims) == len({id(a) for a in claims})
+        own = [a for a in claims if a.dest == dest]
+        assert claims[: len(own)] == [a for a in assets if a.dest == dest]
+
+
+def test_conflicts_of_100k_dests_is_fast() -> None:
+    """100,000 dests (deep paths, one overlap) are checked in well under a second."""
+    import time
+
+    assets = [_asset(f"d{i % 100}/s{i % 7}/f{i}.bin", "m.toml", i) for i in range(100_000)]
+    assets.append(_asset("d5/s3", "n.toml"))
+    start = time.monotonic()
+    got = conflicts(assets)
+    assert time.monotonic() - start < 2.0
+    assert len(got) == 1 + sum(1 for a in assets if a.dest.startswith("d5/s3/"))
 
 
 def test_check_functions_return_the_value_or_raise_value_error() -> None:

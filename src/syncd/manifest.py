@@ -26,6 +26,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from syncd.errors import ManifestError
 
+# Bumped whenever parsing or validation rules change, so that parses cached by an older syncd (the
+# ledger's manifest cache) are redone under the new rules.
+RULES_VERSION = 2
 RESERVED_PREFIX = ".syncd"
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 controls
@@ -129,9 +132,13 @@ def parse(file: str, data: bytes) -> list[Asset]:
         problems += errs
         if asset is not None:
             assets.append(asset)
-    for dest, dups in duplicates(assets).items():
-        numbers = ", ".join(f"asset[{a.index}]" for a in dups)
-        problems.append(f"{file}: {numbers}.dest: {dest!r} appears more than once")
+    for dest, claims in conflicts(assets).items():
+        dups = [a for a in claims if a.dest == dest]
+        if len(dups) > 1:
+            numbers = ", ".join(f"asset[{a.index}]" for a in dups)
+            problems.append(f"{file}: {numbers}.dest: {dest!r} appears more than once")
+        if len(claims) > len(dups):
+            problems += conflict_problems(dest, [a for a in claims if a.dest != dest or a is dups[0]])
     if problems:
         raise ManifestError(file, problems)
     return assets
@@ -170,9 +177,56 @@ def _problem(file: str, n: int, err: Any) -> str:
     return f"{file}: asset[{n}].{field}: {msg}"
 
 
-def duplicates(assets: Iterable[Asset]) -> dict[str, list[Asset]]:
-    """The ``dest`` values claimed by more than one asset, with the assets that claim them."""
+def conflicts(assets: Iterable[Asset]) -> dict[str, list[Asset]]:
+    """Every dest that cannot be synced because of another asset, with the assets involved.
+
+    In: assets (from one file or many). Out: dest → its own claimants first (input order), then the
+    other assets it collides with, ordered by dest. Two assets collide when their dests are equal (a
+    duplicate) or when one is a proper path prefix of the other (``p`` and ``p/q``: ``p`` cannot be both
+    a file and a directory; which one landed would depend on timing). Both sides are conflicts.
+    Cost: one set look-up per path component of each dest (fine for 100k dests)."""
     by_dest: dict[str, list[Asset]] = defaultdict(list)
     for a in assets:
         by_dest[a.dest].append(a)
-    return {d: v for d, v in by_dest.items() if len(v) > 1}
+    others: dict[str, set[str]] = defaultdict(set)
+    for dest in by_dest:
+        cut = dest.find("/")
+        while cut != -1:
+            parent = dest[:cut]
+            if parent in by_dest:
+                others[parent].add(dest)
+                others[dest].add(parent)
+            cut = dest.find("/", cut + 1)
+    found = {d: list(v) for d, v in by_dest.items() if len(v) > 1}
+    for dest, collide in others.items():
+        found[dest] = by_dest[dest] + [a for o in sorted(collide) for a in by_dest[o]]
+    return found
+
+
+def conflict_problems(dest: str, claims: list[Asset], limit: int = 5) -> list[str]:
+    """One problem line per asset whose dest is ``dest``, naming what it collides with (at most
+    ``limit`` others, then a count), for :func:`conflicts` results."""
+    own = [a for a in claims if a.dest == dest]
+    lines = []
+    for a in own:
+        parts = []
+        same = [o.where() for o in own if o is not a]
+        if same:
+            parts.append(f"{dest!r} is also the dest of {', '.join(same)}")
+        under = [o for o in claims if o.dest.startswith(dest + "/")]
+        if under:
+            parts.append(f"{dest!r} is a file dest but {_some(under, limit)} puts a file under it")
+        above = [o for o in claims if dest.startswith(o.dest + "/")]
+        if above:
+            parts.append(
+                f"{dest!r} needs {above[0].dest!r} to be a directory, but {_some(above, limit)} "
+                "makes it a file"
+            )
+        lines.append(f"{a.where()}.dest: " + "; ".join(parts))
+    return lines
+
+
+def _some(claims: list[Asset], limit: int) -> str:
+    shown = ", ".join(f"{o.dest!r} ({o.where()})" for o in claims[:limit])
+    more = len(claims) - limit
+    return shown + (f" and {more} more" if more > 0 else "")

@@ -100,7 +100,7 @@ def load_desired(repo: ManifestRepo, ledger: Ledger, head: str) -> Desired:
             }
             ledger.update_manifests(head, cache, (), replace_all=True)
     every = [a for c in cache.values() for a in c.assets]
-    conflicts = manifest.duplicates(every)
+    conflicts = manifest.conflicts(every)
     assets = {a.dest: a for a in every if a.dest not in conflicts}
     invalid = {p: c.problems for p, c in sorted(cache.items()) if c.problems}
     return Desired(head, assets, conflicts, invalid)

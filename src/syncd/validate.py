@@ -41,10 +41,8 @@ def validate(paths: list[Path], base: str | None = None) -> tuple[int, list[str]
             problems += exc.problems
         except OSError as exc:
             problems.append(f"{f}: cannot read: {exc.strerror}")
-    for dest, claims in manifest.duplicates(assets).items():
-        for a in claims:
-            others = ", ".join(o.where() for o in claims if o is not a)
-            problems.append(f"{a.where()}.dest: {dest!r} is also the dest of {others}")
+    for dest, claims in manifest.conflicts(assets).items():
+        problems += manifest.conflict_problems(dest, claims)
     if base is not None:
         problems += _immutability(paths, base, assets)
     return len(files), problems
