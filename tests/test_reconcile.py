@@ -216,3 +216,68 @@ def test_unexpected_exception_fails_only_that_asset(
     assert "internal error" in failures["2.bin"].last_error
     raw = b"".join(p.read_bytes() for p in world.state.glob("ledger.sqlite3*"))
     assert SECRET.encode() not in raw
+
+
+def test_narrowing_source_path_drops_cached_manifests(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After [source] path is narrowed, manifests outside it are no longer desired: orphaned, kept."""
+    world.manifest("a/x.toml", {**world.asset("x.bin", 100, seed=1), "dest": "x.bin"})
+    world.manifest("b/y.toml", {**world.asset("y.bin", 100, seed=2), "dest": "y.bin"})
+    world.repo.commit("two dirs")
+    assert one_pass(world).published == 2
+    world.source["path"] = "assets/a"
+    world.write_config()
+    calls = count_parses(monkeypatch)
+    narrowed = one_pass(world)  # same head: the cache was keyed on the old path
+    assert calls == ["assets/a/x.toml"]
+    assert (narrowed.ok, narrowed.published, narrowed.skipped, narrowed.orphaned) == (True, 0, 1, 1)
+    world.manifest("a/z.toml", {**world.asset("z.bin", 100, seed=3), "dest": "z.bin"})
+    world.repo.commit("new file under the narrowed path")
+    later = one_pass(world)
+    assert (later.published, later.skipped, later.orphaned) == (1, 1, 1)
+    assert sorted(a.dest for a in later.planned if a.kind.value == "orphan") == ["y.bin"]
+    assert world.export_files() == ["x.bin", "y.bin", "z.bin"]  # an orphan is left in place
+
+
+def test_new_parse_rules_reparse_every_cached_manifest(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ledger cache built under other manifest rules (an older syncd) is discarded and re-parsed."""
+    for i in range(2):
+        world.manifest(f"m{i}.toml", {**world.asset(f"{i}.bin", 100, seed=i), "dest": f"{i}.bin"})
+    world.repo.commit("two")
+    assert one_pass(world).ok
+    calls = count_parses(monkeypatch)
+    assert one_pass(world).ok and calls == []
+    monkeypatch.setattr(manifest, "RULES_VERSION", manifest.RULES_VERSION + 1)
+    result = one_pass(world)
+    assert sorted(calls) == ["assets/m0.toml", "assets/m1.toml"]
+    assert result.ok and result.skipped == 2
+    calls.clear()
+    assert one_pass(world).ok and calls == []
+
+
+def test_missing_source_path_is_a_pass_error(world: World) -> None:
+    """A [source] path that is not a directory at the head fails the pass (exit 1) and orphans nothing."""
+    world.manifest("a.toml", {**world.asset("a.bin", 100, seed=1), "dest": "a.bin"})
+    world.repo.commit("a")
+    assert world.sync().code == 0
+    world.source["path"] = "asets"
+    world.write_config()
+    world.repo.write("README", "typo in path\n")
+    world.repo.commit("new head")
+    for _ in range(2):
+        run = world.sync()
+        assert run.code == 1, run.err
+        err = run.one("source_path_missing")
+        assert "'asets'" in err["error"] and err["commit"][:12] in err["error"]
+        finished = run.one("pass_finished")
+        assert finished["ok"] is False and finished["orphaned"] == 0
+        assert not run.named("asset_orphaned") and "Traceback" not in run.err
+    ledger = Ledger.in_state_dir(world.state)
+    try:
+        published = ledger.published()
+    finally:
+        ledger.close()
+    assert list(published) == ["a.bin"] and published["a.bin"].orphaned_at is None
+    world.source["path"] = "assets"
+    world.write_config()
+    back = world.sync()
+    assert back.code == 0 and back.one("pass_finished")["skipped"] == 1

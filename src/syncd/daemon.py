@@ -110,6 +110,7 @@ class Daemon:
             parts = [f"{bad} assets"] if bad else []
             parts += [f"{len(r.invalid)} manifests"] if r.invalid else []
             parts += ["git unreachable"] if r.git_error else []
+            parts += ["[source] path missing"] if r.source_error else []
             text = f"last pass failed: {', '.join(parts)} (see journalctl -u syncd) · {when}"
         self.notifier.status(text)
 

@@ -256,6 +256,15 @@ class ManifestRepo:
         repo = self._open_or_create()
         return bool(repo.descendant_of(new, old))
 
+    def has_directory(self, commit_id: str, path: str) -> bool:
+        """Whether ``path`` is a directory at ``commit_id`` (the root ``""`` always is)."""
+        if not path:
+            return True
+        try:
+            return bool(self._commit(commit_id).tree[path].type_str == "tree")
+        except KeyError:
+            return False
+
     def manifests(self, commit_id: str) -> dict[str, str]:
         """Every manifest file at ``commit_id``: path → blob id."""
         return list_manifests(self._commit(commit_id).tree, self.source.path)

@@ -2,8 +2,9 @@
 
 The only module that touches SQLite and the state directory's lock file. Tables:
 
-- ``meta``: ``manifests_commit`` (the commit the manifest cache reflects), ``synced_commit`` (the last
-  commit at which a pass ended with the export matching every manifest).
+- ``meta``: ``manifests_commit`` (the commit the manifest cache reflects), ``manifests_key`` (what else
+  shaped it: ``[source] path`` and the manifest rules' version; a different key discards the cache),
+  ``synced_commit`` (the last commit at which a pass ended with the export matching every manifest).
 - ``manifests``: per manifest file at ``manifests_commit``: its blob id and either its assets or its
   problems, so that a pass with no new commit reads no git blob and parses no TOML.
 - ``published``: per ``dest``: sha256, size, source, manifest, commit, when, and how (downloaded or
@@ -229,12 +230,13 @@ class Ledger:
     def update_manifests(
         self,
         commit: str,
+        key: str,
         upserts: dict[str, CachedManifest],
         deletes: Iterable[str],
         *,
         replace_all: bool = False,
     ) -> None:
-        """Record the manifest cache as of ``commit`` in one transaction."""
+        """Record the manifest cache as of ``commit``, built under cache ``key``, in one transaction."""
         with self._write() as db:
             if replace_all:
                 db.execute("DELETE FROM manifests")
@@ -247,6 +249,7 @@ class Ledger:
                 ],
             )
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('manifests_commit', ?)", (commit,))
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('manifests_key', ?)", (key,))
 
     # published --------------------------------------------------------------------------------
     def published(self) -> dict[str, Published]:

@@ -11,6 +11,7 @@ git unreachable before anything was ever fetched, ledger unusable).
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import threading
 import time
@@ -64,11 +65,13 @@ class PassResult:
     invalid: dict[str, tuple[str, ...]] = field(default_factory=dict)
     bytes: int = 0
     git_error: str = ""
+    source_error: str = ""
     dry_run: bool = False
 
     @property
     def ok(self) -> bool:
-        return not (self.refused or self.failed or self.deferred or self.invalid or self.git_error)
+        bad = self.refused or self.failed or self.deferred or self.invalid
+        return not (bad or self.git_error or self.source_error)
 
 
 @dataclass(frozen=True)
@@ -80,15 +83,27 @@ class _Outcome:
     how: str = "downloaded"
 
 
+def cache_key(source_path: str) -> str:
+    """Everything that shapes the manifest cache besides the commit: ``[source] path`` (which files
+    are manifests) and the version of the parse rules (what a file's parse is)."""
+    return json.dumps({"path": source_path, "rules": manifest.RULES_VERSION}, sort_keys=True)
+
+
 def load_desired(repo: ManifestRepo, ledger: Ledger, head: str) -> Desired:
-    """The assets wanted at ``head``, reusing the ledger's manifest cache through a tree diff."""
-    cache = ledger.manifests()
-    cached_commit = ledger.get("manifests_commit")
+    """The assets wanted at ``head``, reusing the ledger's manifest cache through a tree diff.
+
+    The cache is used only if it was built under the same :func:`cache_key`; otherwise every manifest
+    at ``head`` is read and parsed again. Raises :class:`GitError` if ``[source] path`` is not a
+    directory at ``head`` (nothing would be desired: every published file would be orphaned)."""
+    key = cache_key(repo.source.path)
+    same_key = ledger.get("manifests_key") == key
+    cache = ledger.manifests() if same_key else {}
+    cached_commit = ledger.get("manifests_commit") if same_key else None
     if cached_commit != head:
         if cached_commit and repo.has_commit(cached_commit):
             change = repo.changes(cached_commit, head)
             upserts = {p: _parse(repo, p, repo.blob_id(head, p)) for p in sorted(change.changed)}
-            ledger.update_manifests(head, upserts, change.deleted)
+            ledger.update_manifests(head, key, upserts, change.deleted)
             for p in change.deleted:
                 cache.pop(p, None)
             cache.update(upserts)
@@ -98,7 +113,7 @@ def load_desired(repo: ManifestRepo, ledger: Ledger, head: str) -> Desired:
                 p: cache[p] if p in cache and cache[p].blob == b else _parse(repo, p, b)
                 for p, b in sorted(blobs.items())
             }
-            ledger.update_manifests(head, cache, (), replace_all=True)
+            ledger.update_manifests(head, key, cache, (), replace_all=True)
     every = [a for c in cache.values() for a in c.assets]
     conflicts = manifest.conflicts(every)
     assets = {a.dest: a for a in every if a.dest not in conflicts}
@@ -154,16 +169,8 @@ class Reconciler:
                     log.info("staging_cleaned", files=len(leftovers), staging=str(self.cfg.staging))
             head = self._head(result)
             result.commit = head
-            desired = load_desired(self.repo, self.ledger, head)
-            self._report_invalid(desired, result)
-            published = self.ledger.published()
-            observed = {d: export.observe(d) for d in desired.assets}
-            result.planned = plan(
-                desired.assets, desired.conflicts, published, observed, self._deferred(desired)
-            )
-            if not self.dry_run:
-                self._execute(export, result)
-                self._settle(desired, result)
+            if self._source_path_ok(head, result):
+                self._reconcile(export, head, result)
         finally:
             export.close()
         if self.dry_run:
@@ -183,10 +190,34 @@ class Reconciler:
             deferred=result.deferred,
             invalid_manifests=len(result.invalid),
             git_error=result.git_error or None,
+            source_error=result.source_error or None,
             bytes=result.bytes,
             duration_s=round(time.monotonic() - started, 3),
         )
         return result
+
+    def _reconcile(self, export: Export, head: str, result: PassResult) -> None:
+        desired = load_desired(self.repo, self.ledger, head)
+        self._report_invalid(desired, result)
+        published = self.ledger.published()
+        observed = {d: export.observe(d) for d in desired.assets}
+        result.planned = plan(desired.assets, desired.conflicts, published, observed, self._deferred(desired))
+        if not self.dry_run:
+            self._execute(export, result)
+            self._settle(desired, result)
+
+    def _source_path_ok(self, head: str, result: PassResult) -> bool:
+        """``[source] path`` must be a directory at ``head``: a missing one (a typo, a renamed
+        directory) would find no manifests and orphan every published file, so the pass plans nothing."""
+        path = self.cfg.source.path
+        if self.repo.has_directory(head, path):
+            return True
+        result.source_error = (
+            f"[source] path {path!r} is not a directory at commit {head[:12]} of branch "
+            f"{self.cfg.source.branch!r}; nothing was planned, published files are kept"
+        )
+        log.error("source_path_missing", path=path, commit=head, error=result.source_error)
+        return False
 
     def _head(self, result: PassResult) -> str:
         """The commit this pass serves: the fetched head, or the last good commit when git failed or
