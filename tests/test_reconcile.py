@@ -281,3 +281,33 @@ def test_missing_source_path_is_a_pass_error(world: World) -> None:
     world.write_config()
     back = world.sync()
     assert back.code == 0 and back.one("pass_finished")["skipped"] == 1
+
+
+def test_overlapping_dests_in_two_files_are_both_refused(world: World) -> None:
+    """A file dest 'p' and a dest under it 'p/q' (two files) are both refused, one asset_refused each."""
+    world.manifest("a.toml", {**world.asset("p.bin", 100, seed=1), "dest": "p"})
+    world.manifest("b.toml", {**world.asset("q.bin", 100, seed=2), "dest": "p/q"})
+    world.manifest("c.toml", {**world.asset("ok.bin", 100, seed=3), "dest": "ok.bin"})
+    world.repo.commit("overlap")
+    for _ in range(2):
+        run = world.sync()
+        assert run.code == 1
+        assert sorted(e["dest"] for e in run.named("asset_refused")) == ["p", "p/q"], run.err
+        assert not run.named("asset_failed") and not run.named("manifest_invalid")
+        assert world.export_files() == ["ok.bin"]
+
+
+def test_overlapping_dests_in_one_file_make_it_invalid(world: World) -> None:
+    """'p' and 'p/q' in one file make that file invalid (neither lands); other files still land."""
+    world.manifest(
+        "a.toml",
+        {**world.asset("p.bin", 100, seed=1), "dest": "p"},
+        {**world.asset("q.bin", 100, seed=2), "dest": "p/q"},
+    )
+    world.manifest("c.toml", {**world.asset("ok.bin", 100, seed=3), "dest": "ok.bin"})
+    world.repo.commit("overlap")
+    run = world.sync()
+    assert run.code == 1
+    problems = run.one("manifest_invalid")["problems"]
+    assert len(problems) == 2 and all("'p'" in p for p in problems)
+    assert world.export_files() == ["ok.bin"]
