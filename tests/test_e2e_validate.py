@@ -95,11 +95,12 @@ def test_base_must_resolve(world: World, git_repo: GitRepo) -> None:
 
 def test_file_dest_overlapping_a_directory_dest_across_files(world: World, tmp_path: Path) -> None:
     """'p' in one file and 'p/q' in another: both claims are reported (as the daemon refuses both)."""
-    one = tmp_path / "one.toml"
-    two = tmp_path / "two.toml"
+    (tmp_path / "m").mkdir()
+    one = tmp_path / "m" / "one.toml"
+    two = tmp_path / "m" / "two.toml"
     one.write_text(manifest_text(entry("p")))
     two.write_text(manifest_text(entry("p/q")))
-    run = world.run("validate", str(tmp_path))
+    run = world.run("validate", str(tmp_path / "m"))
     assert run.code == 1
     assert run.out.splitlines() == [
         f"{one}: asset[0].dest: 'p' is a file dest but 'p/q' ({two}: asset[0]) puts a file under it",

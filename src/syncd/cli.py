@@ -43,11 +43,16 @@ def _parser() -> argparse.ArgumentParser:
         help="also report changes to dests existing at REV that the daemon would refuse",
     )
     v.add_argument(
+        "--strict",
+        action="store_true",
+        help="also fail (exit 1) on warnings, such as dests that differ only by letter case",
+    )
+    v.add_argument(
         "paths",
         nargs="+",
         type=Path,
         metavar="PATH",
-        help="manifest file, or directory whose *.toml files are checked",
+        help="manifest file, or directory whose *.toml files (at any depth) are checked",
     )
     v.set_defaults(func=cmd_validate)
 
@@ -63,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     from syncd.ledger import StateLock
-    from syncd.reconcile import Reconciler, render_plan
+    from syncd.reconcile import Reconciler
+    from syncd.report import render_plan, shown
 
     cfg = config.load(config.config_path(args.config))
     lock = StateLock(cfg.state_dir)
@@ -91,7 +97,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(render_plan(result))
         if owner:
-            print(f"(not fetched: {owner.split(';')[0]}; planned against the commit it fetched last)")
+            print(shown(f"(not fetched: {owner.split(';')[0]}; planned against the commit it fetched last)"))
     return 0 if result.ok else 1
 
 
@@ -102,15 +108,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from syncd.report import shown
     from syncd.validate import validate
 
-    count, problems = validate(args.paths, args.base)
-    for line in problems:
-        print(line)
-    if problems:
-        print(f"syncd validate: {len(problems)} problem(s) in {count} file(s)", file=sys.stderr)
+    report = validate(args.paths, args.base)
+    for line in report.problems:
+        print(shown(line))
+    for line in report.warnings:
+        print(shown(f"warning: {line}"))
+    warned = f", {len(report.warnings)} warning(s)" if report.warnings else ""
+    if report.problems or (args.strict and report.warnings):
+        print(
+            f"syncd validate: {len(report.problems)} problem(s){warned} in {report.files} file(s)",
+            file=sys.stderr,
+        )
         return 1
-    print(f"syncd validate: {count} file(s) OK", file=sys.stderr)
+    print(f"syncd validate: {report.files} file(s) OK{warned}", file=sys.stderr)
     return 0
 
 

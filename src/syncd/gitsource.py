@@ -27,13 +27,19 @@ from typing import Any
 import pygit2
 from pygit2.enums import CredentialType, FetchPrune
 
-from syncd import logs
+from syncd import logs, manifest
 from syncd.config import GitSource
-from syncd.errors import GitError
+from syncd.errors import GitError, ManifestError
 
 log = logs.get()
 
-MANIFEST_SUFFIX = ".toml"
+MANIFEST_SUFFIX = manifest.SUFFIX
+# A manifest's entry id is its blob id, or this prefix and the blob id when git records a symbolic link
+# (mode 120000): the daemon reads what git stores, and a link's blob is the link text, not its target.
+SYMLINK_ID = "symlink:"
+_GIT_SYMLINK = 0o120000
+_GIT_FILE_TYPE = 0o170000
+_GIT_REGULAR = 0o100000  # 100644 and 100755 (executable) alike
 
 
 @dataclass(frozen=True)
@@ -277,18 +283,33 @@ class ManifestRepo:
         for delta in diff.deltas:
             old, new = delta.old_file.path, delta.new_file.path
             gone = delta.status == pygit2.enums.DeltaStatus.DELETED
-            if _is_manifest(old, self.source.path) and (gone or old != new):
-                deleted.add(old)
-            if _is_manifest(new, self.source.path) and not gone:
+            was = _is_manifest(old, self.source.path, delta.old_file.mode)
+            now = not gone and _is_manifest(new, self.source.path, delta.new_file.mode)
+            if now:
                 changed.add(new)
+            if was and not (now and old == new):  # deleted, renamed, or now a submodule
+                deleted.add(old)
         return Change(frozenset(changed), frozenset(deleted - changed))
 
     def blob_id(self, commit_id: str, path: str) -> str:
-        """The blob id of ``path`` at ``commit_id``."""
+        """The entry id of manifest ``path`` at ``commit_id`` (see :data:`SYMLINK_ID`)."""
         try:
-            return str(self._commit(commit_id).tree[path].id)
+            entry = self._commit(commit_id).tree[path]
         except KeyError:
             raise GitError(f"{path} does not exist at {commit_id[:12]}") from None
+        found = _entry_id(entry.id, entry.filemode)
+        if found is None:
+            raise GitError(f"{path} at {commit_id[:12]} is not a file")
+        return found
+
+    def read_manifest(self, path: str, entry_id: str) -> bytes:
+        """The bytes of manifest ``path`` from its entry id (from :meth:`manifests` or :meth:`blob_id`).
+
+        Raises :class:`ManifestError` for a symbolic link (the same problem ``syncd validate`` reports),
+        :class:`GitError` if the blob cannot be read."""
+        if entry_id.startswith(SYMLINK_ID):
+            raise ManifestError(path, [manifest.symlink_problem(path)])
+        return self.read(entry_id)
 
     def read(self, blob_id: str) -> bytes:
         """The content of a blob."""
@@ -311,14 +332,30 @@ def _remove_stale_locks(path: Path) -> None:
             log.warning("git_stale_lock_removed", file=str(lock))
 
 
-def _is_manifest(path: str, prefix: str) -> bool:
-    if not path.endswith(MANIFEST_SUFFIX):
+def _entry_id(oid: Any, mode: int) -> str | None:
+    """A tree entry's manifest entry id: the blob id, tagged for a symbolic link; None for anything
+    that is not a file (a tree, a submodule's commit)."""
+    if mode == _GIT_SYMLINK:
+        return SYMLINK_ID + str(oid)
+    if mode & _GIT_FILE_TYPE == _GIT_REGULAR:
+        return str(oid)
+    return None
+
+
+def _is_manifest(path: str, prefix: str, mode: int) -> bool:
+    """Whether a path in a diff is a manifest: the same rule as :func:`list_manifests`."""
+    if not manifest.is_manifest_name(path) or _entry_id("", mode) is None:
         return False
     return not prefix or path.startswith(prefix + "/")
 
 
 def list_manifests(tree: Any, prefix: str) -> dict[str, str]:
-    """Walk ``tree`` under ``prefix``; return every ``*.toml`` blob as path → blob id."""
+    """Walk ``tree`` under ``prefix``; return every manifest as path → entry id.
+
+    A manifest is a file (mode 100644 or 100755) or a symbolic link (120000, listed so that it is
+    reported invalid, see :data:`SYMLINK_ID`) whose name ends in exactly ``.toml``. Directories are
+    walked whatever their name; submodules are skipped (their files are not in this repository).
+    ``syncd validate`` applies the same rule to a work tree (:mod:`syncd.validate`)."""
     found: dict[str, str] = {}
     if prefix:
         try:
@@ -335,8 +372,10 @@ def list_manifests(tree: Any, prefix: str) -> dict[str, str]:
             path = f"{base}/{e.name}" if base else e.name
             if e.type_str == "tree":
                 stack.append((path, e))
-            elif e.type_str == "blob" and e.name.endswith(MANIFEST_SUFFIX):
-                found[path] = str(e.id)
+            elif manifest.is_manifest_name(e.name):
+                entry_id = _entry_id(e.id, e.filemode)
+                if entry_id is not None:
+                    found[path] = entry_id
     return found
 
 
@@ -359,10 +398,15 @@ def read_at_revision(path: Path, rev: str) -> tuple[Path, dict[str, bytes]]:
     except ValueError:
         raise GitError(f"{path} is outside the work tree {workdir}") from None
     rel = "" if rel == "." else rel
-    if rel.endswith(MANIFEST_SUFFIX):
-        try:
-            return workdir, {rel: bytes(repo[commit.tree[rel].id].read_raw())}
-        except KeyError:
-            return workdir, {}
-    blobs = list_manifests(commit.tree, rel)
-    return workdir, {p: bytes(repo[b].read_raw()) for p, b in blobs.items()}
+    try:
+        entry = commit.tree[rel] if rel else None
+    except KeyError:
+        return workdir, {}
+    if entry is not None and entry.type_str != "tree":
+        blobs = {rel: _entry_id(entry.id, entry.filemode)} if manifest.is_manifest_name(rel) else {}
+    else:
+        blobs = dict(list_manifests(commit.tree, rel))
+    # A symbolic link at the base was an invalid manifest there: it published nothing.
+    return workdir, {
+        p: bytes(repo[b].read_raw()) for p, b in blobs.items() if b and not b.startswith(SYMLINK_ID)
+    }

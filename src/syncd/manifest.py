@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,9 +31,40 @@ from syncd.errors import ManifestError
 # ledger's manifest cache) are redone under the new rules.
 RULES_VERSION = 2
 RESERVED_PREFIX = ".syncd"
+SUFFIX = ".toml"  # exactly: "a.TOML" is not a manifest (git and the daemon are case-sensitive)
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 controls
 _TOML_LINE = re.compile(r"\(at line (\d+), column \d+\)$")
+# Characters that are invisible or reorder text (Unicode Cf: bidi overrides and isolates, LRM/RLM,
+# zero-width space/joiners, BOM, soft hyphen, ...; Zl/Zp: line and paragraph separators): a path holding
+# one looks like another path, or reads differently than it is stored.
+_INVISIBLE_CATEGORIES = frozenset({"Cf", "Zl", "Zp"})
+# A manifest file's limits. tomllib and validation hold the whole file in memory (about 9x its size) and
+# take about 50 us per asset; 4 MiB / 10,000 assets keeps one file under a second and ~40 MB. A bigger
+# dataset is split into several files (say one per shard group), which git diffs and reviews better too.
+MAX_BYTES = 4 * 1024 * 1024
+MAX_ASSETS = 10_000
+
+
+def is_manifest_name(path: str) -> bool:
+    """Whether a file at ``path`` is a manifest by its name (the daemon's rule and validate's)."""
+    return path.endswith(SUFFIX)
+
+
+def symlink_problem(file: str) -> str:
+    """The problem line for a manifest that is a symbolic link (in git or in a work tree)."""
+    return (
+        f"{file}: is a symbolic link; a manifest must be a regular file (git stores the link's text, "
+        "which is what syncd reads, not the file it points to)"
+    )
+
+
+def size_problem(file: str, size: int) -> str:
+    """The problem line for a manifest file larger than :data:`MAX_BYTES`."""
+    return (
+        f"{file}: is {size:,} bytes; the limit is {MAX_BYTES:,} bytes (4 MiB) per manifest file "
+        "(split it into several files)"
+    )
 
 
 def _common_path_checks(value: str) -> list[str]:
@@ -40,6 +72,12 @@ def _common_path_checks(value: str) -> list[str]:
         raise ValueError("must not be empty")
     if _CONTROL.search(value):
         raise ValueError("must not contain control characters")
+    for i, ch in enumerate(value):
+        if unicodedata.category(ch) in _INVISIBLE_CATEGORIES:
+            raise ValueError(
+                f"must not contain invisible or text-direction characters (U+{ord(ch):04X} at "
+                f"character {i}), which make one path look like another"
+            )
     if "\\" in value:
         raise ValueError("must use '/' as separator, not '\\'")
     if value.startswith("/"):
@@ -102,7 +140,12 @@ class Asset:
 
 
 def parse(file: str, data: bytes) -> list[Asset]:
-    """Parse one manifest file's bytes; return its assets or raise :class:`ManifestError`."""
+    """Parse one manifest file's bytes; return its assets or raise :class:`ManifestError`.
+
+    A file over :data:`MAX_BYTES` is refused before it is decoded, one over :data:`MAX_ASSETS` assets
+    before its assets are validated."""
+    if len(data) > MAX_BYTES:
+        raise ManifestError(file, [size_problem(file, len(data))])
     try:
         doc = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -125,6 +168,12 @@ def parse(file: str, data: bytes) -> list[Asset]:
         raise ManifestError(file, problems)
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         problems.append(f"{file}: asset: must be written as [[asset]] tables")
+        raise ManifestError(file, problems)
+    if len(tables) > MAX_ASSETS:
+        problems.append(
+            f"{file}: has {len(tables)} [[asset]] tables; the limit is {MAX_ASSETS:,} per file "
+            "(split it into several files)"
+        )
         raise ManifestError(file, problems)
     assets = []
     for n, table in enumerate(tables):
@@ -230,3 +279,33 @@ def _some(claims: list[Asset], limit: int) -> str:
     shown = ", ".join(f"{o.dest!r} ({o.where()})" for o in claims[:limit])
     more = len(claims) - limit
     return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _fold(dest: str) -> str:
+    """The canonical caseless form of a dest (Unicode's NFD(casefold(NFD(x)))): equal for names that
+    differ only by letter case or by NFC/NFD normalization."""
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", dest).casefold())
+
+
+def lookalikes(assets: Iterable[Asset]) -> list[list[Asset]]:
+    """Groups of assets whose dests differ but fold to the same name (``Ab``/``ab``, NFC ``é``/NFD
+    ``é``): distinct files on Linux, one file on a case-insensitive or normalizing file system (SMB,
+    macOS clients). Each group is in input order; groups are ordered by their first dest."""
+    groups: dict[str, list[Asset]] = defaultdict(list)
+    for a in assets:
+        groups[_fold(a.dest)].append(a)
+    found = [g for g in groups.values() if len({a.dest for a in g}) > 1]
+    return sorted(found, key=lambda g: g[0].dest)
+
+
+def lookalike_warnings(group: list[Asset], limit: int = 5) -> list[str]:
+    """One warning line (without a ``warning:`` prefix) per asset of a :func:`lookalikes` group."""
+    lines = []
+    for a in group:
+        others = [o for o in group if o.dest != a.dest]
+        lines.append(
+            f"{a.where()}.dest: {a.dest!r} and {_some(others, limit)} differ only by letter case or "
+            "Unicode normalization (NFC/NFD); they are one file on a case-insensitive or normalizing "
+            "file system"
+        )
+    return lines

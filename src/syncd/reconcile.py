@@ -32,8 +32,9 @@ from syncd.gitsource import ManifestRepo
 from syncd.ledger import CachedManifest, Ledger
 from syncd.manifest import Asset
 from syncd.plan import Action, Kind, plan
-from syncd.progress import Progress, human
+from syncd.progress import Progress
 from syncd.publish import Export
+from syncd.report import count_dry
 
 log = logs.get()
 REFUSED = "refused: "  # prefix of a failure row written for a refusal (not a download failure)
@@ -123,7 +124,7 @@ def load_desired(repo: ManifestRepo, ledger: Ledger, head: str) -> Desired:
 
 def _parse(repo: ManifestRepo, path: str, blob: str) -> CachedManifest:
     try:
-        return CachedManifest(blob, assets=tuple(manifest.parse(path, repo.read(blob))))
+        return CachedManifest(blob, assets=tuple(manifest.parse(path, repo.read_manifest(path, blob))))
     except ManifestError as exc:
         return CachedManifest(blob, problems=tuple(exc.problems))
 
@@ -174,7 +175,7 @@ class Reconciler:
         finally:
             export.close()
         if self.dry_run:
-            _count_dry(result)
+            count_dry(result)
         log.log(
             20 if result.ok else 40,
             "pass_finished",
@@ -508,41 +509,3 @@ def internal_error(exc: BaseException) -> InternalError:
         f"internal error: {type(exc).__name__}{where} (a bug in syncd; please report it with this "
         "line and the syncd version)"
     )
-
-
-def _count_dry(result: PassResult) -> None:
-    for a in result.planned:
-        if a.kind is Kind.SKIP:
-            result.skipped += 1
-        elif a.kind is Kind.REFUSE:
-            result.refused += 1
-        elif a.kind is Kind.ORPHAN:
-            result.orphaned += 1
-
-
-def render_plan(result: PassResult) -> str:
-    """The dry-run report: one line per action, then a summary line."""
-    lines = [f"invalid   {p}" for problems in result.invalid.values() for p in problems]
-    counts: dict[Kind, int] = dict.fromkeys(Kind, 0)
-    pending = 0
-    for a in result.planned:
-        counts[a.kind] += 1
-        size = human(a.asset.size) if a.asset else ""
-        if a.kind is Kind.DOWNLOAD and a.asset:
-            pending += a.asset.size
-            lines.append(f"download  {a.dest}  ({size} from {a.asset.source}; {a.reason})")
-        elif a.kind is Kind.SKIP:
-            lines.append(f"skip      {a.dest}  ({a.reason})")
-        elif a.kind is Kind.VERIFY:
-            lines.append(f"verify    {a.dest}  ({a.reason}; adopted if its sha256 matches)")
-        elif a.kind is Kind.REFUSE:
-            lines.append(f"refuse    {a.dest}  ({a.reason})")
-        else:
-            lines.append(f"orphan    {a.dest}  ({a.reason}; left in place)")
-    lines.append(
-        f"dry run at commit {result.commit[:12]}: {counts[Kind.DOWNLOAD]} to download "
-        f"({human(pending)}), {counts[Kind.VERIFY]} to verify, {counts[Kind.SKIP]} to skip, "
-        f"{counts[Kind.REFUSE]} refused, {counts[Kind.ORPHAN]} orphaned, "
-        f"{len(result.invalid)} invalid manifest(s); nothing was changed"
-    )
-    return "\n".join(lines)

@@ -1,13 +1,23 @@
 """``syncd validate``: check manifest files the way the daemon would, for a required CI check.
 
-In: paths (files, or directories whose ``*.toml`` files below them are checked) and an optional base
-revision. Out: a list of problems (``FILE:LINE: message`` or ``FILE: asset[N].field: message``); empty
-means valid. With a base revision, an asset that changes the sha256 of a dest that existed at the base
-without ``replace = true`` is reported, because the daemon would refuse it.
+In: paths (files, or directories whose manifests below them are checked) and an optional base revision.
+Out: a :class:`Report`: problems (``FILE:LINE: message`` or ``FILE: asset[N].field: message``; none means
+valid) and warnings (lookalike dests, names the daemon ignores). With a base revision, an asset that
+changes the sha256 of a dest that existed at the base without ``replace = true`` is reported, because the
+daemon would refuse it.
+
+What is a manifest is decided as the daemon decides it in git (:func:`syncd.gitsource.list_manifests`):
+a name ending in exactly ``.toml``; a symbolic link so named is an invalid manifest (git stores the link's
+text, so the daemon never reads its target); directories are walked whatever their name, but never
+through a symbolic link, and never into a ``.git`` directory or a submodule (another repository's
+files, which the daemon does not see).
 """
 
 from __future__ import annotations
 
+import os
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from syncd import gitsource, manifest
@@ -15,37 +25,128 @@ from syncd.errors import GitError, ManifestError
 from syncd.manifest import Asset
 
 
-def collect(paths: list[Path]) -> tuple[list[Path], list[str]]:
-    """The manifest files named by ``paths`` and problems for paths that do not exist."""
-    files: list[Path] = []
-    problems: list[str] = []
+@dataclass
+class Report:
+    """What validate found: ``files`` manifests checked, ``problems`` (exit 1), ``warnings``."""
+
+    files: int = 0
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Found:
+    files: list[Path] = field(default_factory=list)
+    links: list[Path] = field(default_factory=list)
+    seen: set[Path] = field(default_factory=set)
+
+    def add(self, path: Path, link: bool) -> None:
+        key = Path(os.path.realpath(path.parent)) / path.name  # one file named twice is read once
+        if key not in self.seen:
+            self.seen.add(key)
+            (self.links if link else self.files).append(path)
+
+
+def collect(paths: list[Path], report: Report) -> _Found:
+    """The manifests named by ``paths`` (directories walked); problems and warnings go to ``report``."""
+    found = _Found()
     for p in paths:
-        if p.is_dir():
-            found = sorted(f for f in p.rglob(f"*{gitsource.MANIFEST_SUFFIX}") if f.is_file())
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            problems.append(f"{p}: no such file or directory")
-    return files, problems
-
-
-def validate(paths: list[Path], base: str | None = None) -> tuple[int, list[str]]:
-    """Validate ``paths``; return (number of files checked, problems)."""
-    files, problems = collect(paths)
-    assets: list[Asset] = []
-    for f in files:
         try:
-            assets += manifest.parse(str(f), f.read_bytes())
-        except ManifestError as exc:
-            problems += exc.problems
+            st = p.lstat()
+        except OSError:
+            report.problems.append(f"{p}: no such file or directory")
+            continue
+        if stat.S_ISLNK(st.st_mode) and not p.is_dir():
+            found.add(p, link=True)  # a link to a file: a symlink manifest; a link to a directory: followed
+        elif p.is_dir():
+            before = len(found.files) + len(found.links)
+            _walk(p, found, report)
+            if len(found.files) + len(found.links) == before:
+                report.problems.append(f"no manifest files (*{manifest.SUFFIX}) found under {p}")
+        elif stat.S_ISREG(st.st_mode) and manifest.is_manifest_name(p.name):
+            found.add(p, link=False)
+        elif stat.S_ISREG(st.st_mode):
+            report.problems.append(
+                f"{p}: not a manifest: syncd reads only files whose name ends in {manifest.SUFFIX!r}"
+            )
+        else:
+            report.problems.append(f"{p}: not a regular file")
+    return found
+
+
+def _walk(top: Path, found: _Found, report: Report) -> None:
+    """Walk ``top`` (bounded by the tree: links are never followed) in sorted order."""
+    stack = [top]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name, reverse=True)
         except OSError as exc:
-            problems.append(f"{f}: cannot read: {exc.strerror}")
+            report.problems.append(f"{d}: cannot read directory: {exc.strerror}")
+            continue
+        for e in entries:
+            _entry(Path(e.path), e, stack, found, report)
+
+
+def _entry(path: Path, e: os.DirEntry[str], stack: list[Path], found: _Found, report: Report) -> None:
+    named = manifest.is_manifest_name(e.name)
+    if e.is_symlink():
+        if named:
+            found.add(path, link=True)
+    elif e.is_dir(follow_symlinks=False):
+        if e.name == ".git":
+            return
+        if (path / ".git").exists():
+            report.warnings.append(
+                f"{path}: is a git submodule or another repository; syncd does not read its manifests"
+            )
+            return
+        stack.append(path)
+    elif named and e.is_file(follow_symlinks=False):
+        found.add(path, link=False)
+    elif named:
+        report.problems.append(f"{path}: not a regular file")
+    elif e.name.lower().endswith(manifest.SUFFIX):
+        report.warnings.append(
+            f"{path}: ends in {e.name[-len(manifest.SUFFIX) :]!r}, not {manifest.SUFFIX!r}: syncd ignores it"
+        )
+
+
+def _read(path: Path) -> bytes | str:
+    """A manifest's bytes, or a problem line (unreadable; over the size limit, without reading it all)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(manifest.MAX_BYTES + 1)
+            if len(data) > manifest.MAX_BYTES:
+                return manifest.size_problem(str(path), os.fstat(fh.fileno()).st_size)
+    except OSError as exc:
+        return f"{path}: cannot read: {exc.strerror}"
+    return data
+
+
+def validate(paths: list[Path], base: str | None = None) -> Report:
+    """Validate ``paths`` as the daemon would; return what was found."""
+    report = Report()
+    found = collect(paths, report)
+    report.files = len(found.files) + len(found.links)
+    report.problems += [manifest.symlink_problem(str(p)) for p in sorted(found.links)]
+    assets: list[Asset] = []
+    for f in sorted(found.files):
+        data = _read(f)
+        if isinstance(data, str):
+            report.problems.append(data)
+            continue
+        try:
+            assets += manifest.parse(str(f), data)
+        except ManifestError as exc:
+            report.problems += exc.problems
     for dest, claims in manifest.conflicts(assets).items():
-        problems += manifest.conflict_problems(dest, claims)
+        report.problems += manifest.conflict_problems(dest, claims)
+    for group in manifest.lookalikes(assets):
+        report.warnings += manifest.lookalike_warnings(group)
     if base is not None:
-        problems += _immutability(paths, base, assets)
-    return len(files), problems
+        report.problems += _immutability(paths, base, assets)
+    return report
 
 
 def _immutability(paths: list[Path], base: str, assets: list[Asset]) -> list[str]:
