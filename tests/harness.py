@@ -156,10 +156,13 @@ class World:
         return sorted(os.listdir(staging)) if staging.exists() else []
 
     def export_files(self) -> list[str]:
-        """Every file under the export (relative), staging excluded."""
+        """Every file under the export (relative), syncd's own top-level ``.syncd*`` names (staging, the
+        export lock) excluded."""
         out = []
         for dirpath, dirnames, filenames in os.walk(self.export):
-            dirnames[:] = [d for d in dirnames if d != ".syncd-staging"]
+            if dirpath == str(self.export):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".syncd")]
+                filenames = [f for f in filenames if not f.startswith(".syncd")]
             out += [os.path.relpath(os.path.join(dirpath, f), self.export) for f in filenames]
         return sorted(out)
 

@@ -174,6 +174,8 @@ class Chaos:
         for dirpath, dirnames, filenames in os.walk(export):
             dirnames[:] = [d for d in dirnames if d != ".syncd-staging"]
             for name in filenames:
+                if dirpath == str(export) and name == ".syncd.lock":
+                    continue  # the export lock: syncd's own, not a dest
                 path = Path(dirpath, name)
                 dest = path.relative_to(export).as_posix()
                 assert dest in self.ever, f"{dest} is under the export but was never in a manifest"

@@ -190,3 +190,53 @@ def test_order_is_desired_sorted_then_conflicts_then_orphans() -> None:
         (Kind.ORPHAN, "c/orphan"),
         (Kind.ORPHAN, "q/orphan"),
     ]
+
+
+@pytest.mark.parametrize("known", [None, "same", "changed"], ids=["unknown", "published", "sha-changed"])
+def test_uninspectable_dest_is_refused_alone_whatever_the_ledger_says(known: str | None) -> None:
+    """An UNREADABLE dest (EACCES/ESTALE/EIO on its directory) is refused with the errno detail; the
+    other dests of the plan are planned as usual."""
+    bad = asset("locked/x", replace=True)
+    good = asset("open/y")
+    seen = Observation(State.UNREADABLE, detail="cannot inspect dest: Permission denied (EACCES)")
+    row = {} if known is None else {"locked/x": published("locked/x", sha256=OLD if known == "same" else NEW)}
+    actions = plan({bad.dest: bad, good.dest: good}, {}, row, {bad.dest: seen, good.dest: MISSING})
+    assert actions == [
+        Action(Kind.REFUSE, bad.dest, bad, f"{seen.detail}; left alone this pass"),
+        Action(Kind.DOWNLOAD, good.dest, good, "new"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("dest", "refused"),
+    [
+        ("stage", True),
+        ("stage/x.bin", True),
+        ("stage/deep/er/x.bin", True),
+        ("stage2/x.bin", False),
+        ("stag", False),
+        ("other/stage/x.bin", False),
+    ],
+)
+def test_dest_at_or_under_staging_is_refused(dest: str, refused: bool) -> None:
+    """With staging inside the export at 'stage', a dest equal to it or below it is refused naming
+    export.staging; names that merely share a prefix are planned normally."""
+    a = asset(dest)
+    actions = plan({dest: a}, {}, {}, {dest: MISSING}, staging="stage")
+    if refused:
+        assert actions == [
+            Action(
+                Kind.REFUSE,
+                dest,
+                a,
+                "dest is syncd's staging directory (export.staging = stage) or lies under it; refused",
+            )
+        ]
+    else:
+        assert [x.kind for x in actions] == [Kind.DOWNLOAD]
+
+
+def test_no_staging_inside_the_export_refuses_nothing() -> None:
+    """staging=None (staging outside the export) changes no action."""
+    a = asset("stage/x.bin")
+    assert plan({a.dest: a}, {}, {}, {a.dest: MISSING}, staging=None)[0].kind is Kind.DOWNLOAD

@@ -15,7 +15,7 @@ into messages and exit codes::
     ├── PublishError         the export refused a write, or a dest is unsafe
     │   └── ExportMissingError   export root is missing (the mount is missing)
     ├── LedgerError          the SQLite ledger could not be read or written
-    └── LockHeldError        another syncd holds the state directory
+    └── LockHeldError        another syncd holds the state directory or publishes into the export
 
 Messages never contain secrets: credentials travel in headers and callbacks, never in URLs or text.
 """
@@ -97,4 +97,4 @@ class LedgerError(SyncdError):
 
 
 class LockHeldError(SyncdError):
-    """Another syncd process holds the state directory lock."""
+    """Another syncd process holds the state directory lock or the export's lock (``.syncd.lock``)."""

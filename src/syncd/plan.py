@@ -8,8 +8,10 @@ kind       when
 download   nothing at dest; or the ledger's file vanished (it comes back); or ``replace = true``
 skip       the ledger says this sha256 is at dest and a file of that size is there
 verify     a file is at dest that the ledger does not know: hash it once, adopt it if it matches
-refuse     a symlink or non-file at dest or on its path; a changed sha256 without ``replace``;
-           a file the ledger knows but whose size changed by hand; a dest claimed twice
+refuse     a symlink or non-file at dest or on its path; a dest that cannot be inspected (EACCES,
+           ESTALE, EIO: that dest alone waits for the next pass); a changed sha256 without ``replace``;
+           a file the ledger knows but whose size changed by hand; a dest claimed twice; a dest at or
+           under the staging directory
 orphan     the ledger has a file whose manifest entry is gone: left in place, reported
 defer      a download that failed pass after pass waits out its backoff (``syncd run`` only)
 =========  =====================================================================================
@@ -52,11 +54,17 @@ def plan(
     published: Mapping[str, Published],
     observed: Mapping[str, Observation],
     deferred: Mapping[str, str] | None = None,
+    *,
+    staging: str | None = None,
 ) -> list[Action]:
     """Every action for this pass, in dest order: desired dests, conflicts, then orphans.
 
-    ``deferred`` maps dests still in their across-pass backoff to the reason; their downloads wait."""
-    actions = [_one(a, published.get(d), observed[d]) for d, a in sorted(desired.items())]
+    ``deferred`` maps dests still in their across-pass backoff to the reason; their downloads wait.
+    ``staging`` is the staging directory's path inside the export (``Export.staging_in_root()``), if it
+    lies there: a dest at or under it is refused (syncd empties that directory every pass)."""
+    actions = [
+        _in_staging(a, staging) or _one(a, published.get(d), observed[d]) for d, a in sorted(desired.items())
+    ]
     if deferred:
         actions = [
             Action(Kind.DEFER, a.dest, a.asset, deferred[a.dest])
@@ -82,10 +90,23 @@ def plan(
     return actions
 
 
+def _in_staging(asset: Asset, staging: str | None) -> Action | None:
+    if staging is None or (asset.dest != staging and not asset.dest.startswith(staging + "/")):
+        return None
+    return Action(
+        Kind.REFUSE,
+        asset.dest,
+        asset,
+        f"dest is syncd's staging directory (export.staging = {staging}) or lies under it; refused",
+    )
+
+
 def _one(asset: Asset, known: Published | None, seen: Observation) -> Action:
     dest = asset.dest
     if seen.state in (State.SYMLINK, State.OTHER, State.BLOCKED):
         return Action(Kind.REFUSE, dest, asset, f"{seen.detail}; refusing to write there")
+    if seen.state is State.UNREADABLE:
+        return Action(Kind.REFUSE, dest, asset, f"{seen.detail}; left alone this pass")
     if known is None:
         if seen.state is State.MISSING:
             return Action(Kind.DOWNLOAD, dest, asset, "new")

@@ -202,7 +202,14 @@ class Reconciler:
         self._report_invalid(desired, result)
         published = self.ledger.published()
         observed = {d: export.observe(d) for d in desired.assets}
-        result.planned = plan(desired.assets, desired.conflicts, published, observed, self._deferred(desired))
+        result.planned = plan(
+            desired.assets,
+            desired.conflicts,
+            published,
+            observed,
+            self._deferred(desired),
+            staging=export.staging_in_root(),
+        )
         if not self.dry_run:
             self._execute(export, result)
             self._settle(desired, result)
