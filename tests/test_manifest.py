@@ -426,3 +426,43 @@ def test_check_functions_return_the_value_or_raise_value_error() -> None:
         ValueError, match=r"^must be a path under \[artifactory\]\.url, without a scheme or host$"
     ):
         check_source("http://evil/")
+
+
+# limits -----------------------------------------------------------------------------------------------
+
+
+def test_file_over_the_byte_limit_is_refused_before_decoding() -> None:
+    """A file of MAX_BYTES + 1 bytes (not even TOML) is one problem naming its size and the limit."""
+    from syncd.manifest import MAX_BYTES
+
+    assert problems_of(b"\xff" * (MAX_BYTES + 1)) == [
+        f"{FILE}: is {MAX_BYTES + 1:,} bytes; the limit is {MAX_BYTES:,} bytes (4 MiB) per manifest file "
+        "(split it into several files)"
+    ]
+
+
+def test_file_at_the_byte_limit_is_parsed() -> None:
+    """A valid file of exactly MAX_BYTES bytes (padded with a comment) parses."""
+    from syncd.manifest import MAX_BYTES
+
+    text = table().encode()
+    assert len(parse(FILE, text + b"#" + b"x" * (MAX_BYTES - len(text) - 2) + b"\n")) == 1
+
+
+def test_file_over_the_asset_limit_is_refused_before_validating_assets() -> None:
+    """MAX_ASSETS + 1 [[asset]] tables are one problem (the assets are not validated one by one)."""
+    from syncd.manifest import MAX_ASSETS
+
+    text = "[[asset]]\n" * (MAX_ASSETS + 1)
+    assert problems_of(text) == [
+        f"{FILE}: has {MAX_ASSETS + 1:,} [[asset]] tables; the limit is {MAX_ASSETS:,} per file "
+        "(split it into several files)"
+    ]
+    assert len(problems_of("[[asset]]\n" * MAX_ASSETS)) == MAX_ASSETS * 4  # validated: 4 missing fields
+
+
+def test_rules_version_is_an_int() -> None:
+    """RULES_VERSION is an int (the ledger's manifest cache is keyed on it); 2 since issue 7's rules."""
+    from syncd.manifest import RULES_VERSION
+
+    assert isinstance(RULES_VERSION, int) and RULES_VERSION >= 2

@@ -331,6 +331,26 @@ def test_every_validate_line_from_hostile_names_is_one_safe_line(
         assert line.isprintable() and not _UNSAFE.search(line), line
 
 
+@pytest.mark.unit
+@settings(max_examples=examples(200), deadline=None, database=None)
+@given(dest=_ANY_TEXT, source=_ANY_TEXT, reason=_ANY_TEXT, problem=_ANY_TEXT)
+def test_every_dry_run_line_from_hostile_text_is_one_safe_line(
+    dest: str, source: str, reason: str, problem: str
+) -> None:
+    """Whatever a dest, source, reason or invalid-manifest problem holds, render_plan gives one line per
+    action (plus the summary) and every line is printable, with no ESC, CR, LF, separators or bidi."""
+    from syncd.plan import Action, Kind
+    from syncd.reconcile import PassResult
+
+    asset = Asset(source=source, sha256=SHA_A, size=5, dest=dest, manifest=problem, index=0)
+    planned = [Action(kind, dest, asset, reason) for kind in Kind]
+    result = PassResult(commit="c" * 40, planned=planned, invalid={problem: (problem, reason)}, dry_run=True)
+    lines = report.render_plan(result).split("\n")
+    assert len(lines) == 2 + len(Kind) + 1
+    for line in lines:
+        assert line.isprintable() and not _UNSAFE.search(line), line
+
+
 # refused characters -------------------------------------------------------------------------------------
 
 # bidi embeddings/overrides/isolates and marks, zero-width, BOM, line separators, NEL, ALM, soft hyphen

@@ -39,9 +39,10 @@ _TOML_LINE = re.compile(r"\(at line (\d+), column \d+\)$")
 # zero-width space/joiners, BOM, soft hyphen, ...; Zl/Zp: line and paragraph separators): a path holding
 # one looks like another path, or reads differently than it is stored.
 _INVISIBLE_CATEGORIES = frozenset({"Cf", "Zl", "Zp"})
-# A manifest file's limits. tomllib and validation hold the whole file in memory (about 9x its size) and
-# take about 50 us per asset; 4 MiB / 10,000 assets keeps one file under a second and ~40 MB. A bigger
-# dataset is split into several files (say one per shard group), which git diffs and reviews better too.
+# A manifest file's limits. tomllib and validation hold the whole file in memory; with no limit a 1M-asset
+# file (139 MB) took validate 48 s and 1.2 GB. At the limits (4 MiB, 10,000 assets) validate takes about
+# 0.8 s and 68 MB peak RSS (0.2 s and 49 MB of which is starting Python). A bigger dataset is split into
+# several files (say one per shard group), which git diffs and people review better too.
 MAX_BYTES = 4 * 1024 * 1024
 MAX_ASSETS = 10_000
 
@@ -171,7 +172,7 @@ def parse(file: str, data: bytes) -> list[Asset]:
         raise ManifestError(file, problems)
     if len(tables) > MAX_ASSETS:
         problems.append(
-            f"{file}: has {len(tables)} [[asset]] tables; the limit is {MAX_ASSETS:,} per file "
+            f"{file}: has {len(tables):,} [[asset]] tables; the limit is {MAX_ASSETS:,} per file "
             "(split it into several files)"
         )
         raise ManifestError(file, problems)
