@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import math
+import threading
+import time
 from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from harness import World
+from harness import World, examples
+from hostile import HostileServer, Reply
 from servers import FaultServer, Nginx, make_asset
 from syncd.config import Artifactory, Secret
-from syncd.errors import FetchError, HTTPStatusError, VerifyError
-from syncd.fetch import Fetcher, origin, redact
+from syncd.errors import FetchError, HTTPStatusError, StopRequested, VerifyError
+from syncd.fetch import MAX_RETRY_AFTER, Fetcher, _next_url, _retry_after, _Watch, origin, redact, shown
 from syncd.manifest import Asset
 
 pytestmark = pytest.mark.integration
@@ -152,8 +162,9 @@ def test_redirect_loop_is_bounded() -> None:
     """A redirect loop stops after a bounded number of hops with a clear error."""
     with FaultServer() as art:
         art.route("/a/repo/file.bin", redirect="/a/repo/file.bin")
-        with pytest.raises(FetchError, match="redirects"):
+        with pytest.raises(FetchError, match="redirect loop from http") as info:
             download(fetcher(f"{art.url}/a"), asset())
+    assert not info.value.retryable
 
 
 def test_source_path_is_percent_encoded(nginx: Nginx) -> None:
@@ -221,7 +232,7 @@ def test_server_ignoring_range_starts_over() -> None:
     """A server that answers a Range request with 200 restarts the file from byte 0."""
     with FaultServer() as art:
         art.route("/a/repo/file.bin", body=BODY, ranges=False)
-        sink = MemorySink(kept=BODY[:5000])
+        sink = MemorySink(kept=BODY[:5000], validator='"v1"')
         assert download(fetcher(f"{art.url}/a"), asset(), sink) == BODY
         assert sink.restarts == 1
         assert art.requests[0][2]["range"] == "bytes=5000-"
@@ -230,8 +241,8 @@ def test_server_ignoring_range_starts_over() -> None:
 def test_wrong_kept_bytes_fail_verification() -> None:
     """Kept bytes that were corrupted make the final sha256 fail (never published)."""
     with FaultServer() as art:
-        art.route("/a/repo/file.bin", body=BODY)
-        sink = MemorySink(kept=b"\0" * 5000)
+        art.route("/a/repo/file.bin", body=BODY, headers={"ETag": '"v1"'})
+        sink = MemorySink(kept=b"\0" * 5000, validator='"v1"')
         with pytest.raises(VerifyError, match="sha256 mismatch"):
             download(fetcher(f"{art.url}/a"), asset(), sink)
 
@@ -246,7 +257,7 @@ def test_complete_kept_file_needs_no_request() -> None:
 def test_cut_connection_is_retryable() -> None:
     """A body cut mid-way is a retryable FetchError; the bytes so far stay in the sink."""
     with FaultServer() as art:
-        art.route("/a/repo/file.bin", body=BODY, cut_at=40_000, cut_times=1)
+        art.route("/a/repo/file.bin", body=BODY, cut_at=40_000, cut_times=1, headers={"ETag": '"v1"'})
         sink = MemorySink()
         with pytest.raises(FetchError) as info:
             download(fetcher(f"{art.url}/a"), asset(), sink)
@@ -280,6 +291,319 @@ def test_resume_answered_416_starts_over() -> None:
     """A 416 to a resume (the kept bytes exceed the server's file) restarts from zero in the same call."""
     with FaultServer() as art:
         art.route("/a/repo/file.bin", body=BODY, faults=[(416, {"Content-Range": f"bytes */{len(BODY)}"})])
-        sink = MemorySink(kept=BODY[:5000])
+        sink = MemorySink(kept=BODY[:5000], validator='"v1"')
         assert download(fetcher(f"{art.url}/a"), asset(), sink) == BODY
         assert [h.get("range") for _, _, h in art.requests] == ["bytes=5000-", None]
+
+
+# hostile answers (HostileServer sends raw bytes) ----------------------------------------------------
+
+
+def raw_fetcher(url: str, token: str | None = TOKEN, timeout: float = 5, **kw: Any) -> Fetcher:
+    art = Artifactory(
+        url=url, token=Secret(token) if token else None, username=None, password=None, ca_file=None
+    )
+    return Fetcher(art, timeout=timeout, concurrency=2, **kw)
+
+
+def fails(f: Fetcher, a: Asset, sink: MemorySink | None = None) -> FetchError:
+    """The FetchError that downloading ``a`` raises (and nothing else may escape)."""
+    with pytest.raises(FetchError) as info:
+        f.download(a, sink or MemorySink())
+    assert TOKEN not in str(info.value)
+    return info.value
+
+
+def test_token_with_newline_never_reaches_the_message() -> None:
+    """A header value HTTP refuses (a token with a newline): our own message, not h11's, which quotes it."""
+    with HostileServer() as srv:
+        srv.good("/a/repo/file.bin", BODY)
+        err = fails(raw_fetcher(f"{srv.url}/a", token="tok\nsecret-half"), asset())
+    assert "secret-half" not in str(err) and "tok" not in str(err).replace("/a/repo", "")
+    assert "header value" in str(err) and f"{srv.url}/a/repo/file.bin" in str(err)
+    assert not err.retryable
+
+
+def test_reason_phrase_and_headers_are_never_echoed() -> None:
+    """A reason phrase or header values echoing the token appear nowhere: the standard phrase is shown."""
+    evil = f"Bearer {TOKEN}\x1b[31m".encode()
+    with HostileServer() as srv:
+        srv.script(
+            "/a/repo/file.bin",
+            [Reply(status=b"404", reason=evil, headers=[(b"Retry-After", evil), (b"ETag", evil)])],
+        )
+        err = fails(raw_fetcher(f"{srv.url}/a"), asset())
+    assert isinstance(err, HTTPStatusError) and err.status == 404
+    assert str(err) == f"HTTP 404 Not Found from {srv.url}/a/repo/file.bin"
+
+
+def test_echoed_checksum_and_length_are_shown_only_when_well_formed() -> None:
+    """A malformed X-Checksum-Sha256 is not judged or quoted; a well-formed wrong one fails, quoted."""
+    with HostileServer() as srv:
+        srv.script("/a/x.bin", [Reply(headers=[(b"X-Checksum-Sha256", TOKEN.encode())], body=BODY)])
+        srv.script("/a/y.bin", [Reply(headers=[(b"X-Checksum-Sha256", b"ab" * 32)], body=BODY)])
+        assert download(raw_fetcher(f"{srv.url}/a"), asset(source="x.bin")) == BODY
+        err = fails(raw_fetcher(f"{srv.url}/a"), asset(source="y.bin"))
+    assert isinstance(err, VerifyError) and "ab" * 32 in str(err)
+
+
+def test_redirect_with_userinfo_and_query_leaks_nothing() -> None:
+    """A Location carrying userinfo and a query (echoing the token) is followed without the userinfo;
+    the other host gets no credentials, and an error after it names the original URL and host only."""
+    with HostileServer() as srv, HostileServer() as other:
+        other.good("/blob", BODY)
+        loc = f"http://u:{TOKEN}@127.0.0.1:{other.port}/blob?sig={TOKEN}".encode()
+        srv.script("/a/repo/file.bin", [Reply(status=b"302", reason=b"Found", headers=[(b"Location", loc)])])
+        assert download(raw_fetcher(f"{srv.url}/a"), asset()) == BODY
+        assert other.seen and all("authorization" not in s.headers for s in other.seen)
+        other.script("/blob", [Reply(status=b"500", reason=TOKEN.encode())])
+        err = fails(raw_fetcher(f"{srv.url}/a"), asset())
+    assert str(err) == (
+        f"HTTP 500 Internal Server Error from {srv.url}/a/repo/file.bin "
+        f"(after 1 redirect(s), to 127.0.0.1:{other.port})"
+    )
+
+
+@pytest.mark.parametrize(
+    ("location", "says"),
+    [
+        (b"http://127.0.0.1:99999/x", "does not parse"),
+        (b"http://127.0.0.1:-1/x", "does not parse"),
+        (b"ftp://127.0.0.1/x", "unsupported URL scheme ('ftp')"),
+        (b"file:///etc/passwd", "unsupported URL scheme ('file')"),
+        (b"http://[::zz/x", "does not parse"),
+        (b"http://:8080/x", "without a host"),
+        (b"", "does not parse"),
+    ],
+)
+def test_bad_redirect_is_not_retryable(location: bytes, says: str) -> None:
+    """A redirect to a bad port, a non-HTTP scheme or an unparsable URL: a clear, non-retryable error
+    naming the original URL."""
+    with HostileServer() as srv:
+        srv.script("/a/repo/file.bin", [Reply(status=b"301", headers=[(b"Location", location)])])
+        err = fails(raw_fetcher(f"{srv.url}/a"), asset())
+    assert says in str(err) and f"from {srv.url}/a/repo/file.bin" in str(err)
+    assert not err.retryable
+
+
+def test_two_location_headers_are_refused() -> None:
+    """A redirect with two Location headers is refused, not guessed at."""
+    with HostileServer() as srv:
+        srv.good("/b", BODY)
+        two = [(b"Location", b"/b"), (b"Location", b"/c")]
+        srv.script("/a/repo/file.bin", [Reply(status=b"307", headers=two)])
+        err = fails(raw_fetcher(f"{srv.url}/a"), asset())
+    assert "2 Location headers" in str(err) and not err.retryable
+
+
+def test_non_ascii_validator_is_not_kept() -> None:
+    """An ETag that is not printable ASCII is not recorded, so no resume is tried with it."""
+    with HostileServer() as srv:
+        srv.script("/a/repo/file.bin", [Reply(headers=[(b"ETag", '"é\x01"'.encode())], body=BODY)])
+        sink = MemorySink()
+        assert download(raw_fetcher(f"{srv.url}/a"), asset(), sink) == BODY
+    assert sink.validator is None
+
+
+def test_kept_bytes_without_usable_validator_start_over() -> None:
+    """Kept bytes with a validator that cannot be sent (non-ASCII) or none: the download starts over
+    (no Range without If-Range) instead of raising UnicodeEncodeError."""
+    for validator in ('"ü"', None, "x" * 500):
+        with HostileServer() as srv:
+            srv.good("/a/repo/file.bin", BODY)
+            sink = MemorySink(kept=BODY[:5000], validator=validator)
+            assert download(raw_fetcher(f"{srv.url}/a"), asset(), sink) == BODY
+            assert sink.restarts == 1
+            assert "range" not in srv.seen[0].headers and "if-range" not in srv.seen[0].headers
+
+
+def test_wrong_content_range_is_not_spliced() -> None:
+    """A 206 for another range than asked is refused (non-retryable), never written after the kept bytes."""
+    with HostileServer() as srv:
+        srv.script(
+            "/a/repo/file.bin",
+            [Reply(status=b"206", headers=[(b"Content-Range", b"bytes 0-99/102400")], body=BODY[:100])],
+        )
+        sink = MemorySink(kept=BODY[:5000], validator='"v"')
+        err = fails(raw_fetcher(f"{srv.url}/a"), asset(), sink)
+    assert "different range bytes 0-99/102400" in str(err) and not err.retryable
+    assert bytes(sink.data) == BODY[:5000]
+
+
+def test_gzip_encoding_is_stored_as_sent() -> None:
+    """A body with Content-Encoding: gzip is stored and hashed as sent: an artifact that is itself a .gz
+    lands; decoded content would mismatch, and the error says why."""
+    packed = gzip.compress(BODY)
+    with HostileServer() as srv:
+        srv.script("/a/f.gz", [Reply(headers=[(b"Content-Encoding", b"gzip")], body=packed)])
+        srv.script("/a/f.bin", [Reply(headers=[(b"Content-Encoding", b"gzip")], body=packed)])
+        srv.script(
+            "/a/g.bin", [Reply(headers=[(b"Content-Encoding", b"gzip")], body=packed, framing="close")]
+        )
+        f = raw_fetcher(f"{srv.url}/a")
+        assert download(f, asset(packed, source="f.gz")) == packed
+        length = fails(f, asset(source="f.bin"))
+        short = fails(f, asset(source="g.bin"))
+    for err in (length, short):
+        assert "Content-Encoding: gzip" in str(err) and "without decoding" in str(err)
+
+
+def test_slow_head_is_bounded() -> None:
+    """Header lines sent one every 0.3 s, endless 100 Continue, or 1xx then silence: each response head
+    is bounded by one timeout (1 s here), however the server spreads it."""
+    many = [(f"X-Line-{i}".encode(), b"v") for i in range(40)]
+    replies = {
+        "slow": Reply(headers=many, line_delay=0.3, body=BODY),
+        "endless": Reply(endless_1xx=True),
+        "informational": Reply(informational=3, line_delay=5.0, body=BODY),
+    }
+    with HostileServer() as srv:
+        for name, reply in replies.items():
+            srv.script(f"/a/{name}", [reply])
+            started = time.monotonic()
+            err = fails(raw_fetcher(f"{srv.url}/a", timeout=1), asset(source=name))
+            took = time.monotonic() - started
+            assert "no complete response head within 1 s" in str(err) or "timed out" in str(err), err
+            assert took < 2.5, (name, took)
+
+
+def test_framing_without_payload_is_too_slow() -> None:
+    """A chunked body that sends only framing (slow trailers, or 1-byte chunks with long extensions) trips
+    the payload speed bound within a timeout window."""
+    trailers = [f"X-T{i}: v".encode() for i in range(100)]
+    replies = {
+        "trailers": Reply(framing="chunked", body=b"", trailers=trailers, framing_delay=0.2),
+        "extensions": Reply(
+            framing="chunked", body=BODY, chunk_size=1, chunk_ext=b";x=" + b"y" * 200, framing_delay=0.1
+        ),
+    }
+    with HostileServer() as srv:
+        for name, reply in replies.items():
+            srv.script(f"/a/{name}", [reply])
+            started = time.monotonic()
+            err = fails(raw_fetcher(f"{srv.url}/a", timeout=1), asset(source=name))
+            took = time.monotonic() - started
+            assert "too slow" in str(err) or "ended after" in str(err), err
+            assert took < 2.5, (name, took)
+
+
+def test_stop_ends_a_stalled_request_promptly() -> None:
+    """With a long timeout, a stop request ends a download stalled in its head or body within about a
+    second, as StopRequested (a retryable FetchError: the partial is kept)."""
+    replies = {
+        "head": Reply(headers=[(b"X-A", b"1")] * 50, line_delay=1.0),
+        "body": Reply(body=BODY, chunk_size=10, body_delay=2.0),
+    }
+    with HostileServer() as srv:
+        for name, reply in replies.items():
+            srv.script(f"/a/{name}", [reply])
+            stop = threading.Event()
+            timer = threading.Timer(0.5, stop.set)
+            timer.start()
+            started = time.monotonic()
+            with pytest.raises(StopRequested) as info:
+                raw_fetcher(f"{srv.url}/a", timeout=60, stop=stop).download(asset(source=name), MemorySink())
+            timer.join()
+            assert time.monotonic() - started < 2.5
+            assert info.value.retryable
+
+
+def test_garbage_responses_become_fetch_errors() -> None:
+    """Raw garbage, bad status lines, conflicting lengths and unknown transfer codings: FetchError only."""
+    garbage = [
+        b"\x00\xff\xfe garbage\r\n\r\n",
+        b"HTTP/1.1 2000 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: \xc2\xb2\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nbad header line\r\n\r\n",
+        b"",
+    ]
+    with HostileServer() as srv:
+        for i, raw in enumerate(garbage):
+            srv.script(f"/a/{i}", [Reply(raw=raw)])
+            err = fails(raw_fetcher(f"{srv.url}/a"), asset(source=str(i)))
+            assert f"{srv.url}/a/{i}" in str(err)
+
+
+# pure parts ---------------------------------------------------------------------------------------
+
+_DATES = st.builds(
+    "{}{}, {} {} {} {}:{}:{} {}".format,
+    st.sampled_from(["", "Wed", "Xyz", "  "]),
+    st.sampled_from(["", " "]),
+    st.integers(-5, 99).map(str),
+    st.sampled_from(["Dec", "Jan", "Foo", ""]),
+    st.one_of(st.integers(0, 10_000), st.integers(-(10**12), 10**12)).map(str),
+    st.integers(-1, 99).map(str),
+    st.integers(0, 99).map(str),
+    st.integers(0, 99).map(str),
+    st.sampled_from(["-0000", "+0000", "GMT", "UTC", "+2359", "-9999", "EST", "XYZ", "", "+99999"]),
+)
+
+
+@pytest.mark.unit
+@settings(max_examples=examples(300), deadline=None, database=None)
+@given(st.one_of(st.none(), st.text(max_size=60), _DATES, st.from_regex(r"\A[0-9]{1,40}\Z")))
+def test_retry_after_never_raises(value: str | None) -> None:
+    """Retry-After of any text is None or a finite number of seconds in 0..1 day."""
+    got = _retry_after(value)
+    assert got is None or (math.isfinite(got) and 0 <= got <= MAX_RETRY_AFTER)
+
+
+@pytest.mark.unit
+def test_retry_after_date_without_zone_is_utc() -> None:
+    """An RFC 2822 date with '-0000' (no zone information) is read as UTC, not a TypeError."""
+    assert _retry_after("Wed, 02 Dec 2099 00:00:00 -0000") == MAX_RETRY_AFTER
+    assert _retry_after("Wed, 02 Dec 2020 00:00:00 -0000") == 0.0
+    assert (
+        _retry_after("7") == 7.0 and _retry_after("²") is None and _retry_after("99999999") == MAX_RETRY_AFTER
+    )
+
+
+_LOCATIONS = st.one_of(
+    st.text(max_size=40),
+    st.builds(
+        "{}{}{}{}{}".format,
+        st.sampled_from(["http://", "https://", "HTTP://", "ftp://", "//", "", "javascript:", "http:"]),
+        st.sampled_from(["", "u:p@", f"x:{TOKEN}@", "@"]),
+        st.sampled_from(["127.0.0.1", "[::1]", "[::zz", "", "exa mple", "ü.example", "h\x00"]),
+        st.sampled_from(["", ":0", ":80", ":99999", ":-1", ":x", ":"]),
+        st.sampled_from(["", "/", "/p?sig=s", "/ü/%zz#f", "/a b"]),
+    ),
+)
+
+
+@pytest.mark.unit
+@settings(max_examples=examples(300), deadline=None, database=None)
+@given(_LOCATIONS)
+def test_next_url_is_safe_or_refused(location: str) -> None:
+    """Any Location is either refused (non-retryable FetchError) or an http(s) URL without userinfo that
+    httpx and origin() accept."""
+    watch = _Watch(1.0, None, "http://127.0.0.1:1/a/b")
+    try:
+        url = _next_url("http://127.0.0.1:1/a/b", location, watch)
+    except FetchError as exc:
+        assert not exc.retryable and "from http://127.0.0.1:1/a/b" in str(exc)
+        return
+    parts = urlsplit(url)
+    assert parts.scheme in ("http", "https") and parts.hostname and "@" not in parts.netloc
+    httpx.URL(url)
+    origin(url)
+
+
+@pytest.mark.unit
+def test_untrusted_text_is_escaped_and_bounded() -> None:
+    """shown() prints ASCII only, control characters escaped, at most 64 characters of the text."""
+    assert shown("a\x1b[31mé\n") == "'a\\x1b[31m\\xe9\\n'"
+    assert shown("x" * 100) == repr("x" * 64) + "..."
+
+
+@pytest.mark.unit
+def test_only_safe_validators_are_kept() -> None:
+    """A validator is kept only if printable ASCII, bounded, and not an echo of the token."""
+    f = raw_fetcher("http://127.0.0.1:1/a")
+    assert f._usable('"abc"') == '"abc"'
+    assert f._usable("Wed, 02 Dec 2026 00:00:00 GMT")
+    for bad in ('"é"', '"a\x01"', "x" * 500, f'"{TOKEN}"', "", None):
+        assert f._usable(bad) is None

@@ -11,10 +11,12 @@ into messages and exit codes::
     ├── GitError             git unreachable, refused, host key wrong
     ├── FetchError           one asset could not be downloaded
     │   ├── HTTPStatusError      the server answered 4xx/5xx
-    │   └── VerifyError          size or sha256 differs from the manifest
+    │   ├── VerifyError          size or sha256 differs from the manifest
+    │   └── StopRequested        syncd is stopping; the download was interrupted
     ├── PublishError         the export refused a write, or a dest is unsafe
     │   └── ExportMissingError   export root is missing (the mount is missing)
     ├── LedgerError          the SQLite ledger could not be read or written
+    │   └── LedgerRefusedError   newer schema, symlinked or unsafe state: exit 2
     └── LockHeldError        another syncd holds the state directory or publishes into the export
 
 Messages never contain secrets: credentials travel in headers and callbacks, never in URLs or text.
@@ -84,6 +86,10 @@ class VerifyError(FetchError):
         super().__init__(message, url=url)
 
 
+class StopRequested(FetchError):
+    """syncd is stopping: a download was interrupted. Not the asset's fault; its partial is kept."""
+
+
 class PublishError(SyncdError):
     """Writing into the export failed or was refused."""
 
@@ -94,6 +100,13 @@ class ExportMissingError(PublishError):
 
 class LedgerError(SyncdError):
     """The ledger (SQLite in the state directory) failed."""
+
+
+class LedgerRefusedError(LedgerError):
+    """The state directory or ledger needs a person: written by a newer syncd, a symlink, or unsafe
+    ownership or mode. Exit 2, so that systemd does not restart syncd in a loop."""
+
+    exit_code = 2
 
 
 class LockHeldError(SyncdError):
