@@ -50,8 +50,9 @@ class GitHttp:
     _fcgiwrap: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
     def url(self, repo: str) -> str:
-        """``http://syncd@127.0.0.1:PORT/git/<repo>``: the user name in the URL, never the token."""
-        return f"http://{self.user}@127.0.0.1:{self.port}/git/{repo}"
+        """``http://127.0.0.1:PORT/git/<repo>``: syncd refuses userinfo in [source] url; its user name for
+        basic auth is ``[source] username``, by default ``syncd`` (:data:`USER`)."""
+        return f"http://127.0.0.1:{self.port}/git/{repo}"
 
     def stop(self) -> None:
         """Stop nginx, then fcgiwrap, each by PID, and wait for them (idempotent)."""

@@ -163,9 +163,9 @@ def test_absolute_secret_path_ignores_credentials_directory(
 
 
 def test_https_source_reads_its_token_file(confdir: Path) -> None:
-    """An https source with token_file reads the token as a Secret and keeps the url's username."""
+    """An https source with token_file reads the token as a Secret and takes source.username."""
     secret(confdir / "git.token", "git-token\n")
-    src = '[source]\nurl = "https://ci@git.example.com/m.git"\ntoken_file = "git.token"\n'
+    src = '[source]\nurl = "https://git.example.com/m.git"\nusername = "ci"\ntoken_file = "git.token"\n'
     cfg = load(write(confdir, src, ARTIFACTORY, EXPORT))
     assert cfg.source.token is not None and cfg.source.token.reveal() == "git-token"
     assert (cfg.source.username, cfg.source.ssh_key, cfg.source.known_hosts) == ("ci", None, None)
@@ -294,7 +294,7 @@ def test_resolver_problems_are_reported_at_once(confdir: Path) -> None:
     src = '[source]\nurl = "file:///srv/git/m.git"\nbranch = "-x"\npath = "a/../b"\nknown_hosts = "kh"\n'
     art = '[artifactory]\nurl = "ftp://a.example.com/?q=1"\nusername = "svc"\n'
     assert problems(write(confdir, src, art, '[export]\nroot = "rel"\nstaging = "rel"\n')) == [
-        "at 'source.branch': '-x' is not a valid branch name",
+        "at 'source.branch': '-x' is not a valid branch name ('@' alone or a leading '-')",
         "at 'source.path': must not contain '..'",
         "at 'source.known_hosts': only for an ssh:// url",
         "at 'artifactory.url': must be an http:// or https:// URL with a host",
@@ -357,10 +357,10 @@ def test_wrong_types_and_ranges_are_rejected(confdir: Path, extra: str, expected
     ],
 )
 def test_durations_parse(confdir: Path, raw: str, seconds: float) -> None:
-    """download.timeout accepts "90s", "5m", "1h", "250ms", plain seconds (int, float or string)."""
-    cfg = load(write(confdir, SSH_SOURCE, ARTIFACTORY, EXPORT, f"[download]\ntimeout = {raw}\n"))
-    assert cfg.timeout == seconds
-    assert isinstance(cfg.timeout, float)
+    """schedule.interval accepts "90s", "5m", "1h", "250ms", plain seconds (int, float or string)."""
+    cfg = load(write(confdir, SSH_SOURCE, ARTIFACTORY, EXPORT, f"[schedule]\ninterval = {raw}\n"))
+    assert cfg.interval == seconds
+    assert isinstance(cfg.interval, float)
 
 
 @pytest.mark.parametrize(
@@ -541,13 +541,13 @@ def test_secret_repr_str_and_format_hide_the_value() -> None:
 def test_loaded_config_never_shows_secrets(confdir: Path) -> None:
     """repr/str of a loaded Config and describe() contain neither the token nor the password."""
     secret(confdir / "git.token", PASSWORD)
-    src = '[source]\nurl = "https://ci@git.example.com/m.git"\ntoken_file = "git.token"\n'
+    src = '[source]\nurl = "https://git.example.com/m.git"\nusername = "ci"\ntoken_file = "git.token"\n'
     cfg = load(write(confdir, src, ARTIFACTORY, EXPORT))
     for text in (repr(cfg), str(cfg), repr(cfg.artifactory), repr(cfg.source), str(describe(cfg))):
         assert TOKEN not in text
         assert PASSWORD not in text
     assert describe(cfg) == {
-        "source": "https://ci@git.example.com/m.git",
+        "source": "https://git.example.com/m.git",
         "branch": "main",
         "path": ".",
         "artifactory": "https://artifactory.example.com/artifactory",

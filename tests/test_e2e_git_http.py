@@ -18,7 +18,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def http_git_repo(git_http: GitHttp, tmp_path: Path) -> GitRepo:
-    """A fresh manifest repo whose bare repo is served by `git_http`; ``.url`` is http://syncd@…/git/<name>."""
+    """A fresh manifest repo whose bare repo is served by `git_http`; ``.url`` is http://…/git/<name>."""
     name = f"manifests-{uuid.uuid4().hex[:12]}.git"
     return GitRepo(git_http.repos_dir / name, tmp_path / "work" / "manifests", url=git_http.url(name))
 
@@ -97,8 +97,8 @@ def test_wrong_token_fails_promptly_without_leaking(
         assert secret not in run.out and secret not in run.err
     assert world.export_files() == []
     assert not (world.state / "repo.git").exists()
-    # Bounded, not a retry loop: libgit2's probe without credentials, its own try with the URL's user
-    # name and an empty password, then the one try with syncd's (wrong) token.
+    # Bounded, not a retry loop: libgit2's probe without credentials, then the one try with syncd's
+    # (wrong) token.
     lines = _access_lines(git_http, world.repo)
     assert 1 <= len(lines) <= 4 and all(" 401 " in ln for ln in lines), lines
 

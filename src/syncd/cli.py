@@ -136,6 +136,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return 2
+    for warning in cfg.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{path}: OK")
     for key, value in config.describe(cfg).items():
         print(f"  {key} = {value}")

@@ -5,9 +5,14 @@ syncd trusts. Raises :class:`~syncd.errors.ConfigError` listing each problem as 
 
 Path rules: a relative secret path (``ssh_key``, ``token_file``, ``password_file``) is resolved against
 ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``) when set, else against the config file's directory;
-other relative paths against the config file's directory. A secret file readable by group or others is
-refused, as ssh refuses such a private key. Secret values are held in :class:`Secret`, whose ``repr`` and
-``str`` never show the value.
+other relative paths against the config file's directory. A secret file readable by group or others, or
+owned by another user than the one running syncd, is refused, as ssh refuses such a private key; a secret
+that cannot travel in an HTTP header (a line break, a control or non-ASCII character) is refused at load,
+never echoed. Secret values are held in :class:`Secret`, whose ``repr`` and ``str`` never show the value.
+
+URLs never carry credentials: userinfo (other than a plain ssh user such as ``git@``), a query or a
+fragment is refused, so every URL in :class:`Config` can be logged as it is. Problems that are not fatal
+(plain ``http://`` with credentials) are kept in :attr:`Config.warnings`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
@@ -30,6 +35,15 @@ from syncd.errors import ConfigError
 DEFAULT_PATH = "/etc/syncd/syncd.conf"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+# Floors below which a duration makes no sense: a network timeout under a second fails on any real link;
+# an interval under 100 ms is a busy loop against the git server (tests use 200 ms).
+MIN_TIMEOUT = 1.0
+MIN_INTERVAL = 0.1
+# A secret file holds one token or password; anything bigger is a wrong path, not a secret.
+_MAX_SECRET_BYTES = 64 * 1024
+# A user name that may stand in an ssh:// url: no option-like leading '-', no '@', ':' or '%'.
+_PLAIN_SSH_USER = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63}")
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ssh": 22}
 
 
 def parse_duration(value: object, *, allow_zero: bool = False) -> float:
@@ -73,6 +87,86 @@ class Secret:
     __str__ = __repr__
 
 
+def secret_value(data: bytes) -> tuple[str, str]:
+    """The secret held in a file's bytes, as ``(value, "")``, or ``("", why it is refused)``.
+
+    One trailing line ending (and trailing blanks) is dropped, as editors and ``echo`` add them. What
+    remains must be printable ASCII (0x20-0x7e) without leading or trailing blanks: anything else cannot be
+    sent in an HTTP header (h11 rejects it, and its error text holds the header). ``why`` never quotes the
+    value."""
+    text = data.rstrip(b" \t\r\n")
+    if not text.strip(b" \t"):
+        return "", "is empty"
+    if text[:1] in (b" ", b"\t"):
+        return "", "starts with a blank"
+    if b"\n" in text or b"\r" in text:
+        return "", "holds a line break inside the secret (a secret is one line)"
+    if any(b < 0x20 or b == 0x7F for b in text):
+        return "", "holds a control character"
+    if any(b > 0x7F for b in text):
+        return "", "holds a non-ASCII character"
+    return text.decode("ascii"), ""
+
+
+def branch_problem(name: str) -> str:
+    """Why ``name`` cannot be the branch ``refs/heads/<name>``, or "" when it can.
+
+    git check-ref-format's rules: no control character, space, ``~ ^ : ? * [ \\``, no ``..`` or ``@{``, no
+    empty component (``//``, a leading or trailing ``/``), no component starting with ``.`` or ending with
+    ``.lock``, no trailing ``.``. Also refused: ``@`` (git's name for HEAD) and a leading ``-`` (an option to
+    git), which ref names allow but ``git branch`` does not."""
+    if not name:
+        return "empty"
+    if name == "@" or name.startswith("-"):
+        return "'@' alone or a leading '-'"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "a control character"
+    bad = sorted({c for c in name if c in " ~^:?*[\\"})
+    if bad:
+        return "contains " + " ".join(repr(c) for c in bad)
+    if ".." in name or "@{" in name:
+        return "contains '..' or '@{'"
+    if name.endswith("."):
+        return "ends with '.'"
+    for part in name.split("/"):
+        if not part:
+            return "an empty part: a leading or trailing '/', or '//'"
+        if part.startswith("."):
+            return "a part starting with '.'"
+        if part.endswith(".lock"):
+            return "a part ending with '.lock'"
+    return ""
+
+
+def _split_url(url: str) -> SplitResult | None:
+    """``urlsplit(url)``, or None when it is not a URL at all (a bracket left open, an odd character)."""
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        return None
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
+
+
+def _port_ok(parts: SplitResult) -> bool:
+    """Whether the URL's port, if any, is a number from 1 to 65535."""
+    try:
+        port = parts.port
+    except ValueError:
+        return False
+    return port is None or port > 0
+
+
+def origin(url: str) -> tuple[str, str, int | None] | None:
+    """``(scheme, host, port)`` of ``url``, the port defaulted by scheme; None when ``url`` has no host or
+    a bad port. Credentials go only to the origin of the configured URL."""
+    parts = _split_url(url)
+    if parts is None or not parts.hostname or not _port_ok(parts):
+        return None
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname.lower(), parts.port or _DEFAULT_PORTS.get(scheme)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -83,6 +177,7 @@ class SourceSection(_Section):
     path: str = ""
     ssh_key: str | None = None
     known_hosts: str | None = None
+    username: str | None = None
     token_file: str | None = None
     allow_force_push: bool = False
 
@@ -170,6 +265,9 @@ class Config:
     retries: int = 5
     backoff: float = 1.0
     backoff_max: float = 60.0
+    # Problems that do not stop syncd (plain http:// with credentials), each as "at 'section.key': …";
+    # check-config prints them and a pass logs them as config_insecure.
+    warnings: tuple[str, ...] = ()
 
 
 def config_path(cli_value: str | None) -> Path:
@@ -234,6 +332,25 @@ def _pydantic_problems(exc: ValidationError, section: str) -> list[str]:
     return problems
 
 
+def _seconds(value: float) -> str:
+    """A duration for a message: "250ms", "1.5s"."""
+    return f"{value * 1000:g}ms" if value < 1 else f"{value:g}s"
+
+
+def _nearest_existing(path: Path) -> Path | None:
+    """``path`` or its nearest ancestor that exists (where a mkdir of ``path`` would land); None when
+    one cannot be inspected."""
+    for candidate in (path, *path.parents):
+        try:
+            candidate.stat()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+        return candidate
+    return None
+
+
 def _os_reason(exc: BaseException) -> str:
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
 
@@ -247,6 +364,7 @@ class _Resolver:
         creds = os.environ.get("CREDENTIALS_DIRECTORY")
         self.secret_base = Path(creds) if creds else self.base
         self.problems = problems
+        self.warnings: list[str] = []
 
     def problem(self, where: str, message: str) -> None:
         self.problems.append(f"at '{where}': {message}")
@@ -259,11 +377,11 @@ class _Resolver:
         root = staging = None
         if export is not None:
             root = self.plain_path(export.root)
+            staging = self.plain_path(export.staging) if export.staging else root / ".syncd-staging"
             if not Path(export.root).is_absolute():
                 self.problem("export.root", "must be an absolute path")
-            staging = self.plain_path(export.staging) if export.staging else root / ".syncd-staging"
-            if export.staging is not None and staging.resolve() == root.resolve():
-                self.problem("export.staging", "must not be the export root itself")
+            self._check_staging(root, staging, explicit=export.staging is not None)
+        self._check_durations(sections.get("download"), sections.get("schedule"))
         if self.problems:
             raise ConfigError(str(self.path), self.problems)
         assert source and art and export and root and staging
@@ -281,11 +399,58 @@ class _Resolver:
             timeout=download.timeout,
             retries=download.retries,
             backoff=download.backoff,
-            backoff_max=max(download.backoff_max, download.backoff),
+            backoff_max=download.backoff_max,
             state_dir=self.plain_path(state.directory),
             interval=schedule.interval,
             jitter=jitter,
+            warnings=tuple(self.warnings),
         )
+
+    def _check_staging(self, root: Path, staging: Path, *, explicit: bool) -> None:
+        """Staging is emptied every pass and renamed from: never the root or above it, never on another
+        file system than the root (checked when the root exists; check-config works before the mount)."""
+        real_root, real_staging = Path(os.path.realpath(root)), Path(os.path.realpath(staging))
+        if explicit and real_staging == real_root:
+            self.problem("export.staging", "must not be the export root itself")
+            return
+        if explicit and real_staging in real_root.parents:
+            self.problem(
+                "export.staging",
+                f"{staging} contains the export root; syncd empties its staging directory every pass",
+            )
+            return
+        try:
+            root_dev = root.stat().st_dev
+        except OSError:
+            return  # no root yet (the mount is missing): the pass reports it, not the config
+        existing = _nearest_existing(staging)
+        if existing is not None and existing.stat().st_dev != root_dev:
+            self.problem(
+                "export.staging",
+                f"{staging} is on another file system than export.root ({root}): the rename into the "
+                "export would not be atomic; use a directory on the export's file system",
+            )
+
+    def _check_durations(self, d: DownloadSection | None, s: ScheduleSection | None) -> None:
+        """Durations that parse but make no sense together, or are too short to be meant."""
+        if d is not None:
+            if d.timeout < MIN_TIMEOUT:
+                self.problem("download.timeout", f"must be at least 1s (got {_seconds(d.timeout)})")
+            if d.backoff > d.backoff_max:
+                self.problem(
+                    "download.backoff",
+                    f"must not be longer than download.backoff_max ({_seconds(d.backoff)} > "
+                    f"{_seconds(d.backoff_max)})",
+                )
+        if s is not None:
+            if s.interval < MIN_INTERVAL:
+                self.problem("schedule.interval", f"must be at least 100ms (got {_seconds(s.interval)})")
+            elif s.jitter is not None and s.jitter >= s.interval:
+                self.problem(
+                    "schedule.jitter",
+                    f"must be shorter than schedule.interval ({_seconds(s.jitter)} >= "
+                    f"{_seconds(s.interval)})",
+                )
 
     def plain_path(self, value: str) -> Path:
         return Path(os.path.normpath(self.base / value))
@@ -294,20 +459,29 @@ class _Resolver:
         return Path(os.path.normpath(self.secret_base / value))
 
     def read_secret(self, where: str, value: str) -> Secret | None:
+        """Read the secret file ``value`` for key ``where``; on any problem record it (the file named, the
+        secret never quoted) and return None."""
         path = self.secret_path(value)
         if not self.check_secret_file(where, path):
             return None
         try:
-            text = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
+            with path.open("rb") as fh:
+                data = fh.read(_MAX_SECRET_BYTES + 1)
+        except OSError as exc:
             self.problem(where, f"cannot read {path}: {_os_reason(exc)}")
             return None
-        if not text:
-            self.problem(where, f"{path} is empty")
+        if len(data) > _MAX_SECRET_BYTES:
+            self.problem(where, f"{path} is larger than 64 KiB: not a secret file")
+            return None
+        text, why = secret_value(data)
+        if why:
+            hint = "" if why == "is empty" else "; a secret must be one line of printable ASCII (not shown)"
+            self.problem(where, f"{path} {why}{hint}")
             return None
         return Secret(text)
 
     def check_secret_file(self, where: str, path: Path) -> bool:
+        """Whether ``path`` is a regular file that only the user running syncd can read and change."""
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -331,18 +505,54 @@ class _Resolver:
                 f"run: chmod 600 {path}",
             )
             return False
+        euid = os.geteuid()
+        if st.st_uid != euid:
+            # Another user could replace the secret (or read it): ssh refuses such a key too.
+            self.problem(
+                where,
+                f"{path} is owned by uid {st.st_uid}, not by the user running syncd (uid {euid}); "
+                f"run: chown {euid} {path}",
+            )
+            return False
         return True
 
-    def _source(self, s: SourceSection) -> GitSource | None:
-        parts = urlsplit(s.url)
-        scheme = parts.scheme
-        if scheme not in ("ssh", "https", "http", "file"):
-            self.problem("source.url", "must start with ssh://, https://, http:// or file://")
+    def _source_url(self, url: str) -> SplitResult | None:
+        """Check ``source.url``; return its parts, or None when nothing else about the source can be
+        checked. Messages never quote the URL: its userinfo may be a token."""
+        where = "source.url"
+        parts = _split_url(url)
+        if parts is None:
+            self.problem(where, "is not a URL (spaces, control characters or a bad [host])")
             return None
-        if parts.password:
-            self.problem("source.url", "must not carry a password; put the token in source.token_file")
-        if not s.branch or s.branch.startswith("-") or ".." in s.branch:
-            self.problem("source.branch", f"{s.branch!r} is not a valid branch name")
+        if parts.scheme not in ("ssh", "https", "http", "file"):
+            self.problem(where, "must start with ssh://, https://, http:// or file://")
+            return None
+        if parts.password is not None:
+            self.problem(where, "must not carry a password; put the token in source.token_file")
+        elif parts.username is not None and parts.scheme != "ssh":
+            self.problem(
+                where,
+                "must not carry a user name (a token there would be logged); "
+                "use source.username and source.token_file",
+            )
+        elif parts.username is not None and not _PLAIN_SSH_USER.fullmatch(parts.username):
+            self.problem(where, "the ssh user name must be a plain name such as git@")
+        if "?" in url or "#" in url:
+            self.problem(where, "must not have a query or fragment")
+        if not _port_ok(parts):
+            self.problem(where, "has an invalid port (a number from 1 to 65535)")
+        if parts.scheme != "file" and not parts.hostname:
+            self.problem(where, "must name a host")
+        return parts
+
+    def _source(self, s: SourceSection) -> GitSource | None:
+        parts = self._source_url(s.url)
+        if parts is None:
+            return None
+        scheme = parts.scheme
+        why = branch_problem(s.branch)
+        if why:
+            self.problem("source.branch", f"{s.branch[:100]!r} is not a valid branch name ({why})")
         path = s.path.strip("/")
         if ".." in path.split("/"):
             self.problem("source.path", "must not contain '..'")
@@ -367,30 +577,46 @@ class _Resolver:
             for key in ("ssh_key", "known_hosts"):
                 if getattr(s, key) is not None:
                     self.problem(f"source.{key}", "only for an ssh:// url")
-        if s.token_file is not None:
-            if scheme in ("https", "http"):
-                token = self.read_secret("source.token_file", s.token_file)
-            else:
-                self.problem("source.token_file", "only for an https:// (or http://) url")
+        for key in ("username", "token_file"):
+            if getattr(s, key) is not None and scheme not in ("https", "http"):
+                self.problem(f"source.{key}", "only for an https:// (or http://) url")
+        if s.username is not None and not _basic_user_ok(s.username):
+            self.problem("source.username", "must be printable ASCII without spaces or ':'")
+        if s.token_file is not None and scheme in ("https", "http"):
+            token = self.read_secret("source.token_file", s.token_file)
+            if scheme == "http":
+                self.warnings.append(
+                    "at 'source.url': plain http:// sends source.token_file's token unencrypted; use https://"
+                )
         return GitSource(
             url=s.url,
             branch=s.branch,
             path=path,
             ssh_key=ssh_key,
             known_hosts=known_hosts,
-            username=parts.username,
+            username=parts.username if scheme == "ssh" else s.username,
             token=token,
             allow_force_push=s.allow_force_push,
         )
 
-    def _artifactory(self, a: ArtifactorySection) -> Artifactory | None:
-        parts = urlsplit(a.url)
+    def _artifactory_url(self, url: str) -> None:
+        """Check ``artifactory.url`` (messages never quote it: its userinfo may be a token)."""
+        where = "artifactory.url"
+        parts = _split_url(url)
+        if parts is None:
+            self.problem(where, "must be an http:// or https:// URL with a host")
+            return
         if parts.scheme not in ("https", "http") or not parts.hostname:
-            self.problem("artifactory.url", "must be an http:// or https:// URL with a host")
-        if parts.username or parts.password:
-            self.problem("artifactory.url", "must not carry credentials; use token_file or password_file")
-        if parts.query or parts.fragment:
-            self.problem("artifactory.url", "must not have a query or fragment")
+            self.problem(where, "must be an http:// or https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            self.problem(where, "must not carry credentials; use token_file or password_file")
+        if "?" in url or "#" in url:
+            self.problem(where, "must not have a query or fragment")
+        if not _port_ok(parts):
+            self.problem(where, "has an invalid port (a number from 1 to 65535)")
+
+    def _artifactory(self, a: ArtifactorySection) -> Artifactory | None:
+        self._artifactory_url(a.url)
         token = password = None
         if a.token_file is not None:
             if a.username is not None or a.password_file is not None:
@@ -401,6 +627,13 @@ class _Resolver:
             self.problem(f"artifactory.{missing}", "username and password_file go together")
         elif a.password_file is not None:
             password = self.read_secret("artifactory.password_file", a.password_file)
+        if a.username is not None and not _basic_user_ok(a.username):
+            self.problem("artifactory.username", "must be printable ASCII without spaces or ':'")
+        if (token or password) and a.url.lower().startswith("http://"):
+            self.warnings.append(
+                "at 'artifactory.url': plain http:// sends the Artifactory credentials unencrypted; "
+                "use https://"
+            )
         ca_file = None
         if a.ca_file is not None:
             ca_file = self.plain_path(a.ca_file)
@@ -413,6 +646,11 @@ class _Resolver:
             password=password,
             ca_file=ca_file,
         )
+
+
+def _basic_user_ok(name: str) -> bool:
+    """Whether ``name`` can be the user of HTTP basic auth: printable ASCII, no blank, no ':'."""
+    return bool(name) and all(0x21 <= ord(c) <= 0x7E and c != ":" for c in name)
 
 
 def describe(cfg: Config) -> Mapping[str, Any]:

@@ -10,25 +10,30 @@ The only module that imports pygit2; every pygit2 error leaves it as :class:`~sy
   state directory holding a copy of that file, and its certificate callback returns libgit2's verdict
   (returning ``True`` would accept any key).
 - The credentials callback answers once; a second call means the credential was rejected, and the fetch
-  fails instead of looping.
+  fails instead of looping. It answers only for the scheme, host and port of ``[source] url``: a server
+  that redirects elsewhere (libgit2 follows the first request's redirect) never receives the token or key.
+- Messages are syncd's own: libgit2's text is mapped to a fixed phrase, or kept escaped and bounded with
+  every URL in it stripped of userinfo and query (see :func:`_reason`); a URL is shown by :func:`_safe`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pygit2
 from pygit2.enums import CredentialType, FetchPrune
 
 from syncd import logs, manifest
-from syncd.config import GitSource
+from syncd.config import GitSource, origin
 from syncd.errors import GitError, ManifestError
 
 log = logs.get()
@@ -57,15 +62,24 @@ class _Callbacks(pygit2.RemoteCallbacks):
         self.attempts = 0
 
     def credentials(self, url: str, username_from_url: str | None, allowed_types: Any) -> Any:
+        """The key or token for a request to ``url``; raises :class:`GitError` when ``url`` is not on
+        ``[source] url``'s origin (a redirect), on a second call (rejected) or when none is configured."""
+        src = self.source
+        want = origin(src.url)
+        if want is None or origin(url) != want:
+            raise GitError(
+                f"git server {_safe(src.url)} sent syncd on to {_safe(url)}; credentials go only to "
+                f"the scheme, host and port of [source] url, so none were sent"
+            )
         self.attempts += 1
         if self.attempts > 1:
             raise GitError(f"git server {_safe(url)} rejected syncd's credentials")
-        src = self.source
         if allowed_types & CredentialType.SSH_KEY and src.ssh_key is not None:
             pub = Path(f"{src.ssh_key}.pub")
-            return pygit2.Keypair(username_from_url or "git", pub if pub.is_file() else None, src.ssh_key, "")
+            user = username_from_url or src.username or "git"
+            return pygit2.Keypair(user, pub if pub.is_file() else None, src.ssh_key, "")
         if allowed_types & CredentialType.USERPASS_PLAINTEXT and src.token is not None:
-            return pygit2.UserPass(username_from_url or "syncd", src.token.reveal())
+            return pygit2.UserPass(src.username or "syncd", src.token.reveal())
         raise GitError(f"git server {_safe(url)} asks for credentials that are not configured")
 
     def certificate_check(self, certificate: Any, valid: bool, host: bytes | str) -> bool:
@@ -78,15 +92,62 @@ class _Callbacks(pygit2.RemoteCallbacks):
         return True
 
 
-def _safe(url: str) -> str:
-    """A URL without any userinfo password, for messages."""
-    from urllib.parse import urlsplit, urlunsplit
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]*")
+# libgit2's messages that syncd can say in its own words (the first match wins; matched lowercased).
+_KNOWN_REASONS = (
+    (re.compile(r"unexpected http status code: (\d{3})"), "the server answered HTTP {0}"),
+    (re.compile(r"too many redirects"), "too many redirects or authentication replays"),
+    (re.compile(r"cannot redirect"), "a redirect to another scheme was refused"),
+    (re.compile(r"failed to resolve address"), "the host name does not resolve"),
+    (re.compile(r"connection refused"), "the connection was refused"),
+    (re.compile(r"timed out|timeout"), "the server did not answer in time ([download] timeout)"),
+    (re.compile(r"hostkey|host key"), "the ssh host key was refused (check [source] known_hosts)"),
+    (re.compile(r"certificate|ssl|tls"), "the TLS connection failed (certificate or handshake)"),
+    (re.compile(r"authentication|unauthorized"), "authentication failed"),
+    (re.compile(r"failed to resolve path|not a git repository|repository not found"), "no repository there"),
+    (re.compile(r"early eof|unexpected eof|connection reset|broken pipe"), "the connection was cut"),
+)
+_MAX_DETAIL = 160
 
-    p = urlsplit(url)
-    if p.password:
-        netloc = (p.username or "") + "@" + (p.hostname or "") + (f":{p.port}" if p.port else "")
-        return urlunsplit(p._replace(netloc=netloc))
-    return url
+
+def _safe(url: str) -> str:
+    """``url`` fit for a message: scheme, host, port and path only (no userinfo, query or fragment),
+    non-ASCII and control characters escaped, at most 200 characters."""
+    try:
+        p = urlsplit(url)
+        host, port = p.hostname or "", p.port
+    except ValueError:
+        return "(an unparsable URL)"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{port}" if port else "")
+    return _escaped(urlunsplit((p.scheme, netloc, p.path, "", "")), 200)
+
+
+def _escaped(text: str, limit: int) -> str:
+    """``text`` with anything but printable ASCII escaped (no line can be forged), cut to ``limit``."""
+    shown = text.encode("ascii", "backslashreplace").decode("ascii")
+    shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in shown)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a pygit2 call failed, in syncd's words: a fixed phrase for libgit2's known failures, else its
+    text with every URL reduced by :func:`_safe`, escaped and bounded (never a header or credential)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    if isinstance(exc, KeyError):
+        return "not found"
+    text = str(exc)
+    lowered = text.lower()
+    for pattern, phrase in _KNOWN_REASONS:
+        m = pattern.search(lowered)
+        if m:
+            return phrase.format(*m.groups())
+    if "authorization" in lowered or "bearer" in lowered:
+        return f"libgit2 {type(exc).__name__} (its text may quote a credential: not shown)"
+    detail = _URL_IN_TEXT.sub(lambda m: _safe(m.group(0)), text)
+    return f"libgit2: {_escaped(detail, _MAX_DETAIL)}"
 
 
 class ManifestRepo:
@@ -127,7 +188,7 @@ class ManifestRepo:
                 repo.remotes.set_url("origin", self.source.url)
                 remote = repo.remotes["origin"]
         except (pygit2.GitError, KeyError, ValueError) as exc:
-            raise _Damaged(f"remote 'origin' unreadable: {exc}") from None
+            raise _Damaged(f"remote 'origin' unreadable: {_reason(exc)}") from None
         refspec = f"+refs/heads/{self.source.branch}:{self.ref}"
         try:
             remote.fetch([refspec], callbacks=_Callbacks(self.source), prune=FetchPrune.NO_PRUNE)
@@ -136,8 +197,8 @@ class ManifestRepo:
         except (pygit2.GitError, OSError, KeyError, ValueError) as exc:
             problem = self._damage()
             if problem:
-                raise _Damaged(f"fetch failed ({exc}) and {problem}") from None
-            raise GitError(f"fetch from {_safe(self.source.url)} failed: {exc}") from None
+                raise _Damaged(f"fetch failed ({_reason(exc)}) and {problem}") from None
+            raise GitError(f"fetch from {_safe(self.source.url)} failed: {_reason(exc)}") from None
         try:
             head = str(repo.references[self.ref].resolve().target)
         except KeyError:
@@ -145,7 +206,7 @@ class ManifestRepo:
                 f"branch {self.source.branch!r} does not exist in {_safe(self.source.url)}"
             ) from None
         except (pygit2.GitError, ValueError) as exc:
-            raise _Damaged(f"{self.ref} unreadable: {exc}") from None
+            raise _Damaged(f"{self.ref} unreadable: {_reason(exc)}") from None
         problem = self._damage(head)
         if problem:
             raise _Damaged(problem)
@@ -164,7 +225,7 @@ class ManifestRepo:
                 head = str(ref.resolve().target)
             list_manifests(repo[head].peel(pygit2.Commit).tree, self.source.path)
         except (pygit2.GitError, KeyError, ValueError, OSError) as exc:
-            return f"the clone cannot be read ({exc})"
+            return f"the clone cannot be read ({_reason(exc)})"
         return ""
 
     def _set_aside(self, why: str) -> None:
@@ -183,11 +244,11 @@ class ManifestRepo:
             try:
                 self._repo = pygit2.Repository(str(self.path))
             except (pygit2.GitError, ValueError) as exc:
-                raise GitError(f"no usable clone at {self.path} yet: {exc}") from None
+                raise GitError(f"no usable clone at {self.path} yet: {_reason(exc)}") from None
         try:
             return str(self._repo.references[self.ref].resolve().target)
         except (KeyError, pygit2.GitError, ValueError) as exc:
-            raise GitError(f"branch {self.source.branch!r} was never fetched: {exc}") from None
+            raise GitError(f"branch {self.source.branch!r} was never fetched: {_reason(exc)}") from None
 
     def _open_or_create(self) -> pygit2.Repository:
         if self._repo is not None:
@@ -201,7 +262,7 @@ class ManifestRepo:
                 self._repo.references.get(self.ref)
             except (pygit2.GitError, ValueError) as exc:
                 self._repo = None
-                self._set_aside(f"cannot open the bare clone: {exc}")
+                self._set_aside(f"cannot open the bare clone: {_reason(exc)}")
             else:
                 return self._repo
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,7 +280,7 @@ class ManifestRepo:
             raise
         except (pygit2.GitError, OSError, KeyError, ValueError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise GitError(f"clone of {_safe(self.source.url)} failed: {exc}") from None
+            raise GitError(f"clone of {_safe(self.source.url)} failed: {_reason(exc)}") from None
         self._repo = pygit2.Repository(str(self.path))
         return self._repo
 
