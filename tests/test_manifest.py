@@ -466,3 +466,23 @@ def test_rules_version_is_an_int() -> None:
     from syncd.manifest import RULES_VERSION
 
     assert isinstance(RULES_VERSION, int) and RULES_VERSION >= 2
+
+
+def test_conflict_reason_is_precise_and_bounded() -> None:
+    """conflict_reason() says duplicate or overlap, names at most 5 other assets and counts the rest."""
+    from syncd.manifest import conflict_reason
+
+    a, b = _asset("x", "a.toml", 2), _asset("x", "b.toml")
+    assert conflict_reason("x", [a, b]) == (
+        "dest is claimed by more than one asset (a.toml: asset[2], b.toml: asset[0]); none is synced"
+    )
+    p = _asset("p", "a.toml")
+    under = [_asset(f"p/{i}", "b.toml", i) for i in range(100_000)]
+    got = conflicts([p, *under])
+    reason = conflict_reason("p", got["p"])
+    assert reason.startswith("dest is a file dest but 'p/0' (b.toml: asset[0]), ")
+    assert reason.endswith(" and 99995 more put files under it; none is synced")
+    assert len(reason) < 300
+    assert conflict_reason("p/7", got["p/7"]) == (
+        "dest needs 'p' to be a directory, but 'p' (a.toml: asset[0]) makes it a file; none is synced"
+    )

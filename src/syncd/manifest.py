@@ -265,7 +265,7 @@ def conflict_problems(dest: str, claims: list[Asset], limit: int = 5) -> list[st
             parts.append(f"{dest!r} is also the dest of {', '.join(same)}")
         under = [o for o in claims if o.dest.startswith(dest + "/")]
         if under:
-            parts.append(f"{dest!r} is a file dest but {_some(under, limit)} puts a file under it")
+            parts.append(f"{dest!r} is a file dest but {_some(under, limit)} {_puts(under)}")
         above = [o for o in claims if dest.startswith(o.dest + "/")]
         if above:
             parts.append(
@@ -274,6 +274,31 @@ def conflict_problems(dest: str, claims: list[Asset], limit: int = 5) -> list[st
             )
         lines.append(f"{a.where()}.dest: " + "; ".join(parts))
     return lines
+
+
+def conflict_reason(dest: str, claims: list[Asset], limit: int = 5) -> str:
+    """One bounded sentence for why ``dest`` (a :func:`conflicts` key) is refused, for the daemon's
+    ``asset_refused`` event: at most ``limit`` other assets are named, then a count."""
+    own = [a for a in claims if a.dest == dest]
+    parts = []
+    if len(own) > 1:
+        parts.append(
+            f"dest is claimed by more than one asset ({', '.join(a.where() for a in own[:limit])}"
+            + (f" and {len(own) - limit} more)" if len(own) > limit else ")")
+        )
+    under = [o for o in claims if o.dest.startswith(dest + "/")]
+    if under:
+        parts.append(f"dest is a file dest but {_some(under, limit)} {_puts(under)}")
+    above = [o for o in claims if dest.startswith(o.dest + "/")]
+    if above:
+        parts.append(
+            f"dest needs {above[0].dest!r} to be a directory, but {_some(above, limit)} makes it a file"
+        )
+    return "; ".join(parts) + "; none is synced"
+
+
+def _puts(under: list[Asset]) -> str:
+    return "puts a file under it" if len(under) == 1 else "put files under it"
 
 
 def _some(claims: list[Asset], limit: int) -> str:
