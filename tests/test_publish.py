@@ -462,3 +462,30 @@ def test_uninspectable_parent_is_one_unreadable_dest(
     assert obs.state is State.UNREADABLE
     assert errno.errorcode[err] in obs.detail and str(root) not in obs.detail
     assert export.observe("good/f") == publish.Observation(State.FILE, size=4)
+
+
+def test_adopt_refuses_a_file_swapped_or_changed_after_its_hash(export: Export, root: Path) -> None:
+    """make_read_only adopts only the file hash_file read: one renamed over it, or written to, after the
+    hash is left untouched (PublishError); the unchanged one becomes 0444."""
+    (root / "a.bin").write_bytes(GOOD)
+    export.hash_file("a.bin")
+    (root / "other").write_bytes(EVIL)
+    os.chmod(root / "other", 0o644)
+    os.replace(root / "other", root / "a.bin")
+    with pytest.raises(PublishError, match="changed while being adopted"):
+        export.make_read_only("a.bin")
+    assert stat.S_IMODE((root / "a.bin").stat().st_mode) == 0o644
+
+    (root / "b.bin").write_bytes(GOOD)
+    export.hash_file("b.bin")
+    time.sleep(0.01)
+    with open(root / "b.bin", "ab") as fh:
+        fh.write(b"appended")
+    with pytest.raises(PublishError, match="changed"):
+        export.make_read_only("b.bin")
+
+    (root / "c.bin").write_bytes(GOOD)
+    os.chmod(root / "c.bin", 0o644)
+    assert export.hash_file("c.bin") == (hashlib.sha256(GOOD).hexdigest(), len(GOOD))
+    export.make_read_only("c.bin")
+    assert stat.S_IMODE((root / "c.bin").stat().st_mode) == 0o444

@@ -125,6 +125,7 @@ class Export:
         self._staging_fd = -1
         self._lock = threading.Lock()
         self._unsynced_dirs: set[tuple[str, ...]] = set()
+        self._hashed: dict[str, tuple[int, ...]] = {}  # dest → identity of the file hash_file read
 
     def open(self, *, create_staging: bool = True) -> None:
         """Check the root and hold a descriptor of it; unless ``create_staging`` is False (a dry run:
@@ -344,7 +345,8 @@ class Export:
             os.close(fd)
 
     def hash_file(self, dest: str) -> tuple[str, int]:
-        """sha256 and size of the regular file at ``dest`` (read without following symlinks).
+        """sha256 and size of the regular file at ``dest`` (read without following symlinks); the file's
+        identity is remembered for :meth:`make_read_only`.
 
         Raises :class:`PublishError` when it is gone, not a regular file or unreadable."""
         digest = hashlib.sha256()
@@ -354,16 +356,25 @@ class Export:
                 while chunk := os.read(fd, _READ_CHUNK):
                     digest.update(chunk)
                     size += len(chunk)
+                seen = _identity(os.fstat(fd))
         except OSError as exc:
             raise _os_error("cannot read", dest, exc) from None
+        with self._lock:
+            self._hashed[dest] = seen
         return digest.hexdigest(), size
 
     def make_read_only(self, dest: str) -> None:
-        """chmod 0444 the file at ``dest`` (used when adopting a file found in place).
+        """chmod 0444 the file at ``dest`` (adopting a file found in place), only if it is still the very
+        file :meth:`hash_file` read (same inode, size, mtime and ctime): a file swapped in or changed
+        after the check is never adopted.
 
-        Raises :class:`PublishError` as :meth:`hash_file` does."""
+        Raises :class:`PublishError` as :meth:`hash_file` does, and when the file changed."""
+        with self._lock:
+            seen = self._hashed.pop(dest, None)
         try:
             with self._open_dest(dest, "disappeared while being adopted") as fd:
+                if seen is None or _identity(os.fstat(fd)) != seen:
+                    raise PublishError(f"{dest} changed while being adopted; left untouched")
                 os.fchmod(fd, 0o444)
         except OSError as exc:
             raise _os_error("cannot set mode 0444 on", dest, exc) from None
@@ -597,6 +608,10 @@ def _holder(fd: int) -> str:
     except (OSError, UnicodeDecodeError):
         return ""
     return f" (pid {text})" if text.isdigit() else ""
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _unlinked(fd: int) -> bool:
