@@ -106,3 +106,14 @@ def test_file_dest_overlapping_a_directory_dest_across_files(world: World, tmp_p
         f"{one}: asset[0].dest: 'p' is a file dest but 'p/q' ({two}: asset[0]) puts a file under it",
         f"{two}: asset[0].dest: 'p/q' needs 'p' to be a directory, but 'p' ({one}: asset[0]) makes it a file",
     ]
+
+
+def test_non_ascii_names_print_on_an_ascii_terminal(world: World, tmp_path: Path) -> None:
+    """With an ASCII-only stdout, a non-ASCII file name is printed as an escape, not a traceback."""
+    (tmp_path / "m").mkdir()
+    bad = tmp_path / "m" / "caf\u00e9.toml"
+    bad.write_text("x = [\n")
+    run = world.run("validate", str(tmp_path / "m"), env={"PYTHONIOENCODING": "ascii"})
+    assert run.code == 1
+    assert "Traceback" not in run.err
+    assert run.out.startswith(f"{tmp_path}/m/caf\\xe9.toml")

@@ -108,9 +108,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from syncd.report import shown
+    from syncd.report import escape_unencodable, shown
     from syncd.validate import validate
 
+    escape_unencodable(sys.stdout)
     report = validate(args.paths, args.base)
     for line in report.problems:
         print(shown(line))

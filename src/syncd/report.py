@@ -8,7 +8,8 @@ for a human from such text goes through :func:`shown`. (JSON log events are esca
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import io
+from typing import TYPE_CHECKING, TextIO
 
 from syncd.plan import Kind
 from syncd.progress import human
@@ -38,6 +39,13 @@ def shown(text: str, limit: int = MAX_SHOWN) -> str:
     if len(line) > limit:
         line = f"{line[:limit]}... ({len(line) - limit} more characters)"
     return line
+
+
+def escape_unencodable(stream: TextIO) -> None:
+    """Make ``stream`` print characters its encoding cannot hold (an ASCII or Latin-1 locale) as
+    backslash escapes instead of failing with a traceback."""
+    if isinstance(stream, io.TextIOWrapper):
+        stream.reconfigure(errors="backslashreplace")
 
 
 def count_dry(result: PassResult) -> None:
