@@ -152,6 +152,31 @@ def test_submodule_is_skipped_by_both(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
+def test_manifest_replaced_by_a_submodule_is_gone_for_the_daemon(
+    world: World, git_repo: GitRepo, tmp_path: Path
+) -> None:
+    """A manifest replaced by a submodule of the same name is deleted for the daemon (the tree diff judges
+    by mode): its asset is orphaned, not parsed from stale cache, and nothing is invalid."""
+    world.manifest("keep.toml", {**world.asset("keep.bin", 50), "dest": "keep.bin"})
+    world.manifest("gone.toml", {**world.asset("gone.bin", 50), "dest": "gone.bin"})
+    git_repo.commit("two manifests")
+    assert world.sync().code == 0
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "x.toml").write_text("")
+    _git(sub, "init", "-q")
+    _git(sub, "add", "--all")
+    _git(sub, "commit", "-q", "-m", "sub")
+    git_repo.git("rm", "-q", "assets/gone.toml")
+    git_repo.git("-c", "protocol.file.allow=always", "submodule", "add", "-q", str(sub), "assets/gone.toml")
+    git_repo.commit("gone.toml is now a submodule")
+    run = world.sync()
+    assert run.code == 0, run.err
+    assert run.named("manifest_invalid") == []
+    assert [e["dest"] for e in run.named("asset_orphaned")] == ["gone.bin"]
+
+
+@pytest.mark.e2e
 def test_directory_without_manifests_fails(world: World, tmp_path: Path) -> None:
     """A directory holding no *.toml file exits 1 naming it (a wrong CI path must not pass every PR);
     a '.TOML' file there is a warning that syncd ignores it."""
