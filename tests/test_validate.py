@@ -405,3 +405,19 @@ def test_invisible_and_bidi_characters_are_refused_in_dest_and_source(
         assert f"U+{ord(bad):04X} at character {2 + len(before)}" in message or (
             bad == "\x85" and message == "must not contain control characters"
         )
+
+
+@pytest.mark.e2e
+def test_manifest_over_the_size_limit_is_invalid_in_the_daemon(world: World, git_repo: GitRepo) -> None:
+    """In the daemon a manifest blob over MAX_BYTES is invalid with validate's problem; others sync."""
+    world.manifest("ok.toml", {**world.asset("ok.bin", 10), "dest": "ok.bin"})
+    body = manifest_text(entry("a.bin", description="x" * 1000))
+    text = body * (manifest.MAX_BYTES // len(body) + 1)
+    git_repo.write("assets/big.toml", text)
+    git_repo.commit("a big manifest")
+    run = world.sync()
+    assert run.code == 1
+    assert [e["problems"] for e in run.named("manifest_invalid")] == [
+        [manifest.size_problem("assets/big.toml", len(text))]
+    ]
+    assert world.export_files() == ["ok.bin"]

@@ -366,10 +366,17 @@ class ManifestRepo:
     def read_manifest(self, path: str, entry_id: str) -> bytes:
         """The bytes of manifest ``path`` from its entry id (from :meth:`manifests` or :meth:`blob_id`).
 
-        Raises :class:`ManifestError` for a symbolic link (the same problem ``syncd validate`` reports),
-        :class:`GitError` if the blob cannot be read."""
+        Raises :class:`ManifestError` for a symbolic link or a blob over :data:`manifest.MAX_BYTES` (the
+        problems ``syncd validate`` reports; the big blob is not read into memory), :class:`GitError` if
+        the blob cannot be read."""
         if entry_id.startswith(SYMLINK_ID):
             raise ManifestError(path, [manifest.symlink_problem(path)])
+        try:
+            _, size = self._open_or_create().odb.read_header(entry_id)
+        except (KeyError, ValueError, pygit2.GitError) as exc:
+            raise GitError(f"cannot read blob {entry_id} ({type(exc).__name__})") from None
+        if size > manifest.MAX_BYTES:
+            raise ManifestError(path, [manifest.size_problem(path, size)])
         return self.read(entry_id)
 
     def read(self, blob_id: str) -> bytes:
