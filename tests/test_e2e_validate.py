@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,15 @@ def test_non_ascii_names_print_on_an_ascii_terminal(world: World, tmp_path: Path
     assert run.code == 1
     assert "Traceback" not in run.err
     assert run.out.startswith(f"{tmp_path}/m/caf\\xe9.toml")
+
+
+def test_base_with_a_symlink_manifest_published_nothing(world: World, git_repo: GitRepo) -> None:
+    """A manifest that was a symlink at --base published nothing there: its dests are new now."""
+    git_repo.write("assets/real.toml", manifest_text(entry("a.bin")))
+    os.symlink("real.toml", git_repo.work_path / "assets" / "link.toml")
+    base = git_repo.commit("a symlink manifest")
+    git_repo.remove("assets/link.toml")
+    git_repo.write("assets/link.toml", manifest_text(entry("b.bin", sha=SHA_B)))
+    git_repo.write("assets/real.toml", manifest_text(entry("a.bin")))
+    run = world.run("validate", "--base", base, str(git_repo.work_path / "assets"))
+    assert (run.code, run.out) == (0, ""), run.out

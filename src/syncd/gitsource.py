@@ -474,7 +474,9 @@ def read_at_revision(path: Path, rev: str) -> tuple[Path, dict[str, bytes]]:
         blobs = {rel: _entry_id(entry.id, entry.filemode)} if manifest.is_manifest_name(rel) else {}
     else:
         blobs = dict(list_manifests(commit.tree, rel))
-    # A symbolic link at the base was an invalid manifest there: it published nothing.
+    # A symbolic link or an oversized file at the base was an invalid manifest there: it published nothing.
     return workdir, {
-        p: bytes(repo[b].read_raw()) for p, b in blobs.items() if b and not b.startswith(SYMLINK_ID)
+        p: bytes(repo[b].read_raw())
+        for p, b in blobs.items()
+        if b and not b.startswith(SYMLINK_ID) and repo.odb.read_header(b)[1] <= manifest.MAX_BYTES
     }
