@@ -642,3 +642,207 @@ def test_config_path_accepts_relative_cli_value() -> None:
     assert config_path("conf/syncd.conf") == Path("conf/syncd.conf")
     assert not config_path("conf/syncd.conf").is_absolute()
     assert os.environ.get("SYNCD_CONFIG") is None
+
+
+# durations that make no sense -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ('[download]\ntimeout = "500ms"\n', "at 'download.timeout': must be at least 1s (got 500ms)"),
+        ('[schedule]\ninterval = "1ms"\n', "at 'schedule.interval': must be at least 100ms (got 1ms)"),
+        (
+            '[schedule]\ninterval = "10s"\njitter = "10s"\n',
+            "at 'schedule.jitter': must be shorter than schedule.interval (10s >= 10s)",
+        ),
+        (
+            '[schedule]\ninterval = "1m"\njitter = "1h"\n',
+            "at 'schedule.jitter': must be shorter than schedule.interval (3600s >= 60s)",
+        ),
+        (
+            '[download]\nbackoff = "2m"\n',
+            "at 'download.backoff': must not be longer than download.backoff_max (120s > 60s)",
+        ),
+    ],
+    ids=["timeout-500ms", "interval-1ms", "jitter-equal", "jitter-longer", "backoff-over-max"],
+)
+def test_durations_that_make_no_sense_are_refused(confdir: Path, extra: str, expected: str) -> None:
+    """A timeout under 1s, an interval under 100ms, a jitter not shorter than the interval and a backoff
+    longer than backoff_max are refused at their key (backoff is no longer raised silently)."""
+    assert problems(write(confdir, SSH_SOURCE, ARTIFACTORY, EXPORT, extra)) == [expected]
+
+
+def test_duration_floors_themselves_are_accepted(confdir: Path) -> None:
+    """timeout = 1s, interval = 100ms with jitter 0, and backoff equal to backoff_max all load as given."""
+    extra = (
+        '[download]\ntimeout = "1s"\nbackoff = "5s"\nbackoff_max = "5s"\n'
+        '[schedule]\ninterval = "100ms"\njitter = 0\n'
+    )
+    cfg = load(write(confdir, SSH_SOURCE, ARTIFACTORY, EXPORT, extra))
+    assert (cfg.timeout, cfg.interval, cfg.jitter, cfg.backoff, cfg.backoff_max) == (1.0, 0.1, 0.0, 5.0, 5.0)
+
+
+# export.staging ---------------------------------------------------------------------------------------
+
+
+def _other_filesystem(than: Path) -> Path | None:
+    """A directory on another file system than ``than`` (tmpfs /dev/shm, /run), or None."""
+    for candidate in (Path("/dev/shm"), Path("/run"), Path("/proc/self")):
+        try:
+            if candidate.is_dir() and candidate.stat().st_dev != than.stat().st_dev:
+                return candidate
+        except OSError:
+            continue
+    return None
+
+
+def test_staging_on_another_file_system_is_refused(confdir: Path, tmp_path: Path) -> None:
+    """A staging directory (not created yet) whose nearest existing parent is on another file system
+    than the existing export root is refused at load, before anything is created there."""
+    root = tmp_path / "export"
+    root.mkdir()
+    other = _other_filesystem(root)
+    if other is None:
+        pytest.skip("no second file system visible")
+    staging = other / f"syncd-staging-{os.getpid()}" / "sub"
+    export = f'[export]\nroot = "{root}"\nstaging = "{staging}"\n'
+    assert problems(write(confdir, SSH_SOURCE, ARTIFACTORY, export)) == [
+        f"at 'export.staging': {staging} is on another file system than export.root ({root}): the rename "
+        "into the export would not be atomic; use a directory on the export's file system"
+    ]
+    assert not staging.parent.exists()
+
+
+def test_staging_beside_the_root_on_its_file_system_is_accepted(confdir: Path, tmp_path: Path) -> None:
+    """A staging directory next to the root on the same file system, not created yet, is fine."""
+    root = tmp_path / "export"
+    root.mkdir()
+    export = f'[export]\nroot = "{root}"\nstaging = "{tmp_path / "stage" / "x"}"\n'
+    assert load(write(confdir, SSH_SOURCE, ARTIFACTORY, export)).staging == tmp_path / "stage" / "x"
+
+
+def test_staging_check_is_skipped_while_the_root_is_missing(confdir: Path, tmp_path: Path) -> None:
+    """With no root yet (the mount is missing) the file system check is skipped: check-config still passes."""
+    root = tmp_path / "not-mounted"
+    export = f'[export]\nroot = "{root}"\nstaging = "/dev/shm/x"\n'
+    assert load(write(confdir, SSH_SOURCE, ARTIFACTORY, export)).export_root == root
+
+
+@pytest.mark.parametrize("staging", ["/srv", "/", "/srv/nfs", "/srv/nfs/ml-assets/.."])
+def test_staging_above_the_root_is_refused(confdir: Path, staging: str) -> None:
+    """A staging directory that contains the export root (syncd empties it each pass) is refused."""
+    export = EXPORT + f'staging = "{staging}"\n'
+    assert problems(write(confdir, SSH_SOURCE, ARTIFACTORY, export)) == [
+        f"at 'export.staging': {os.path.normpath(staging)} contains the export root; "
+        "syncd empties its staging directory every pass"
+    ]
+
+
+def test_staging_that_is_the_root_through_a_symlink_is_refused(confdir: Path, tmp_path: Path) -> None:
+    """A staging path that resolves to the export root (via a symbolic link) is refused."""
+    root = tmp_path / "export"
+    root.mkdir()
+    (tmp_path / "alias").symlink_to(root)
+    export = f'[export]\nroot = "{root}"\nstaging = "{tmp_path / "alias"}"\n'
+    assert problems(write(confdir, SSH_SOURCE, ARTIFACTORY, export)) == [
+        "at 'export.staging': must not be the export root itself"
+    ]
+
+
+# source.url userinfo, source.username -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            f"https://{TOKEN}@git.example.com/m.git",
+            "must not carry a user name (a token there would be logged); "
+            "use source.username and source.token_file",
+        ),
+        (f"https://git.example.com/m.git?private_token={TOKEN}", "must not have a query or fragment"),
+        (f"https://git.example.com/m.git#{TOKEN}", "must not have a query or fragment"),
+        ("https://git.example.com:99999/m.git", "has an invalid port (a number from 1 to 65535)"),
+        ("https://git.example.com:abc/m.git", "has an invalid port (a number from 1 to 65535)"),
+        ("https:///m.git", "must name a host"),
+        ("https://git.example.com/m .git", "is not a URL (spaces, control characters or a bad [host])"),
+        ("https://[::1/m.git", "is not a URL (spaces, control characters or a bad [host])"),
+    ],
+    ids=["token-as-user", "query", "fragment", "port-range", "port-text", "no-host", "space", "bracket"],
+)
+def test_source_url_problems_never_echo_it(confdir: Path, url: str, expected: str) -> None:
+    """A source url with a user name (http/https), query, fragment, bad port or no host is refused at
+    'source.url', and the error never repeats the url."""
+    with pytest.raises(ConfigError) as info:
+        load(write(confdir, f'[source]\nurl = "{url}"\n', ARTIFACTORY, EXPORT))
+    assert info.value.problems == [f"at 'source.url': {expected}"]
+    assert TOKEN not in str(info.value) and url not in str(info.value)
+
+
+@pytest.mark.parametrize("user", ["-oProxyCommand=x", "a%40b", "a:b"])
+def test_ssh_user_must_be_a_plain_name(confdir: Path, user: str) -> None:
+    """An ssh:// user that is not a plain name (option-like, percent-encoded) is refused."""
+    src = SSH_SOURCE.replace("ssh://git@", f"ssh://{user}@")
+    expected = (
+        "must not carry a password; put the token in source.token_file"
+        if ":" in user
+        else "the ssh user name must be a plain name such as git@"
+    )
+    assert problems(write(confdir, src, ARTIFACTORY, EXPORT)) == [f"at 'source.url': {expected}"]
+
+
+def test_source_username_is_for_http_only(confdir: Path) -> None:
+    """[source] username is refused on an ssh:// url (the ssh user goes in the url) and must be a plain
+    basic-auth user (no ':' or blank)."""
+    assert problems(write(confdir, SSH_SOURCE + 'username = "ci"\n', ARTIFACTORY, EXPORT)) == [
+        "at 'source.username': only for an https:// (or http://) url"
+    ]
+    assert problems(write(confdir, HTTPS_SOURCE + 'username = "c:i"\n', ARTIFACTORY, EXPORT)) == [
+        "at 'source.username': must be printable ASCII without spaces or ':'"
+    ]
+
+
+def test_bad_artifactory_port_is_refused(confdir: Path) -> None:
+    """An Artifactory url with a port out of range is a config error (not a crash at start)."""
+    art = ARTIFACTORY.replace("artifactory.example.com/", "artifactory.example.com:70000/")
+    assert problems(write(confdir, HTTPS_SOURCE, art, EXPORT)) == [
+        "at 'artifactory.url': has an invalid port (a number from 1 to 65535)"
+    ]
+
+
+# warnings ---------------------------------------------------------------------------------------------
+
+
+def test_plain_http_with_credentials_is_allowed_with_warnings(confdir: Path) -> None:
+    """http:// with an Artifactory token, and an http:// source with a token_file, load with one warning
+    each; https:// and anonymous http:// give none."""
+    secret(confdir / "git.token", "git-token\n")
+    src = '[source]\nurl = "http://git.example.com/m.git"\ntoken_file = "git.token"\n'
+    art = ARTIFACTORY.replace("https://", "http://")
+    cfg = load(write(confdir, src, art, EXPORT))
+    assert cfg.warnings == (
+        "at 'source.url': plain http:// sends source.token_file's token unencrypted; use https://",
+        "at 'artifactory.url': plain http:// sends the Artifactory credentials unencrypted; use https://",
+    )
+    assert load(write(confdir, HTTPS_SOURCE, ARTIFACTORY, EXPORT)).warnings == ()
+    anonymous = '[artifactory]\nurl = "http://a.example.com"\n'
+    assert (
+        load(write(confdir, '[source]\nurl = "http://g.example.com/m.git"\n', anonymous, EXPORT)).warnings
+        == ()
+    )
+
+
+def test_check_config_prints_warnings_on_stderr(confdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """syncd check-config exits 0 and prints each warning as 'warning: …' on stderr, the summary on stdout."""
+    from syncd import cli
+
+    art = ARTIFACTORY.replace("https://", "http://")
+    path = write(confdir, HTTPS_SOURCE, art, EXPORT)
+    assert cli.main(["check-config", "-c", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert err == (
+        "warning: at 'artifactory.url': plain http:// sends the Artifactory credentials unencrypted; "
+        "use https://\n"
+    )
+    assert out.startswith(f"{path}: OK\n") and TOKEN not in out + err
