@@ -11,6 +11,10 @@ A manifest is a TOML file with one or more ``[[asset]]`` tables::
     replace = true                                      # optional: allow changing a published dest
 
 Problems read ``FILE:LINE: message`` when TOML gives a line, else ``FILE: asset[N].field: message``.
+A file is at most :data:`MAX_BYTES` and :data:`MAX_ASSETS` assets. Across files, :func:`conflicts` finds
+dests that cannot all be synced (equal, or one a directory on the other's path) and :func:`lookalikes`
+dests that one case-insensitive or normalizing file system would merge. :data:`RULES_VERSION` names
+these rules for caches of parses.
 """
 
 from __future__ import annotations
@@ -255,24 +259,14 @@ def conflicts(assets: Iterable[Asset]) -> dict[str, list[Asset]]:
 
 def conflict_problems(dest: str, claims: list[Asset], limit: int = 5) -> list[str]:
     """One problem line per asset whose dest is ``dest``, naming what it collides with (at most
-    ``limit`` others, then a count), for :func:`conflicts` results."""
+    ``limit`` others, then a count), for :func:`conflicts` results (``syncd validate``)."""
     own = [a for a in claims if a.dest == dest]
+    overlaps = _overlaps(repr(dest), dest, claims, limit)
     lines = []
     for a in own:
-        parts = []
-        same = [o.where() for o in own if o is not a]
-        if same:
-            parts.append(f"{dest!r} is also the dest of {', '.join(same)}")
-        under = [o for o in claims if o.dest.startswith(dest + "/")]
-        if under:
-            parts.append(f"{dest!r} is a file dest but {_some(under, limit)} {_puts(under)}")
-        above = [o for o in claims if dest.startswith(o.dest + "/")]
-        if above:
-            parts.append(
-                f"{dest!r} needs {above[0].dest!r} to be a directory, but {_some(above, limit)} "
-                "makes it a file"
-            )
-        lines.append(f"{a.where()}.dest: " + "; ".join(parts))
+        same = [o for o in own if o is not a]
+        parts = [f"{dest!r} is also the dest of {_where(same, limit)}"] if same else []
+        lines.append(f"{a.where()}.dest: " + "; ".join(parts + overlaps))
     return lines
 
 
@@ -280,25 +274,28 @@ def conflict_reason(dest: str, claims: list[Asset], limit: int = 5) -> str:
     """One bounded sentence for why ``dest`` (a :func:`conflicts` key) is refused, for the daemon's
     ``asset_refused`` event: at most ``limit`` other assets are named, then a count."""
     own = [a for a in claims if a.dest == dest]
+    parts = [f"dest is claimed by more than one asset ({_where(own, limit)})"] if len(own) > 1 else []
+    return "; ".join(parts + _overlaps("dest", dest, claims, limit)) + "; none is synced"
+
+
+def _overlaps(subject: str, dest: str, claims: list[Asset], limit: int) -> list[str]:
+    """What ``dest`` overlaps among ``claims``: assets under it, and assets that are files on its path."""
     parts = []
-    if len(own) > 1:
-        parts.append(
-            f"dest is claimed by more than one asset ({', '.join(a.where() for a in own[:limit])}"
-            + (f" and {len(own) - limit} more)" if len(own) > limit else ")")
-        )
     under = [o for o in claims if o.dest.startswith(dest + "/")]
     if under:
-        parts.append(f"dest is a file dest but {_some(under, limit)} {_puts(under)}")
+        puts = "puts a file under it" if len(under) == 1 else "put files under it"
+        parts.append(f"{subject} is a file dest but {_some(under, limit)} {puts}")
     above = [o for o in claims if dest.startswith(o.dest + "/")]
     if above:
         parts.append(
-            f"dest needs {above[0].dest!r} to be a directory, but {_some(above, limit)} makes it a file"
+            f"{subject} needs {above[0].dest!r} to be a directory, but {_some(above, limit)} makes it a file"
         )
-    return "; ".join(parts) + "; none is synced"
+    return parts
 
 
-def _puts(under: list[Asset]) -> str:
-    return "puts a file under it" if len(under) == 1 else "put files under it"
+def _where(claims: list[Asset], limit: int) -> str:
+    more = len(claims) - limit
+    return ", ".join(a.where() for a in claims[:limit]) + (f" and {more} more" if more > 0 else "")
 
 
 def _some(claims: list[Asset], limit: int) -> str:
