@@ -403,3 +403,28 @@ def test_git_failure_messages_are_syncd_own_text(tmp_path: Path, git_repo: GitRe
     err = run.one("command_failed")["error"]
     assert err == f"clone of {url} failed: the server answered HTTP 500", err
     assert "leaked" not in run.err
+
+
+@pytest.mark.unit
+@settings(max_examples=examples(100), deadline=None, database=None)
+@given(
+    token=_TOKEN,
+    noise=st.text(max_size=300),
+    form=st.sampled_from(["user", "password", "query", "fragment"]),
+)
+def test_libgit2_text_is_reduced_to_syncd_words(token: str, noise: str, form: str) -> None:
+    """Whatever libgit2 says (URLs with credentials, control characters, any length), the GitError detail
+    never holds the token, a control character or a line break, and stays bounded."""
+    from syncd.gitsource import _reason, _safe
+
+    url = {
+        "user": f"https://{token}@h.example/x.git",
+        "password": f"https://u:{token}@h.example/x.git",
+        "query": f"https://h.example/x.git?access_token={token}",
+        "fragment": f"https://h.example/x.git#{token}",
+    }[form]
+    shown = _reason(pygit2.GitError(f"weird failure {noise} at {url} {noise}"))
+    assert token not in shown
+    assert all(0x20 <= ord(c) <= 0x7E for c in shown), shown
+    assert len(shown) <= 200
+    assert token not in _safe(url) and _safe(url) == "https://h.example/x.git"
