@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -270,3 +271,26 @@ def test_sigterm_during_a_long_pass_exits_promptly(world: World, daemon: Callabl
     assert not (world.export / "big.bin").exists()
     assert d.named("asset_interrupted") and not d.named("asset_failed")
     assert all(name.endswith((".part", ".meta")) for name in world.staging_files())
+
+
+def test_export_held_by_another_syncd_fails_the_pass_not_the_daemon(
+    world: World, daemon: Callable[..., Daemon]
+) -> None:
+    """While another syncd holds the export lock, each pass fails clearly and the daemon keeps running;
+    the first pass after the lock is released lands everything. config_insecure is logged at start."""
+    a = world.asset("a.bin", 1000, seed=1)
+    world.manifest("a.toml", {**a, "dest": "a.bin"})
+    world.repo.commit("a")
+    world.write_config(schedule={"interval": "300ms", "jitter": 0})
+    with open(world.export / ".syncd.lock", "a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        d = daemon()
+        failed = d.wait_event("pass_failed", count=2)
+        assert failed["error_type"] == "LockHeldError" and d.proc.poll() is None
+        assert not d.named("internal_error") and not d.named("asset_published")
+        d.wait_message("STATUS=last pass failed: ")
+    d.wait_event("asset_published")
+    assert (world.export / "a.bin").read_bytes() == (world.blobs / "a.bin").read_bytes()
+    insecure = d.named("config_insecure")
+    assert len(insecure) == 1 and "artifactory.url" in insecure[0]["warning"]
+    assert d.stop() == 0

@@ -93,7 +93,7 @@ def test_stale_staging_files_are_removed_at_start(world: World) -> None:
     world.repo.commit("a")
     staging = world.export / ".syncd-staging"
     staging.mkdir(mode=0o700)
-    (staging / "deadbeef.part").write_bytes(b"half a file")
+    (staging / ("d" * 32 + ".part")).write_bytes(b"half a file")  # a syncd staging name
     assert one_pass(world).ok
     assert world.staging_files() == []
     assert oct(staging.stat().st_mode & 0o777) == "0o700"
@@ -311,3 +311,15 @@ def test_overlapping_dests_in_one_file_make_it_invalid(world: World) -> None:
     problems = run.one("manifest_invalid")["problems"]
     assert len(problems) == 2 and all("'p'" in p for p in problems)
     assert world.export_files() == ["ok.bin"]
+
+
+def test_sync_logs_each_config_warning(world: World) -> None:
+    """syncd sync logs each accepted-but-risky setting (credentials over plain http) as config_insecure."""
+    world.manifest("a.toml", {**world.asset("a.bin", 100, seed=1), "dest": "a.bin"})
+    world.repo.commit("a")
+    for args in ((), ("--dry-run",)):
+        run = world.sync(*args)
+        assert run.code == 0
+        warning = run.one("config_insecure")
+        assert warning["level"] == "warning" and "at 'artifactory.url'" in warning["warning"]
+        assert world.nginx.token not in run.err

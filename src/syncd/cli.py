@@ -71,11 +71,14 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from syncd.reconcile import Reconciler
     from syncd.report import render_plan, shown
 
-    cfg = config.load(config.config_path(args.config))
+    path = config.config_path(args.config)
+    cfg = config.load(path)
+    for warning in cfg.warnings:
+        log.warning("config_insecure", config=str(path), warning=warning)
     lock = StateLock(cfg.state_dir)
     owner = ""
     try:
-        lock.acquire()
+        lock.acquire(readonly=args.dry_run)  # a dry run creates and writes nothing in the state dir
     except LockHeldError as exc:
         if not args.dry_run:
             raise

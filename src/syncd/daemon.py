@@ -6,9 +6,11 @@ APScheduler 3 (a ``BackgroundScheduler`` with one worker thread) runs the pass e
 ``jitter``, starting right away. A pass still running when the next is due is coalesced, never queued or
 run twice at once (``max_instances=1``, ``coalesce=True``).
 
-Signals: SIGTERM/SIGINT stop gracefully (no new downloads, in-flight ones interrupted and discarded, the
-ledger consistent, exit 0); SIGHUP re-reads the config (an invalid one is logged and the old one stays);
-SIGUSR1 starts a pass now, or one more right after the running one.
+Signals: SIGTERM/SIGINT stop gracefully (no new downloads; in-flight ones interrupted, their partials kept
+in staging for the next pass to resume; the ledger consistent; exit 0); SIGHUP re-reads the config (an
+invalid one is logged and the old one stays); SIGUSR1 starts a pass now, or one more right after the
+running one. A pass that cannot run (git unreachable, the export held by another syncd, a ledger error)
+is logged as ``pass_failed`` and the next one is tried at the next interval.
 """
 
 from __future__ import annotations
@@ -144,6 +146,7 @@ class Daemon:
                 kept=str(self.cfg.state_dir),
             )
             cfg = dataclasses.replace(cfg, state_dir=self.cfg.state_dir)
+        _warn_insecure(self.path, cfg)
         schedule_changed = (cfg.interval, cfg.jitter) != (self.cfg.interval, self.cfg.jitter)
         self._pending = cfg
         self.cfg = cfg
@@ -161,6 +164,7 @@ class Daemon:
             signal.signal(sig, lambda *_: None)  # the byte on the wakeup fd does the work
         try:
             log.info("daemon_started", version=__version__, pid=os.getpid(), **config.describe(self.cfg))
+            _warn_insecure(self.path, self.cfg)
             self.scheduler.add_job(
                 self._job, self._trigger(), id=JOB, next_run_time=datetime.now(UTC), name="reconcile pass"
             )
@@ -212,6 +216,12 @@ class Daemon:
             self.scheduler.shutdown(wait=True)
         self.rec.close()
         log.info("daemon_stopped", duration_s=round(time.monotonic() - started, 3))
+
+
+def _warn_insecure(path: Path, cfg: Config) -> None:
+    """One ``config_insecure`` warning per risky but accepted setting (e.g. credentials over http)."""
+    for warning in cfg.warnings:
+        log.warning("config_insecure", config=str(path), warning=warning)
 
 
 def run(path: Path) -> int:

@@ -14,7 +14,10 @@ The only module that touches SQLite and the state directory's lock file. Tables:
 Every write is one transaction, in WAL mode with ``synchronous=NORMAL``: a crash of syncd loses nothing, and a
 power cut can lose only the last rows. That is safe because every row follows the fact it records: a file
 that is published but lost its row is found at its dest on the next pass, hashed, and adopted; a lost
-failure row only resets a backoff.
+failure row only resets a backoff. For the same reason a ledger that is damaged or not a syncd ledger at
+all is set aside (``ledger.sqlite3.corrupt-<UTC time>``) and rebuilt by adoption; one written by a newer
+syncd is refused. The state directory must belong to the user syncd runs as and be writable by no one
+else; the lock and the ledger are never followed through a symlink.
 """
 
 from __future__ import annotations
@@ -24,16 +27,20 @@ import fcntl
 import json
 import os
 import sqlite3
+import stat
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
-from syncd.errors import LedgerError, LockHeldError
+from syncd import logs
+from syncd.errors import LedgerError, LedgerRefusedError, LockHeldError
 from syncd.manifest import Asset
 
+log = logs.get()
 SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -47,6 +54,185 @@ CREATE TABLE IF NOT EXISTS failures (
     dest TEXT PRIMARY KEY, sha256 TEXT NOT NULL, attempts INTEGER NOT NULL, last_error TEXT NOT NULL,
     first_failed_at TEXT NOT NULL, last_failed_at TEXT NOT NULL);
 """
+_COLUMNS = {
+    "meta": ("key", "value"),
+    "manifests": ("path", "blob", "assets", "problems"),
+    "published": (
+        "dest",
+        "sha256",
+        "size",
+        "source",
+        "manifest",
+        "commit_id",
+        "published_at",
+        "how",
+        "orphaned_at",
+    ),
+    "failures": ("dest", "sha256", "attempts", "last_error", "first_failed_at", "last_failed_at"),
+}
+# Rows a pass would misread: a wrong type or a value syncd never writes (a flipped byte, a hand edit).
+_BAD_ROWS = {
+    "published": "typeof(dest) != 'text' OR typeof(size) != 'integer' OR size < 0 "
+    "OR length(sha256) != 64 OR sha256 GLOB '*[^0-9a-f]*' OR how NOT IN ('downloaded', 'adopted')",
+    "failures": "typeof(dest) != 'text' OR typeof(attempts) != 'integer' OR attempts < 1",
+    "manifests": "typeof(path) != 'text' OR typeof(blob) != 'text'",
+    "meta": "key IN ('manifests_commit', 'synced_commit') "
+    "AND (length(value) NOT IN (40, 64) OR value GLOB '*[^0-9a-f]*')",
+}
+_SQLITE_WHY = {
+    "SQLITE_NOTADB": "not an SQLite database",
+    "SQLITE_CORRUPT": "the file is damaged",
+    "SQLITE_FULL": "the disk is full",
+    "SQLITE_READONLY": "the file or its directory is read-only",
+    "SQLITE_CANTOPEN": "the file cannot be opened",
+    "SQLITE_BUSY": "locked by another process",
+    "SQLITE_PERM": "permission denied",
+    "SQLITE_IOERR": "an I/O error",
+}
+
+
+def _why(exc: sqlite3.Error) -> str:
+    """Our own words for an SQLite error (its code name and what it means), not the library's text."""
+    name = str(getattr(exc, "sqlite_errorname", "") or type(exc).__name__)
+    meaning = _SQLITE_WHY.get(name) or _SQLITE_WHY.get("_".join(name.split("_")[:2]))
+    return f"{name}: {meaning}" if meaning else name
+
+
+class _Garbage(LedgerError):
+    """The file is not a usable syncd ledger (damaged, not a database, foreign tables or rows); it can
+    be set aside and rebuilt, since every file at its dest is adopted again by hash."""
+
+
+def check_state_dir(state_dir: Path, *, create: bool) -> bool:
+    """Check that ``state_dir`` is safe to keep syncd's state in; ``create`` makes it (0700) if missing.
+
+    Out: whether it exists. Raises :class:`LedgerRefusedError` if it is not a directory, is owned by
+    another user than the one syncd runs as, or is writable by group or others (whoever can write there
+    can swap the ledger or the lock for a symlink); :class:`LedgerError` if it cannot be inspected."""
+    if create:
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise LedgerError(f"cannot create state directory {state_dir}: {exc.strerror}") from None
+    try:
+        st = os.stat(state_dir)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise LedgerError(f"cannot inspect state directory {state_dir}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise LedgerRefusedError(f"state directory {state_dir} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise LedgerRefusedError(
+            f"state directory {state_dir} is owned by uid {st.st_uid}, not by the user syncd runs as "
+            f"(uid {os.geteuid()}): chown it to that user"
+        )
+    if st.st_mode & 0o022:
+        raise LedgerRefusedError(
+            f"state directory {state_dir} is writable by group or others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}): chmod go-w it (syncd creates it 0700)"
+        )
+    return True
+
+
+def _refuse_link(path: Path) -> None:
+    """Refuse a symlink or a non-file where a state file belongs (missing is fine)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise LedgerError(f"cannot inspect {path}: {exc.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise LedgerRefusedError(f"{path} is a symlink; syncd does not follow it: remove it")
+    if not stat.S_ISREG(st.st_mode):
+        raise LedgerRefusedError(f"{path} is not a regular file: remove it")
+
+
+def _check_header(path: Path) -> None:
+    """A non-empty file that does not start like an SQLite database is garbage: SQLite itself would
+    take a file shorter than its header for an empty database and write over it."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise LedgerError(f"cannot read ledger {path}: {exc.strerror}") from None
+    if head and head != b"SQLite format 3\x00":
+        raise _Garbage(f"ledger {path} is not an SQLite database")
+
+
+def _companions(path: Path) -> tuple[Path, ...]:
+    """The files SQLite keeps beside a database in WAL mode (and the rollback journal)."""
+    return tuple(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))
+
+
+def _uri(path: Path, **params: str) -> str:
+    """An SQLite ``file:`` URI for ``path``: ``#``, ``?`` and ``%`` in the name are escaped."""
+    quoted = urllib.parse.quote(str(path.absolute()), safe="/")
+    return f"file:{quoted}?{urllib.parse.urlencode(params)}"
+
+
+def _open_readonly(path: Path) -> sqlite3.Connection:
+    """A connection that reads ``path`` and creates or changes nothing beside it.
+
+    ``mode=ro`` alone is not enough: opening a WAL database read-only creates its ``-wal`` and ``-shm``
+    files when they are missing. So: while a writer has them (a daemon running, or one killed with
+    unmerged pages), read through them with ``mode=ro`` (nothing new is created); when there are none,
+    the main file holds everything: read its bytes into memory (a stable snapshot: same inode, size and
+    mtime before and after, and still no ``-wal``), and mark the copy non-WAL so SQLite can load it."""
+    wal, shm = _companions(path)[:2]
+    for _ in range(5):
+        if wal.exists() and shm.exists():
+            return sqlite3.connect(_uri(path, mode="ro"), uri=True, check_same_thread=False)
+        data, stable = _snapshot(path, wal)
+        if stable:
+            db = sqlite3.connect(":memory:", check_same_thread=False)
+            db.deserialize(_not_wal(data))
+            return db
+        time.sleep(0.05)
+    raise LedgerError(f"ledger {path} kept changing while it was read; try again")
+
+
+def _snapshot(path: Path, wal: Path) -> tuple[bytes, bool]:
+    try:
+        with open(path, "rb") as fh:
+            before = os.fstat(fh.fileno())
+            data = fh.read()
+        after = os.stat(path)
+    except OSError as exc:
+        raise LedgerError(f"cannot read ledger {path}: {exc.strerror}") from None
+    same = (before.st_ino, before.st_size, before.st_mtime_ns) == (
+        after.st_ino,
+        after.st_size,
+        after.st_mtime_ns,
+    )
+    return data, same and len(data) == before.st_size and not wal.exists()
+
+
+def _not_wal(data: bytes) -> bytes:
+    """The database image with its header's WAL flags (bytes 18 and 19) set to rollback mode; an
+    in-memory database cannot be in WAL mode, and SQLite refuses to load such an image otherwise."""
+    if len(data) >= 100 and data[:16] == b"SQLite format 3\x00" and data[18:20] == b"\x02\x02":
+        return data[:18] + b"\x01\x01" + data[20:]
+    return data
+
+
+def _set_aside(path: Path) -> Path:
+    """Move a garbage ledger (and its WAL files, which belong to it alone) out of the way."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    for n in range(100):
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}" + (f".{n}" if n else ""))
+        if not os.path.lexists(aside):
+            break
+    try:
+        for src in (path, *_companions(path)):
+            if os.path.lexists(src):
+                os.rename(src, aside.with_name(aside.name + src.name[len(path.name) :]))
+    except OSError as exc:
+        raise LedgerError(f"cannot set aside damaged ledger {path}: {exc.strerror}") from None
+    return aside
 
 
 def now() -> str:
@@ -97,27 +283,44 @@ class StateLock:
         self.path = state_dir / "lock"
         self._fh: IO[str] | None = None
 
-    def acquire(self) -> None:
-        """Take the lock or raise :class:`LockHeldError` naming the holder."""
+    def acquire(self, *, readonly: bool = False) -> None:
+        """Take the lock or raise :class:`LockHeldError` naming the holder.
+
+        The lock file is opened with ``O_NOFOLLOW``: a symlink there is refused
+        (:class:`LedgerRefusedError`), never followed and truncated. ``readonly`` (a dry run) creates
+        and writes nothing: without a state directory or a lock file there is nothing to lock."""
+        if not check_state_dir(self.path.parent, create=not readonly):
+            return
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a FIFO there must not hang us
+        flags |= os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held until release())
+            fd = os.open(self.path, flags, 0o600)
+        except FileNotFoundError:
+            return  # readonly, and no syncd ever ran a pass here
         except OSError as exc:
+            if os.path.islink(self.path):
+                raise LedgerRefusedError(
+                    f"lock file {self.path} is a symlink; syncd does not follow it: remove it"
+                ) from None
             raise LedgerError(f"cannot open lock file {self.path}: {exc.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise LedgerRefusedError(f"lock file {self.path} is not a regular file: remove it")
+        fh = os.fdopen(fd, "r" if readonly else "r+", encoding="utf-8", errors="replace")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown"
+            holder = _pid_in(fh)
             fh.close()
             raise LockHeldError(
                 f"another syncd (pid {holder}) is running on state directory {self.path.parent}; "
                 "wait for it to finish or stop it (systemctl stop syncd)"
             ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
+        if not readonly:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
         self._fh = fh
 
     def release(self) -> None:
@@ -126,35 +329,111 @@ class StateLock:
             self._fh = None
 
 
+def _pid_in(fh: IO[str]) -> str:
+    """The holder's pid as written in the lock file, if it looks like one."""
+    fh.seek(0)
+    text = fh.read(32).strip()
+    return text if text.isdigit() else "unknown"
+
+
 class Ledger:
     """Read and write the ledger: one thread at a time (the coordinating thread of the running pass)."""
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        """Open (or create) the ledger at ``path`` and check that syncd can use it.
+
+        Raises :class:`LedgerRefusedError` (exit 2) for a ledger written by a newer syncd or a symlinked
+        file, ``_Garbage`` (a :class:`LedgerError`) for a damaged or foreign file, and
+        :class:`LedgerError` when it cannot be opened at all. ``readonly`` (a dry run) writes nothing
+        anywhere: see :func:`_open_readonly`."""
         self.path = path
         self.readonly = readonly
         self._batch_every: float | None = None
         self._last_commit = 0.0
+        for p in (path, *_companions(path)):
+            _refuse_link(p)
+        _check_header(path)
         try:
-            if readonly:
-                if not path.exists():
-                    self._db = sqlite3.connect(":memory:")
-                else:
-                    self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                self._db = sqlite3.connect(path, check_same_thread=False)
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            if not readonly or not path.exists():
+            self._db = self._connect()
+        except sqlite3.Error as exc:
+            raise _Garbage(f"cannot open ledger {path}: {_why(exc)}") from None
+        try:
+            self._check()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _connect(self) -> sqlite3.Connection:
+        if not self.readonly:
+            check_state_dir(self.path.parent, create=True)
+            db = sqlite3.connect(self.path, check_same_thread=False)
+            db.execute("PRAGMA busy_timeout=5000")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            return db
+        if not self.path.exists():
+            db = sqlite3.connect(":memory:", check_same_thread=False)
+            db.executescript(_SCHEMA)
+            return db
+        return _open_readonly(self.path)
+
+    def _check(self) -> None:
+        """Refuse a newer schema; call a damaged or foreign file garbage; create a new ledger's tables."""
+        try:
+            version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise LedgerRefusedError(
+                    f"ledger {self.path} was written by a newer syncd (schema {version}; this syncd "
+                    f"knows {SCHEMA_VERSION}): upgrade syncd, or move the ledger aside to rebuild it"
+                )
+            if self._db.execute("PRAGMA quick_check(1)").fetchone()[0] != "ok":
+                raise _Garbage(f"ledger {self.path} is damaged (SQLite quick_check failed)")
+            tables = {
+                str(r[0]) for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+            if not tables and not self.readonly:
                 self._db.executescript(_SCHEMA)
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                return
+            self._check_tables(tables)
         except sqlite3.Error as exc:
-            raise LedgerError(f"cannot open ledger {path}: {exc}") from None
+            raise _Garbage(f"ledger {self.path} is unreadable ({_why(exc)})") from None
+
+    def _check_tables(self, tables: set[str]) -> None:
+        if tables != set(_COLUMNS):
+            odd = ", ".join(sorted(tables ^ set(_COLUMNS)))
+            raise _Garbage(f"ledger {self.path} has unexpected or missing tables ({odd})")
+        for table, want in _COLUMNS.items():
+            have = tuple(str(r[1]) for r in self._db.execute(f"PRAGMA table_info({table})"))
+            if have != want:
+                raise _Garbage(f"ledger {self.path}: table {table} does not have the columns syncd writes")
+            bad = _BAD_ROWS.get(table)
+            query = f"SELECT 1 FROM {table} WHERE {bad} LIMIT 1"  # noqa: S608 (our own constants)
+            if bad and self._db.execute(query).fetchone():
+                raise _Garbage(f"ledger {self.path}: table {table} holds rows syncd never writes")
 
     @classmethod
     def in_state_dir(cls, state_dir: Path, *, readonly: bool = False) -> Ledger:
-        return cls(state_dir / "ledger.sqlite3", readonly=readonly)
+        """The ledger of ``state_dir``. A garbage one (damaged, not a database, foreign tables or rows)
+        is set aside as ``ledger.sqlite3.corrupt-<UTC time>`` and a new one is started: the next pass
+        adopts every file already at its dest by hash. A dry run never sets aside; it raises instead."""
+        path = state_dir / "ledger.sqlite3"
+        try:
+            return cls(path, readonly=readonly)
+        except _Garbage as exc:
+            if readonly:
+                raise LedgerError(
+                    f"{exc}; the next syncd sync sets it aside and rebuilds it from the export"
+                ) from None
+            aside = _set_aside(path)
+            log.warning(
+                "ledger_set_aside",
+                ledger=str(path),
+                moved_to=str(aside),
+                error=str(exc),
+                action="started a new ledger; files already at their dests are adopted by hash",
+            )
+            return cls(path)
 
     def close(self) -> None:
         self._db.close()
@@ -175,7 +454,7 @@ class Ledger:
             try:
                 self._db.commit()
             except sqlite3.Error as exc:
-                raise LedgerError(f"cannot write ledger {self.path}: {exc}") from None
+                raise LedgerError(f"cannot write ledger {self.path}: {_why(exc)}") from None
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -186,7 +465,7 @@ class Ledger:
                     self._db.commit()
                     self._last_commit = time.monotonic()
             except sqlite3.Error as exc:
-                raise LedgerError(f"cannot write ledger {self.path}: {exc}") from None
+                raise LedgerError(f"cannot write ledger {self.path}: {_why(exc)}") from None
             return
         if self.readonly:
             # A dry run plans against the ledger but never changes it: writes go to a scratch copy.
@@ -199,13 +478,13 @@ class Ledger:
             with self._db:
                 yield self._db
         except sqlite3.Error as exc:
-            raise LedgerError(f"cannot write ledger {self.path}: {exc}") from None
+            raise LedgerError(f"cannot write ledger {self.path}: {_why(exc)}") from None
 
     def _read(self, sql: str, args: Iterable[object] = ()) -> list[tuple[object, ...]]:
         try:
             return list(self._db.execute(sql, tuple(args)))
         except sqlite3.Error as exc:
-            raise LedgerError(f"cannot read ledger {self.path}: {exc}") from None
+            raise LedgerError(f"cannot read ledger {self.path}: {_why(exc)}") from None
 
     # meta -------------------------------------------------------------------------------------
     def get(self, key: str) -> str | None:
@@ -217,15 +496,28 @@ class Ledger:
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
     # manifest cache ---------------------------------------------------------------------------
-    def manifests(self) -> dict[str, CachedManifest]:
+    def manifest_cache(self, key: str) -> tuple[str | None, dict[str, CachedManifest]]:
+        """The manifest cache and the commit it reflects, if it was built under ``key`` and every row
+        decodes; otherwise ``(None, {})``, and the caller reads every manifest again (it is a cache)."""
+        if self.get("manifests_key") != key:
+            return None, {}
         out = {}
         for path, blob, assets, problems in self._read("SELECT path, blob, assets, problems FROM manifests"):
-            out[str(path)] = CachedManifest(
-                blob=str(blob),
-                assets=tuple(Asset(**a) for a in json.loads(str(assets or "[]"))),
-                problems=tuple(json.loads(str(problems or "[]"))),
-            )
-        return out
+            try:
+                out[str(path)] = CachedManifest(
+                    blob=str(blob),
+                    assets=tuple(Asset(**a) for a in json.loads(str(assets or "[]"))),
+                    problems=tuple(str(p) for p in json.loads(str(problems or "[]"))),
+                )
+            except (ValueError, TypeError, KeyError):  # bad JSON, or not the fields of an Asset
+                log.warning(
+                    "ledger_cache_dropped",
+                    ledger=str(self.path),
+                    manifest=str(path),
+                    error="a cached manifest row does not decode; every manifest is read again",
+                )
+                return None, {}
+        return self.get("manifests_commit"), out
 
     def update_manifests(
         self,

@@ -26,7 +26,7 @@ import tenacity
 
 from syncd import logs, manifest, retry
 from syncd.config import Config
-from syncd.errors import FetchError, GitError, ManifestError, SyncdError
+from syncd.errors import FetchError, GitError, ManifestError, StopRequested, SyncdError
 from syncd.fetch import Fetcher
 from syncd.gitsource import ManifestRepo
 from syncd.ledger import CachedManifest, Ledger
@@ -97,9 +97,7 @@ def load_desired(repo: ManifestRepo, ledger: Ledger, head: str) -> Desired:
     at ``head`` is read and parsed again. Raises :class:`GitError` if ``[source] path`` is not a
     directory at ``head`` (nothing would be desired: every published file would be orphaned)."""
     key = cache_key(repo.source.path)
-    same_key = ledger.get("manifests_key") == key
-    cache = ledger.manifests() if same_key else {}
-    cached_commit = ledger.get("manifests_commit") if same_key else None
+    cached_commit, cache = ledger.manifest_cache(key)
     if cached_commit != head:
         if cached_commit and repo.has_commit(cached_commit):
             change = repo.changes(cached_commit, head)
@@ -151,7 +149,9 @@ class Reconciler:
         self.stop = threading.Event()
         self.repo = ManifestRepo(cfg.source, cfg.state_dir, cfg.timeout)
         self.ledger = Ledger.in_state_dir(cfg.state_dir, readonly=dry_run)
-        self.fetcher = Fetcher(cfg.artifactory, timeout=cfg.timeout, concurrency=cfg.concurrency)
+        self.fetcher = Fetcher(
+            cfg.artifactory, timeout=cfg.timeout, concurrency=cfg.concurrency, stop=self.stop
+        )
 
     def close(self) -> None:
         self.fetcher.close()
@@ -170,7 +170,7 @@ class Reconciler:
                     log.info("staging_cleaned", files=len(leftovers), staging=str(self.cfg.staging))
             head = self._head(result)
             result.commit = head
-            if self._source_path_ok(head, result):
+            if self._servable(head, result):
                 self._reconcile(export, head, result)
         finally:
             export.close()
@@ -214,9 +214,17 @@ class Reconciler:
             self._execute(export, result)
             self._settle(desired, result)
 
-    def _source_path_ok(self, head: str, result: PassResult) -> bool:
-        """``[source] path`` must be a directory at ``head``: a missing one (a typo, a renamed
-        directory) would find no manifests and orphan every published file, so the pass plans nothing."""
+    def _servable(self, head: str, result: PassResult) -> bool:
+        """Whether this pass can plan at ``head``; if not, it plans nothing (so orphans nothing).
+
+        ``head`` must be in the clone (the last good commit may not be, after a rewritten branch and a
+        fresh clone), and ``[source] path`` must be a directory there: a missing one (a typo, a renamed
+        directory) would find no manifests and orphan every published file."""
+        if not self.repo.has_commit(head):
+            result.git_error = (result.git_error + "; " if result.git_error else "") + (
+                f"commit {head[:12]} is not in the clone; nothing was planned"
+            )
+            return False
         path = self.cfg.source.path
         if self.repo.has_directory(head, path):
             return True
@@ -426,7 +434,7 @@ class Reconciler:
         assert asset is not None
         if isinstance(out.error, _Refusal):
             self._refuse(a, str(out.error), result)
-        elif isinstance(out.error, _Stopping):
+        elif isinstance(out.error, StopRequested):
             result.failed += 1  # not the asset's fault: no failure row, no backoff
             log.info("asset_interrupted", dest=asset.dest, error=str(out.error), commit=result.commit)
         elif out.error is not None:
@@ -499,7 +507,7 @@ class _Refusal(SyncdError):
     """A verify found a different file at dest: refused, left untouched."""
 
 
-class _Stopping(FetchError):
+class _Stopping(StopRequested):
     """The daemon is stopping: not a fault of the asset; its partial is kept for resume."""
 
 
