@@ -6,6 +6,7 @@ import json
 import os
 import pty
 import select
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -323,3 +324,45 @@ def test_sync_logs_each_config_warning(world: World) -> None:
         warning = run.one("config_insecure")
         assert warning["level"] == "warning" and "at 'artifactory.url'" in warning["warning"]
         assert world.nginx.token not in run.err
+
+
+def test_last_good_commit_missing_from_clone_plans_nothing(world: World) -> None:
+    """If the last good commit is not in the clone (rewritten branch, fresh clone), the pass fails and
+    orphans nothing; allow_force_push = true follows the new head."""
+    world.manifest("a.toml", {**world.asset("a.bin", 100, seed=1), "dest": "a.bin"})
+    world.repo.commit("a")
+    assert world.sync().code == 0
+    db = sqlite3.connect(world.state / "ledger.sqlite3")
+    with db:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'manifests_commit'", ("0" * 40,))
+    db.close()
+    run = world.sync()
+    assert run.code == 1 and "Traceback" not in run.err
+    finished = run.one("pass_finished")
+    assert "is not in the clone" in finished["git_error"] and finished["orphaned"] == 0
+    assert not run.named("asset_orphaned") and world.export_files() == ["a.bin"]
+    world.source["allow_force_push"] = True
+    world.write_config()
+    assert world.sync().one("pass_finished")["skipped"] == 1
+
+
+def test_a_bug_outside_any_asset_is_logged_without_its_text(
+    world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """syncd sync turns an unexpected exception in the pass into internal_error (type, frames) and exit 1,
+    never a traceback or the exception's text."""
+    from syncd import cli
+
+    world.manifest("a.toml", {**world.asset("a.bin", 100, seed=1), "dest": "a.bin"})
+    world.repo.commit("a")
+
+    def broken(*args: object) -> None:
+        raise ValueError(f"Authorization: Bearer {SECRET}")
+
+    monkeypatch.setattr(Reconciler, "_reconcile", broken)
+    assert cli.main(["sync", "-c", str(world.config_path)]) == 1
+    err = capsys.readouterr().err
+    event = json.loads(next(line for line in err.splitlines() if '"internal_error"' in line))
+    assert event["error"].startswith("internal error: ValueError at test_reconcile.py:")
+    assert any("in run_pass" in f for f in event["frames"])
+    assert SECRET not in err and "Traceback" not in err

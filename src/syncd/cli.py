@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     from syncd.ledger import StateLock
-    from syncd.reconcile import Reconciler
+    from syncd.reconcile import Reconciler, frames, internal_error
     from syncd.report import render_plan, shown
 
     path = config.config_path(args.config)
@@ -93,6 +93,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
         )
         try:
             result = rec.run_pass()
+        except SyncdError:
+            raise
+        except Exception as exc:  # a bug: our own words and its frames, never its text (may hold a secret)
+            err = internal_error(exc)
+            log.error("internal_error", error=str(err), error_type=type(exc).__name__, frames=frames(exc))
+            return 1
         finally:
             rec.close()
     finally:

@@ -34,7 +34,7 @@ from syncd.config import Config
 from syncd.errors import ConfigError, SyncdError
 from syncd.ledger import StateLock
 from syncd.notify import Notifier
-from syncd.reconcile import PassResult, Reconciler
+from syncd.reconcile import PassResult, Reconciler, frames, internal_error
 
 log = logs.get()
 JOB = "poll"
@@ -78,9 +78,12 @@ class Daemon:
                 except SyncdError as exc:
                     self._last, self._last_error = None, str(exc)
                     log.error("pass_failed", error=str(exc), error_type=type(exc).__name__)
-                except Exception as exc:  # keep the daemon alive; the traceback names the bug
-                    self._last, self._last_error = None, f"internal error: {type(exc).__name__}"
-                    log.exception("internal_error", error_type=type(exc).__name__)
+                except Exception as exc:  # keep the daemon alive; frames name the bug, not its text
+                    err = internal_error(exc)
+                    self._last, self._last_error = None, str(err)
+                    log.error(
+                        "internal_error", error=str(err), error_type=type(exc).__name__, frames=frames(exc)
+                    )
                 finally:
                     self._running = False
                 if not self._stopping:

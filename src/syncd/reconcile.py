@@ -93,9 +93,9 @@ def cache_key(source_path: str) -> str:
 def load_desired(repo: ManifestRepo, ledger: Ledger, head: str) -> Desired:
     """The assets wanted at ``head``, reusing the ledger's manifest cache through a tree diff.
 
-    The cache is used only if it was built under the same :func:`cache_key`; otherwise every manifest
-    at ``head`` is read and parsed again. Raises :class:`GitError` if ``[source] path`` is not a
-    directory at ``head`` (nothing would be desired: every published file would be orphaned)."""
+    The cache is used only if it was built under the same :func:`cache_key` and decodes; otherwise every
+    manifest at ``head`` is read and parsed again. The caller checks first that ``[source] path`` is a
+    directory at ``head`` (:meth:`Reconciler._servable`). Raises :class:`GitError` on a git read error."""
     key = cache_key(repo.source.path)
     cached_commit, cache = ledger.manifest_cache(key)
     if cached_commit != head:
@@ -513,6 +513,15 @@ class _Stopping(StopRequested):
 
 class InternalError(SyncdError):
     """An unexpected exception inside one asset's work (a bug): that asset fails, the pass goes on."""
+
+
+def frames(exc: BaseException) -> list[str]:
+    """Where ``exc`` travelled, as ``file:line in function`` (innermost last): enough to find the bug,
+    and safe to log, unlike a traceback, whose last line is the exception's text."""
+    return [
+        f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}"
+        for f in traceback.extract_tb(exc.__traceback__)
+    ]
 
 
 def internal_error(exc: BaseException) -> InternalError:
