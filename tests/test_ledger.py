@@ -83,6 +83,16 @@ def test_dry_run_writes_nothing(world: World, name: str) -> None:
     assert f"download  {new}" in dry.out and planned(dry, "skip") >= 3  # it read the real ledger
     assert snapshot(state, world.export, skip=("repo.git",)) == before
     assert sorted(os.listdir(world.base)) == beside  # no stray database file beside the state dir
+    writer = sqlite3.connect(state / "ledger.sqlite3")  # as a running daemon: the WAL files exist
+    try:
+        writer.execute("SELECT count(*) FROM published").fetchall()
+        names = sorted(os.listdir(state))
+        assert "ledger.sqlite3-wal" in names
+        dry = world.sync("--dry-run")  # now read through the escaped file: URI
+        assert dry.code == 0 and planned(dry, "skip") >= 3, dry.err
+        assert sorted(os.listdir(state)) == names and sorted(os.listdir(world.base)) == beside
+    finally:
+        writer.close()
     assert world.sync().code == 0  # leave the world converged for the next example
 
 
