@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -293,4 +294,33 @@ def test_export_held_by_another_syncd_fails_the_pass_not_the_daemon(
     assert (world.export / "a.bin").read_bytes() == (world.blobs / "a.bin").read_bytes()
     insecure = d.named("config_insecure")
     assert len(insecure) == 1 and "artifactory.url" in insecure[0]["warning"]
+    assert d.stop() == 0
+
+
+def test_reload_onto_an_unusable_ledger_fails_passes_until_it_is_fixed(
+    world: World, daemon: Callable[..., Daemon]
+) -> None:
+    """If the ledger cannot be reopened on reload (here: a newer schema), each pass fails clearly and
+    tries again; once it is usable again the daemon carries on, never having stopped."""
+    a = world.asset("a.bin", 1000, seed=1)
+    world.manifest("a.toml", {**a, "dest": "a.bin"})
+    world.repo.commit("a")
+    world.write_config(schedule={"interval": "300ms", "jitter": 0})
+    d = daemon()
+    d.wait_event("asset_published")
+
+    def user_version(n: int) -> None:
+        db = sqlite3.connect(world.state / "ledger.sqlite3")
+        db.execute(f"PRAGMA user_version = {n}")
+        db.close()
+
+    user_version(9)
+    d.proc.send_signal(signal.SIGHUP)
+    failed = d.wait_event("pass_failed", count=2)
+    assert failed["error_type"] == "LedgerRefusedError" and "written by a newer syncd" in failed["error"]
+    user_version(1)
+    mark = len(d.named("pass_finished"))
+    ok = d.wait_event("pass_finished", count=mark + 1)
+    assert ok["ok"] and ok["skipped"] == 1
+    assert d.proc.poll() is None and not d.named("internal_error")
     assert d.stop() == 0

@@ -31,7 +31,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from syncd import __version__, config, logs
 from syncd.config import Config
-from syncd.errors import ConfigError, SyncdError
+from syncd.errors import ConfigError, LedgerError, SyncdError
 from syncd.ledger import StateLock
 from syncd.notify import Notifier
 from syncd.reconcile import PassResult, Reconciler, frames, internal_error
@@ -68,16 +68,18 @@ class Daemon:
         with self._pass_lock:
             while not self._stopping:
                 self._again = False
-                self._apply_pending()
                 self._running = True
                 self._first_started.set()
                 self.notifier.status("polling git")
                 try:
+                    self._apply_pending()
                     self._last = self.rec.run_pass()
                     self._last_error = ""
                 except SyncdError as exc:
                     self._last, self._last_error = None, str(exc)
                     log.error("pass_failed", error=str(exc), error_type=type(exc).__name__)
+                    if isinstance(exc, LedgerError) and self._pending is None:
+                        self._pending = self.cfg  # reopen the ledger next pass: checked, set aside if garbage
                 except Exception as exc:  # keep the daemon alive; frames name the bug, not its text
                     err = internal_error(exc)
                     self._last, self._last_error = None, str(err)
@@ -92,13 +94,20 @@ class Daemon:
                     break
 
     def _apply_pending(self) -> None:
+        """Start a new Reconciler for a reloaded config (or to reopen the ledger). The old one is closed
+        first: its ledger connection must be gone before a damaged ledger is set aside, or its close
+        would remove the new ledger's WAL file by name. If the new one cannot start, the next pass tries
+        again (and fails clearly until then)."""
         cfg, self._pending = self._pending, None
         if cfg is None:
             return
-        old = self.rec
-        self.rec = Reconciler(cfg, on_status=self.notifier.status, respect_backoff=True)
+        self.rec.close()
+        try:
+            self.rec = Reconciler(cfg, on_status=self.notifier.status, respect_backoff=True)
+        except BaseException:
+            self._pending = cfg
+            raise
         self.cfg = cfg
-        old.close()
 
     def _update_status(self) -> None:
         job = self.scheduler.get_job(JOB)

@@ -436,7 +436,8 @@ class Ledger:
             return cls(path)
 
     def close(self) -> None:
-        self._db.close()
+        with contextlib.suppress(sqlite3.Error):  # closing a damaged ledger still closes it
+            self._db.close()
 
     def batch(self, every: float = 0.5) -> contextlib.AbstractContextManager[None]:
         """Within this block, writes are committed at most every ``every`` seconds and at its end: one
