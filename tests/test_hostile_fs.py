@@ -14,16 +14,19 @@ never an internal error.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import random
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -396,3 +399,115 @@ def test_unreadable_and_unwritable_places_fail_only_their_assets(
     assert snapshot(outside) == outside_before
     assert world.staging_files() == []
     check_ledger_agrees(world)
+
+
+# --------------------------------------------------------------------------- (c) staging must be syncd's own
+
+
+def test_data_directory_as_staging_is_refused_and_keeps_its_files(world: World) -> None:
+    """[export] staging pointing at an existing data directory inside the export: the sync exits 2 with
+    a config_invalid naming export.staging; the directory's files (even ones named like syncd's) stay."""
+    data = world.export / "data"
+    data.mkdir()
+    (data / "model.bin").write_bytes(FOREIGN)
+    (data / f"{'e' * 32}.part").write_bytes(FOREIGN)
+    data.chmod(0o755)
+    world.write_config(export={"staging": str(data)})
+    entry = {**world.asset("x.bin", 1000, seed=1), "dest": "x.bin"}
+    world.manifest("m.toml", entry)
+    world.repo.commit("one")
+    before = snapshot(data)
+    run = world.sync()
+    assert run.code == 2, run.err
+    ev = run.one("config_invalid")
+    assert "export.staging" in ev["error"] and "marker" in ev["error"]
+    assert snapshot(data) == before
+    assert not (world.export / "x.bin").exists()
+
+
+def test_export_parent_as_staging_is_refused(world: World) -> None:
+    """[export] staging = the export's parent: refused (exit 2), nothing in the parent removed."""
+    parent = world.export.parent
+    (parent / f"{'f' * 32}.meta").write_bytes(FOREIGN)
+    (parent / "notes.txt").write_bytes(FOREIGN)
+    world.write_config(export={"staging": str(parent)})
+    before = sorted(os.listdir(parent))
+    run = world.sync()
+    assert run.code == 2, run.err
+    assert sorted(os.listdir(parent)) == before
+    assert (parent / f"{'f' * 32}.meta").read_bytes() == FOREIGN
+
+
+def test_dest_under_a_staging_directory_inside_the_export_is_refused(world: World) -> None:
+    """With staging at <export>/stage (created and marked by syncd), a dest under it is refused naming
+    export.staging, pass after pass, without a download; the other asset lands; a foreign file syncd
+    finds in its staging is left alone."""
+    world.write_config(export={"staging": str(world.export / "stage")})
+    inside = {**world.asset("in.bin", 1000, seed=2), "dest": "stage/in.bin"}
+    ok = {**world.asset("ok.bin", 1000, seed=3), "dest": "ok.bin"}
+    world.manifest("m.toml", inside, ok)
+    world.repo.commit("two")
+    for n in range(2):
+        run = world.sync()
+        assert run.code == 1, run.err
+        refused = run.one("asset_refused")
+        assert refused["dest"] == "stage/in.bin" and "export.staging" in refused["error"]
+        assert run.named("asset_published") == ([] if n else [run.one("asset_published")])
+        assert (world.export / "stage" / ".syncd-staging").is_file()
+        (world.export / "stage" / "foreign.txt").write_bytes(FOREIGN)
+    assert (world.export / "stage" / "foreign.txt").read_bytes() == FOREIGN
+    assert hashlib.sha256((world.export / "ok.bin").read_bytes()).hexdigest() == ok["sha256"]
+    assert sorted(os.listdir(world.export / "stage")) == [".syncd-staging", "foreign.txt"]
+
+
+@pytest.mark.parametrize("broken", ["foreign-directory", "regular-file"])
+def test_daemon_with_unusable_staging_leaks_no_descriptor(world: World, broken: str) -> None:
+    """`syncd run` at a 200 ms interval whose staging is refused every pass (a foreign directory, or a
+    file) keeps a constant number of open descriptors (it used to leak the root's descriptor each pass)
+    and stays up."""
+    foreign = world.export / "busy"
+    if broken == "regular-file":
+        foreign.write_bytes(FOREIGN)
+        staging = foreign
+    else:
+        foreign.mkdir()
+        (foreign / "theirs.txt").write_bytes(FOREIGN)
+        staging = foreign
+    world.write_config(export={"staging": str(staging)}, schedule={"interval": "200ms", "jitter": 0})
+    proc = subprocess.Popen(
+        [syncd_command(), "run", "-c", str(world.config_path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k not in ("SYNCD_CONFIG", "NOTIFY_SOCKET")},
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr or []), daemon=True)
+    reader.start()
+
+    def fds_over(seconds: float) -> int:
+        deadline, low = time.monotonic() + seconds, 1 << 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError):
+                low = min(low, len(os.listdir(f"/proc/{proc.pid}/fd")))
+            time.sleep(0.02)
+        return low
+
+    try:
+        for _ in range(300):  # up to 30 s for the first failed pass: the daemon is fully up then
+            if any('"pass_failed"' in line for line in list(lines)):
+                break
+            time.sleep(0.1)
+        early = fds_over(0.5)  # the lowest count in a window: a pass in progress may hold a few more
+        time.sleep(3.0)  # ~15 more failed passes
+        late = fds_over(0.5)
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        reader.join(timeout=5)
+    failed = [e for e in parse_events("".join(lines)) if e.get("event") == "pass_failed"]
+    assert len(failed) >= 10 and all("staging" in e["error"] for e in failed)
+    assert late <= early, (early, late)
+    assert (foreign / "theirs.txt" if foreign.is_dir() else foreign).read_bytes() == FOREIGN
