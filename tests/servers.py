@@ -493,8 +493,8 @@ class FaultServer:
 
     Only GET and HEAD are routed (other methods get 405); unknown paths get 404.
     Plain 200 body routes honour ``Range: bytes=N-`` / ``bytes=N-M`` with 206 and
-    Content-Range. A route's ``headers`` are sent verbatim and may override
-    Content-Length (e.g. to fake a truncated body). Responses use HTTP/1.0, so the
+    Content-Range; they carry an ETag (as nginx does). A route's ``headers`` are sent verbatim and may
+    override Content-Length (e.g. to fake a truncated body). Responses use HTTP/1.0, so the
     connection closes after each response.
     """
 
@@ -628,6 +628,9 @@ class FaultServer:
                     self._send(route.status, headers, route.body, with_body)
                     return
                 body, status = route.body, route.status
+                if body and "etag" not in {k.lower() for k in headers}:
+                    # a validator, as nginx sends: syncd resumes a partial only with If-Range
+                    headers["ETag"] = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
                 rng = self.headers.get("Range") if route.ranges else None
                 if status == 200 and rng:
                     try:

@@ -339,7 +339,7 @@ class _Watch:
             )
         now = time.monotonic()
         if now >= self.deadline:
-            raise _failure(f"no complete response head within {self.timeout:g} s", self)
+            raise _failure(f"timeout: no complete response head within {self.timeout:g} s", self)
         if self.phase != "body":
             return
         elapsed = now - self.window
