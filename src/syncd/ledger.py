@@ -182,9 +182,9 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
     unmerged pages), read through them with ``mode=ro`` (nothing new is created); when there are none,
     the main file holds everything: read its bytes into memory (a stable snapshot: same inode, size and
     mtime before and after, and still no ``-wal``), and mark the copy non-WAL so SQLite can load it."""
-    wal, shm = _companions(path)[:2]
+    wal = _companions(path)[0]
     for _ in range(5):
-        if wal.exists() and shm.exists():
+        if wal.exists():  # (its -shm exists too, unless someone deleted it: then SQLite recreates it)
             return sqlite3.connect(_uri(path, mode="ro"), uri=True, check_same_thread=False)
         data, stable = _snapshot(path, wal)
         if stable:
