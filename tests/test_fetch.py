@@ -5,12 +5,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 import pytest
 from hypothesis import given, settings
@@ -18,10 +20,20 @@ from hypothesis import strategies as st
 
 from harness import World, examples
 from hostile import HostileServer, Reply
-from servers import FaultServer, Nginx, make_asset
+from servers import FaultServer, Nginx, free_port, make_asset
 from syncd.config import Artifactory, Secret
 from syncd.errors import FetchError, HTTPStatusError, StopRequested, VerifyError
-from syncd.fetch import MAX_RETRY_AFTER, Fetcher, _next_url, _retry_after, _Watch, origin, redact, shown
+from syncd.fetch import (
+    MAX_RETRY_AFTER,
+    Fetcher,
+    _next_url,
+    _retry_after,
+    _translate,
+    _Watch,
+    origin,
+    redact,
+    shown,
+)
 from syncd.manifest import Asset
 
 pytestmark = pytest.mark.integration
@@ -607,3 +619,45 @@ def test_only_safe_validators_are_kept() -> None:
     assert f._usable("Wed, 02 Dec 2026 00:00:00 GMT")
     for bad in ('"é"', '"a\x01"', "x" * 500, f'"{TOKEN}"', "", None):
         assert f._usable(bad) is None
+
+
+def _chained(outer: BaseException, inner: BaseException) -> BaseException:
+    outer.__cause__ = inner
+    return outer
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("exc", "says", "retryable"),
+    [
+        (httpcore.LocalProtocolError(f"Illegal header value b'Bearer {TOKEN}\\n'"), "header value", False),
+        (httpx.LocalProtocolError(f"Illegal header value {TOKEN}"), "header value", False),
+        (httpcore.RemoteProtocolError(f"malformed {TOKEN}"), "broke the HTTP protocol", True),
+        (httpcore.ReadTimeout(TOKEN), "timed out waiting for the response head", True),
+        (httpcore.WriteTimeout(TOKEN), "timed out sending the request", True),
+        (httpcore.ConnectTimeout(TOKEN), "timed out connecting", True),
+        (_chained(httpcore.ConnectError(TOKEN), ConnectionRefusedError(111, TOKEN)), "(ECONNREFUSED)", True),
+        (_chained(httpcore.ConnectError(TOKEN), ssl.SSLError(1, TOKEN)), "TLS error", True),
+        (httpcore.ReadError(TOKEN), "connection failed", True),
+        (OSError(104, TOKEN), "(ECONNRESET)", True),
+        (ValueError(TOKEN), "unexpected ValueError", False),
+        (UnicodeEncodeError("ascii", TOKEN, 0, 1, TOKEN), "unexpected UnicodeEncodeError", False),
+        (KeyError(TOKEN), "unexpected KeyError", False),
+    ],
+)
+def test_library_errors_get_our_own_words(exc: BaseException, says: str, retryable: bool) -> None:
+    """Each library exception becomes a FetchError by type: our words, the original URL, never its text."""
+    watch = _Watch(1.0, None, "http://h:1/a/b?sig=s")
+    watch.head("http://h:1/a/b?sig=s")
+    err = _translate(exc, watch)
+    assert says in str(err) and str(err).endswith("from http://h:1/a/b") and TOKEN not in str(err)
+    assert err.retryable is retryable
+
+
+@pytest.mark.integration
+def test_connection_refused_is_named() -> None:
+    """A refused connection says so (ECONNREFUSED) with the URL, and is retryable."""
+    port = free_port()
+    err = fails(raw_fetcher(f"http://127.0.0.1:{port}/a"), asset())
+    assert str(err) == f"could not connect (ECONNREFUSED) from http://127.0.0.1:{port}/a/repo/file.bin"
+    assert err.retryable
