@@ -39,8 +39,9 @@ from harness import World, examples, parse_events, syncd_command
 from servers import GitRepo, Nginx
 from syncd import config, logs
 from syncd.ledger import Ledger
-from syncd.publish import Export, StagedFile, staging_name
+from syncd.publish import Export
 from syncd.reconcile import Reconciler
+from syncd.staging import StagedFile, staging_name
 
 pytestmark = pytest.mark.e2e
 

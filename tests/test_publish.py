@@ -1,5 +1,6 @@
-"""Unit tests for syncd.publish on a real directory: the export lock, publishing from the verified
-descriptor, staging ownership and clean-up, per-dest observation errors, and no descriptor leaks."""
+"""Unit tests for syncd.publish and syncd.staging on a real directory: the export lock, publishing from
+the verified descriptor, staging ownership and clean-up, per-dest observation errors, no descriptor
+leaks."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from syncd import publish
+from syncd import publish, staging
 from syncd.errors import ConfigError, LockHeldError, PublishError
 from syncd.publish import STAGING_MARKER, Export, State, staging_name
 
@@ -246,9 +247,9 @@ def test_without_proc_the_name_is_checked_against_the_descriptor(
 ) -> None:
     """With no /proc: a normal publish lands, a swapped staging name is refused, an existing dest is
     kept (renameat2 NOREPLACE, or the plain-rename fallback's check)."""
-    monkeypatch.setattr(publish, "_PROC_FD", "/nonexistent/proc/self/fd")
+    monkeypatch.setattr(staging, "PROC_FD", "/nonexistent/proc/self/fd")
     if not renameat2:
-        monkeypatch.setattr(publish, "_libc_renameat2", lambda: None)
+        monkeypatch.setattr(staging, "_libc_renameat2", lambda: None)
     staged_with(export, "ok.bin").publish()
     assert (root / "ok.bin").read_bytes() == GOOD
 
@@ -424,9 +425,9 @@ def test_broken_staging_leaks_no_descriptor(root: Path, tmp_path: Path) -> None:
     broken = [tmp_path / "a-file", tmp_path / "missing" / "staging", foreign]
     before = open_fds()
     for _ in range(40):
-        for staging in broken:
+        for where in broken:
             with pytest.raises((ConfigError, PublishError)):
-                Export(root, staging).open()
+                Export(root, where).open()
     assert open_fds() == before
     e = Export(root, root / ".syncd-staging")
     e.open()

@@ -1,0 +1,456 @@
+"""syncd's staging directory and the files in it, up to the moment one is linked into the export.
+
+Only :mod:`syncd.publish` uses this module; together they are the only writers under ``export.root``.
+
+**Staging is syncd's own directory.** The default ``<root>/.syncd-staging`` is reserved (no dest may
+start with ``.syncd``). A configured one must be on the root's file system, must not be the root or one
+of its ancestors, and must be empty or carry syncd's marker file ``.syncd-staging`` (written when syncd
+creates or adopts it); a dest at or under it is refused by :func:`syncd.plan.plan`. The clean-up removes
+only syncd's own staging names (a 32-hex stem with ``.part``, ``.meta``, ``.meta.tmp`` or ``.pub``) and
+leaves anything else alone.
+
+**What is published is the file that was verified.** A :class:`StagedFile` keeps the descriptor its bytes
+were written and verified through, and is linked at its dest *from that descriptor* (``linkat`` of
+``/proc/self/fd/N`` with ``AT_SYMLINK_FOLLOW``), never by its name in staging: a file swapped in under the
+staging name cannot be published, and one deleted from staging makes the publish fail. ``linkat`` fails
+with ``EEXIST`` when anything is at dest, which gives ``RENAME_NOREPLACE`` semantics on every file system,
+NFS included; only when the plan says ``replace`` is the descriptor linked to a fresh name in staging that
+is then renamed over the dest. Without ``/proc`` (or on a file system without hard links) the staging
+name is checked against the descriptor (same device and inode) and moved with
+``renameat2(RENAME_NOREPLACE)`` where libc and the file system offer it, else with ``rename`` after
+checking that nothing is at dest (a short window, only on such systems).
+
+Errors leave as :class:`~syncd.errors.PublishError`; an unusable staging directory is a
+:class:`~syncd.errors.ConfigError` on ``export.staging``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import functools
+import hashlib
+import json
+import os
+import re
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from syncd.errors import ConfigError, PublishError
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO or device planted where a file is expected must not block the open.
+FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+READ_CHUNK = 1 << 20
+_META_MAX = 64 << 10
+# Downloads at least this big record their resume metadata when they start (so a crash mid-way can resume);
+# smaller ones only when a transport fault leaves them half done.
+RESUME_META_EARLY = 8 << 20
+DEFAULT_STAGING = ".syncd-staging"
+STAGING_MARKER = ".syncd-staging"  # inside a configured staging directory: syncd made or adopted it
+_MARKER_TEXT = b"syncd's staging directory: syncd deletes its own temporary files here each pass.\n"
+_STAGING_NAME = re.compile(r"[0-9a-f]{32}\.(?:part|meta|meta\.tmp|pub)")
+PROC_FD = "/proc/self/fd"
+# errno values of linkat on a file system without hard links (vfat: EPERM; some FUSE: ENOSYS).
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+_RENAME_NOREPLACE = 1
+
+
+def staging_name(dest: str) -> str:
+    """The staging file stem for ``dest`` (a hash: dests may be long or nested)."""
+    return hashlib.sha256(dest.encode()).hexdigest()[:32]
+
+
+def os_error(action: str, where: str, exc: OSError) -> PublishError:
+    """A PublishError for ``exc``: the action, where, and the errno's text (never a library message)."""
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno == errno.ENOSPC:
+        reason = "no space left on the export file system"
+    return PublishError(f"{action} {where}: {reason}")
+
+
+def _problem(staging: Path, problem: str) -> ConfigError:
+    return ConfigError("export.staging", [f"at 'export.staging': {staging} {problem}"])
+
+
+# --------------------------------------------------------------------------- the directory
+
+
+def open_staging(staging: Path, root: Path, root_st: os.stat_result) -> int:
+    """Create or adopt ``staging`` (see the module docstring), make it 0700, return a descriptor of it.
+
+    Raises :class:`ConfigError` when it is not syncd's to use, :class:`PublishError` on I/O errors; no
+    descriptor stays open when it raises."""
+    created = False
+    try:
+        os.mkdir(staging, 0o700)
+        created = True
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise os_error("cannot create staging directory", str(staging), exc) from None
+    try:
+        fd = os.open(staging, DIR_FLAGS)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise _problem(staging, "is a symlink or not a directory") from None
+        raise os_error("cannot open staging directory", str(staging), exc) from None
+    try:
+        _check(fd, staging, root, root_st, created)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check(fd: int, staging: Path, root: Path, root_st: os.stat_result, created: bool) -> None:
+    try:
+        sst = os.fstat(fd)
+    except OSError as exc:
+        raise os_error("cannot open staging directory", str(staging), exc) from None
+    if sst.st_dev != root_st.st_dev:
+        raise _problem(
+            staging, f"is on another file system than {root}; rename into the export would not be atomic"
+        )
+    if _is_root_or_ancestor(root, sst):
+        raise _problem(staging, f"is {root} or one of its parents; staging must be a directory of its own")
+    if staging != root / DEFAULT_STAGING:
+        _claim(fd, staging, created)
+    if stat.S_IMODE(sst.st_mode) != 0o700:
+        try:
+            os.fchmod(fd, 0o700)
+        except OSError as exc:
+            raise os_error("cannot set mode 0700 on staging directory", str(staging), exc) from None
+
+
+def _is_root_or_ancestor(root: Path, sst: os.stat_result) -> bool:
+    real = Path(os.path.realpath(root))
+    for d in (real, *real.parents):
+        try:
+            st = os.stat(d)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (sst.st_dev, sst.st_ino):
+            return True
+    return False
+
+
+def _claim(fd: int, staging: Path, created: bool) -> None:
+    """Accept a configured staging directory only if syncd made it: marked, or empty (or holding only
+    syncd's own staging names, as an older syncd left them); mark it then."""
+    try:
+        names = os.listdir(fd)
+        if STAGING_MARKER in names:
+            if stat.S_ISREG(os.stat(STAGING_MARKER, dir_fd=fd, follow_symlinks=False).st_mode):
+                return
+        elif created or all(_STAGING_NAME.fullmatch(n) for n in names):
+            mfd = os.open(STAGING_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | FILE_FLAGS, 0o644, dir_fd=fd)
+            try:
+                os.write(mfd, _MARKER_TEXT)
+            finally:
+                os.close(mfd)
+            return
+    except OSError as exc:
+        raise os_error("cannot adopt staging directory", str(staging), exc) from None
+    raise _problem(
+        staging,
+        f"holds {len(names)} entries that syncd did not make and no {STAGING_MARKER} marker; syncd "
+        "deletes its temporary files there each pass, so it needs an empty directory of its own "
+        "(or leave export.staging unset)",
+    )
+
+
+def clean(fd: int, keep: set[str] | None = None) -> list[str]:
+    """Remove syncd's own leftovers from the staging directory ``fd``; return the names removed.
+
+    Only syncd's staging names (see :func:`staging_name`) are touched; anything else is left alone.
+    With ``keep=None`` (start of a pass) partial downloads with their ``.meta`` are kept for resume and
+    every other staging name goes. With a set of dests, only the partials of those dests are kept."""
+    try:
+        names = {n for n in os.listdir(fd) if _STAGING_NAME.fullmatch(n)}
+    except OSError as exc:
+        raise os_error("cannot list staging directory", "", exc) from None
+    wanted = {staging_name(d) for d in keep} if keep is not None else None
+    removed = []
+    for name in sorted(names):
+        stem, _, ext = name.partition(".")
+        resumable = ext in ("part", "meta") and {f"{stem}.part", f"{stem}.meta"} <= names
+        if resumable and (wanted is None or stem in wanted):
+            continue
+        try:
+            os.unlink(name, dir_fd=fd)
+            removed.append(name)
+        except (IsADirectoryError, FileNotFoundError, PermissionError):
+            continue  # a directory by that name (EISDIR, or EPERM on some systems) is left alone
+        except OSError as exc:
+            raise os_error("cannot clean staging file", name, exc) from None
+    return removed
+
+
+def unlink_names(fd: int, *names: str) -> None:
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=fd)
+
+
+# --------------------------------------------------------------------------- one staged file
+
+
+def open_part(fd: int, stem: str, sha256: str) -> tuple[int, str | None]:
+    """A descriptor of ``<stem>.part`` in staging ``fd`` and the validator to resume it with: the partial
+    kept for ``sha256``, else a new empty file (anything unusable by that name is removed). Raises
+    OSError."""
+    part = f"{stem}.part"
+    create = os.O_RDWR | os.O_CREAT | os.O_EXCL | FILE_FLAGS
+    try:
+        return os.open(part, create, 0o600, dir_fd=fd), None
+    except FileExistsError:
+        kept = _resume(fd, part, f"{stem}.meta", sha256)
+    return kept or (os.open(part, create, 0o600, dir_fd=fd), None)
+
+
+def _resume(fd: int, part: str, meta: str, sha256: str) -> tuple[int, str | None] | None:
+    """The kept partial for ``sha256`` and its validator, or None after removing what cannot be resumed
+    (another version, bad metadata, not a plain file of its own)."""
+    try:
+        with open(meta, "rb", opener=lambda n, f: os.open(n, f | FILE_FLAGS, dir_fd=fd)) as fh:
+            info = json.loads(fh.read(_META_MAX))
+        if not isinstance(info, dict) or info.get("sha256") != sha256:
+            raise ValueError("partial of another version")
+        validator = info.get("validator")
+        if validator is not None and not isinstance(validator, str):
+            raise ValueError("bad validator")
+        pfd = os.open(part, os.O_RDWR | FILE_FLAGS, dir_fd=fd)
+        st = os.fstat(pfd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(pfd)  # a FIFO, or a file also linked elsewhere (a dest): never write into it
+            raise ValueError("not a plain staging file")
+        return pfd, validator
+    except (OSError, ValueError):
+        unlink_names(fd, part, meta)
+        return None
+
+
+class StagedFile:
+    """A file being written in staging; it reaches its dest only through :meth:`publish`.
+
+    Implements :class:`syncd.fetch.Sink`: ``kept()`` yields the bytes from an earlier attempt, ``restart``
+    drops them and records the validator for a later resume in ``<name>.meta``. ``on_publish`` is the
+    export's walk to the dest's directory, which calls back :meth:`link_into`."""
+
+    def __init__(
+        self,
+        staging_fd: int,
+        on_publish: Callable[[StagedFile, bool], None],
+        dest: str,
+        stem: str,
+        fd: int,
+        sha256: str,
+        validator: str | None,
+        kept: int,
+        expected: int = 0,
+    ) -> None:
+        self.expected = expected
+        self._dir = staging_fd
+        self._on_publish = on_publish
+        self.dest = dest
+        self.stem = stem
+        self.part = f"{stem}.part"
+        self.meta = f"{stem}.meta"
+        self.fd = fd
+        self.sha256 = sha256
+        self.validator = validator
+        self.size = kept
+        self.resumed = validator is not None or kept > 0
+
+    def kept(self) -> Iterator[bytes]:
+        offset = 0
+        while offset < self.size:
+            chunk = os.pread(self.fd, min(READ_CHUNK, self.size - offset), offset)
+            if not chunk:
+                break
+            offset += len(chunk)
+            yield chunk
+
+    def restart(self, validator: str | None) -> None:
+        self.validator = validator
+        if self.size or self.resumed:  # a new, empty file needs no reset (the common case)
+            try:
+                os.ftruncate(self.fd, 0)
+                os.lseek(self.fd, 0, os.SEEK_SET)
+                self.size = 0
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.meta, dir_fd=self._dir)
+            except OSError as exc:
+                raise os_error("cannot reset staging file for", self.dest, exc) from None
+        if self.expected >= RESUME_META_EARLY:
+            self._write_meta()  # a big download may be cut by a crash: make it resumable from the start
+
+    def _write_meta(self) -> None:
+        try:
+            tmp = f"{self.meta}.tmp"
+            info = {"dest": self.dest, "sha256": self.sha256, "validator": self.validator}
+            data = json.dumps(info).encode()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | FILE_FLAGS, 0o600, dir_fd=self._dir)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.meta, src_dir_fd=self._dir, dst_dir_fd=self._dir)
+        except OSError as exc:
+            raise os_error("cannot record resume data for", self.dest, exc) from None
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+        except OSError as exc:
+            raise os_error("cannot write staging file for", self.dest, exc) from None
+        self.size += len(data)
+
+    def publish(self, *, replace: bool = False) -> None:
+        """fdatasync, chmod 0444, link into place from the still open descriptor (the directory is fsynced
+        by :meth:`syncd.publish.Export.sync_dirs`); the descriptor is closed either way.
+
+        Raises :class:`PublishError` when something is at dest (unless ``replace``), the path is unsafe,
+        or the staging file was removed or replaced by someone else."""
+        try:
+            try:
+                os.fdatasync(self.fd)  # the bytes and the size: all a reader needs after a power cut
+                os.fchmod(self.fd, 0o444)
+            except OSError as exc:
+                raise os_error("cannot flush staging file for", self.dest, exc) from None
+            self._on_publish(self, replace)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+    def link_into(self, parent: int, name: str, *, replace: bool) -> None:
+        """Make ``name`` in the directory ``parent`` this very file (see the module docstring).
+
+        Raises FileExistsError when something is at ``name`` (unless ``replace``), OSError, or
+        :class:`PublishError` when the staging file was removed or replaced by someone else."""
+        # Resume data goes first: a crash after the link must not leave a "resumable" file that is the dest.
+        unlink_names(self._dir, self.meta)
+        try:
+            if replace:
+                self._replace(parent, name)
+            else:
+                self._link_new(parent, name)
+        except FileNotFoundError:
+            if _unlinked(self.fd):
+                raise PublishError(
+                    f"{self.dest}: its staging file was removed before it could be published "
+                    "(is another syncd using this staging directory?)"
+                ) from None
+            raise
+        self._drop_name()
+
+    def _link_new(self, parent: int, name: str) -> None:
+        if os.path.isdir(PROC_FD):
+            try:
+                os.link(f"{PROC_FD}/{self.fd}", name, dst_dir_fd=parent, follow_symlinks=True)
+                return
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+        self._check_name_is_fd()
+        if not _renameat2_noreplace(self.part, self._dir, name, parent):
+            with contextlib.suppress(FileNotFoundError):
+                os.stat(name, dir_fd=parent, follow_symlinks=False)
+                raise FileExistsError(errno.EEXIST, "File exists")
+            os.rename(self.part, name, src_dir_fd=self._dir, dst_dir_fd=parent)
+
+    def _replace(self, parent: int, name: str) -> None:
+        if os.path.isdir(PROC_FD):
+            fresh = f"{self.stem}.pub"
+            unlink_names(self._dir, fresh)
+            try:
+                os.link(f"{PROC_FD}/{self.fd}", fresh, dst_dir_fd=self._dir, follow_symlinks=True)
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+            else:
+                try:
+                    os.rename(fresh, name, src_dir_fd=self._dir, dst_dir_fd=parent)
+                except BaseException:
+                    unlink_names(self._dir, fresh)
+                    raise
+                return
+        self._check_name_is_fd()
+        os.rename(self.part, name, src_dir_fd=self._dir, dst_dir_fd=parent)
+
+    def _check_name_is_fd(self) -> None:
+        """Without /proc: the staging name must still be the file written through the descriptor."""
+        if not _same_file(self._dir, self.part, self.fd):
+            raise PublishError(
+                f"{self.dest}: its staging file was replaced before it could be published; refused "
+                "(is another syncd using this staging directory?)"
+            )
+
+    def _drop_name(self) -> None:
+        """After the link: remove the staging name, if it is still the published file."""
+        with contextlib.suppress(OSError):
+            if _same_file(self._dir, self.part, self.fd):
+                os.unlink(self.part, dir_fd=self._dir)
+
+    def keep(self) -> None:
+        """Close, leaving the partial bytes in staging for the next attempt to resume."""
+        if self.fd >= 0 and self.size > 0:
+            self._write_meta()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def discard(self) -> None:
+        """Close and delete the staging file (unverified bytes are never kept)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        for name in (self.part, self.meta):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self._dir)
+
+
+def _same_file(dir_fd: int, name: str, fd: int) -> bool:
+    """Whether ``name`` in ``dir_fd`` is the file open as ``fd`` (raises OSError if ``name`` is gone)."""
+    named = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    mine = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _unlinked(fd: int) -> bool:
+    try:
+        return os.fstat(fd).st_nlink == 0
+    except OSError:
+        return False
+
+
+@functools.cache
+def _libc_renameat2() -> Callable[..., int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _renameat2_noreplace(src: str, src_dir: int, dst: str, dst_dir: int) -> bool:
+    """renameat2(RENAME_NOREPLACE); False when libc, the kernel or the file system cannot do it.
+
+    Raises FileExistsError when something is at ``dst``, OSError on other failures."""
+    fn = _libc_renameat2()
+    if fn is None:
+        return False
+    if fn(src_dir, os.fsencode(src), dst_dir, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err))
