@@ -67,9 +67,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from syncd.ledger import StateLock
     from syncd.reconcile import Reconciler, frames, internal_error
     from syncd.report import render_plan, shown
+    from syncd.statedir import StateLock
 
     path = config.config_path(args.config)
     cfg = config.load(path)

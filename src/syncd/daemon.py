@@ -32,9 +32,9 @@ from apscheduler.triggers.interval import IntervalTrigger
 from syncd import __version__, config, logs
 from syncd.config import Config
 from syncd.errors import ConfigError, LedgerError, SyncdError
-from syncd.ledger import StateLock
 from syncd.notify import Notifier
 from syncd.reconcile import PassResult, Reconciler, frames, internal_error
+from syncd.statedir import StateLock
 
 log = logs.get()
 JOB = "poll"
