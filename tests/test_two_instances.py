@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from harness import World, parse_events, syncd_command
+from servers import FaultServer
 from syncd.publish import staging_name
 
 pytestmark = pytest.mark.e2e
@@ -241,3 +242,59 @@ def test_lock_is_released_after_each_pass(world: World) -> None:
     assert ledger(state_b) == {"d/y.bin": entry["sha256"]}
     raw = parse_events(run.err)
     assert all(e.get("event") != "command_failed" for e in raw)
+
+
+def test_two_syncs_started_together_during_slow_downloads(world: World, fault_server: FaultServer) -> None:
+    """Two `syncd sync` (separate state dirs) started together while downloads drip in slowly (so they
+    surely overlap): one publishes, the other exits 1 with one command_failed LockHeldError; the watcher
+    never sees a partial file; the refused one's next sync adopts everything."""
+    sources = {}
+    entries = []
+    for i in range(4):
+        entry = {**world.asset(f"s{i}.bin", MiB + i, seed=300 + i), "dest": f"slow/s{i}.bin"}
+        sources[entry["source"]] = (world.blobs / f"s{i}.bin").read_bytes()
+        fault_server.route(f"/art/{entry['source']}", body=sources[entry["source"]], drip=(128 << 10, 0.05))
+        entries.append(entry)
+    world.extra_config["artifactory"] = {"url": f"{fault_server.url}/art"}
+    world.write_config(download={"concurrency": 2, "timeout": "10s"})
+    config_b, state_b = second_config(world)
+    world.manifest("m.toml", *entries)
+    world.repo.commit("slow")
+    watcher = Watcher(world.export, {e["dest"]: e for e in entries})
+    watcher.start()
+    env = {k: v for k, v in os.environ.items() if k != "SYNCD_CONFIG"}
+    procs = [
+        subprocess.Popen(
+            [syncd_command(), "sync", "-c", str(c)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for c in (world.config_path, config_b)
+    ]
+    try:
+        outs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+        watcher.stop.set()
+        watcher.join(timeout=30)
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 1], outs
+    refused = parse_events(outs[codes.index(1)])
+    failed = [e for e in refused if e.get("event") == "command_failed"]
+    assert len(failed) == 1 and failed[0]["error_type"] == "LockHeldError", refused
+    assert [e for e in refused if e.get("event") == "asset_published"] == []
+    assert watcher.bad == []
+    for e in entries:
+        assert sha(world.export / e["dest"]) == e["sha256"]
+    assert world.staging_files() == []
+    again = world.run("sync", "-c", str((world.config_path, config_b)[codes.index(1)]))
+    assert again.code == 0, again.err
+    assert len(again.named("asset_adopted")) == 4
+    for state in (world.state, state_b):
+        assert ledger(state) == {e["dest"]: e["sha256"] for e in entries}
