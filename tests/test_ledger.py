@@ -371,3 +371,20 @@ def test_lock_file_with_garbage_names_no_pid(world: World) -> None:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         run = world.sync()
     assert run.code == 1 and "pid unknown" in run.one("command_failed")["error"]
+
+
+def test_cache_changed_on_disk_is_read_again_not_trusted(
+    synced: tuple[World, dict[str, bytes], bytes],
+) -> None:
+    """A cached manifest whose bytes changed on disk (a dest edited, still valid JSON) is not trusted:
+    the cache is dropped with a warning, the manifests are read again, nothing lands at the wrong path."""
+    world, want, _ = synced
+    ledger = world.state / "ledger.sqlite3"
+    _sql(ledger, ["UPDATE manifests SET assets = replace(assets, 'd0/0.bin', 'd0/0.bjn')"])
+    run = world.sync()
+    assert run.code == 0, run.err
+    assert "digest" in run.one("ledger_cache_dropped")["error"]
+    finished = run.one("pass_finished")
+    assert (finished["published"], finished["skipped"], finished["orphaned"]) == (0, 3, 0)
+    assert_exact(world, want)
+    assert not world.sync().named("ledger_cache_dropped")

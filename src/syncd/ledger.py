@@ -4,6 +4,7 @@ The only module that touches SQLite (the state directory itself and its lock: :m
 
 - ``meta``: ``manifests_commit`` (the commit the manifest cache reflects), ``manifests_key`` (what else
   shaped it: ``[source] path`` and the manifest rules' version; a different key discards the cache),
+  ``manifests_digest`` (a sha256 of key, commit and rows: a cache changed on disk is discarded too),
   ``synced_commit`` (the last commit at which a pass ended with the export matching every manifest).
 - ``manifests``: per manifest file at ``manifests_commit``: its blob id and either its assets or its
   problems, so that a pass with no new commit reads no git blob and parses no TOML.
@@ -22,6 +23,7 @@ syncd is refused. The ledger and its WAL files are never followed through a syml
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sqlite3
@@ -168,6 +170,15 @@ def _not_wal(data: bytes) -> bytes:
     if len(data) >= 100 and data[:16] == b"SQLite format 3\x00" and data[18:20] == b"\x02\x02":
         return data[:18] + b"\x01\x01" + data[20:]
     return data
+
+
+def _digest(key: str, commit: str | None, rows: Iterable[tuple[object, ...]]) -> str:
+    """A sha256 over the manifest cache: its key, its commit and every row, in path order."""
+    h = hashlib.sha256(f"{key}\n{commit}\n".encode())
+    for row in rows:
+        h.update("\0".join("" if v is None else str(v) for v in row).encode("utf-8", "surrogatepass"))
+        h.update(b"\n")
+    return h.hexdigest()
 
 
 def _set_aside(path: Path) -> Path:
@@ -389,12 +400,17 @@ class Ledger:
 
     # manifest cache ---------------------------------------------------------------------------
     def manifest_cache(self, key: str) -> tuple[str | None, dict[str, CachedManifest]]:
-        """The manifest cache and the commit it reflects, if it was built under ``key`` and every row
-        decodes; otherwise ``(None, {})``, and the caller reads every manifest again (it is a cache)."""
+        """The manifest cache and the commit it reflects, if it was built under ``key``, its digest
+        matches (no byte of it changed since it was written) and every row decodes; otherwise
+        ``(None, {})``, and the caller reads every manifest again (it is only a cache)."""
         if self.get("manifests_key") != key:
             return None, {}
+        commit = self.get("manifests_commit")
+        rows = self._read("SELECT path, blob, assets, problems FROM manifests ORDER BY path")
+        if self.get("manifests_digest") != _digest(key, commit, rows):
+            return self._drop_cache("the manifest cache does not match its digest")
         out = {}
-        for path, blob, assets, problems in self._read("SELECT path, blob, assets, problems FROM manifests"):
+        for path, blob, assets, problems in rows:
             try:
                 out[str(path)] = CachedManifest(
                     blob=str(blob),
@@ -402,14 +418,14 @@ class Ledger:
                     problems=tuple(str(p) for p in json.loads(str(problems or "[]"))),
                 )
             except (ValueError, TypeError, KeyError):  # bad JSON, or not the fields of an Asset
-                log.warning(
-                    "ledger_cache_dropped",
-                    ledger=str(self.path),
-                    manifest=str(path),
-                    error="a cached manifest row does not decode; every manifest is read again",
-                )
-                return None, {}
-        return self.get("manifests_commit"), out
+                return self._drop_cache("a cached manifest row does not decode")
+        return commit, out
+
+    def _drop_cache(self, why: str) -> tuple[None, dict[str, CachedManifest]]:
+        log.warning(
+            "ledger_cache_dropped", ledger=str(self.path), error=f"{why}; every manifest is read again"
+        )
+        return None, {}
 
     def update_manifests(
         self,
@@ -420,7 +436,9 @@ class Ledger:
         *,
         replace_all: bool = False,
     ) -> None:
-        """Record the manifest cache as of ``commit``, built under cache ``key``, in one transaction."""
+        """Record the manifest cache as of ``commit``, built under cache ``key``, in one transaction,
+        with a digest of the whole cache (a flipped byte in a cached dest must not publish a file at
+        the wrong path: the next pass reads the manifests again instead)."""
         with self._write() as db:
             if replace_all:
                 db.execute("DELETE FROM manifests")
@@ -432,8 +450,10 @@ class Ledger:
                     for p, c in upserts.items()
                 ],
             )
-            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('manifests_commit', ?)", (commit,))
-            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('manifests_key', ?)", (key,))
+            rows = list(db.execute("SELECT path, blob, assets, problems FROM manifests ORDER BY path"))
+            meta = {"manifests_commit": commit, "manifests_key": key}
+            meta["manifests_digest"] = _digest(key, commit, rows)
+            db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", list(meta.items()))
 
     # published --------------------------------------------------------------------------------
     def published(self) -> dict[str, Published]:
