@@ -490,3 +490,22 @@ def test_adopt_refuses_a_file_swapped_or_changed_after_its_hash(export: Export, 
     assert export.hash_file("c.bin") == (hashlib.sha256(GOOD).hexdigest(), len(GOOD))
     export.make_read_only("c.bin")
     assert stat.S_IMODE((root / "c.bin").stat().st_mode) == 0o444
+
+
+def test_file_written_to_while_hashed_is_not_judged(
+    export: Export, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that grows while hash_file reads it raises PublishError ('changed while being checked')
+    instead of returning a hash of bytes that are no longer what is there."""
+    (root / "a.bin").write_bytes(GOOD)
+    real_read = os.read
+
+    def read_then_append(fd: int, n: int) -> bytes:
+        data = real_read(fd, n)
+        with open(root / "a.bin", "ab") as fh:
+            fh.write(b"more")
+        return data
+
+    monkeypatch.setattr(os, "read", read_then_append)
+    with pytest.raises(PublishError, match="changed while being checked"):
+        export.hash_file("a.bin")

@@ -261,15 +261,18 @@ class Export:
         """sha256 and size of the regular file at ``dest`` (read without following symlinks); the file's
         identity is remembered for :meth:`make_read_only`.
 
-        Raises :class:`PublishError` when it is gone, not a regular file or unreadable."""
+        Raises :class:`PublishError` when it is gone, not a regular file, unreadable, or changed while
+        being read."""
         digest = hashlib.sha256()
         size = 0
         try:
             with self._open_dest(dest, "disappeared while being checked") as fd:
+                seen = _identity(os.fstat(fd))
                 while chunk := os.read(fd, READ_CHUNK):
                     digest.update(chunk)
                     size += len(chunk)
-                seen = _identity(os.fstat(fd))
+                if _identity(os.fstat(fd)) != seen:
+                    raise PublishError(f"{dest} changed while being checked; left untouched")
         except OSError as exc:
             raise os_error("cannot read", dest, exc) from None
         with self._lock:
