@@ -499,11 +499,14 @@ def test_file_written_to_while_hashed_is_not_judged(
     instead of returning a hash of bytes that are no longer what is there."""
     (root / "a.bin").write_bytes(GOOD)
     real_read = os.read
+    appended: list[bool] = []
 
     def read_then_append(fd: int, n: int) -> bytes:
         data = real_read(fd, n)
-        with open(root / "a.bin", "ab") as fh:
-            fh.write(b"more")
+        if not appended:  # once: the reader then meets the new end of file
+            appended.append(True)
+            with open(root / "a.bin", "ab") as fh:
+                fh.write(b"more")
         return data
 
     monkeypatch.setattr(os, "read", read_then_append)
