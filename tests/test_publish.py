@@ -5,6 +5,7 @@ leaks."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import random
@@ -512,3 +513,19 @@ def test_file_written_to_while_hashed_is_not_judged(
     monkeypatch.setattr(os, "read", read_then_append)
     with pytest.raises(PublishError, match="changed while being checked"):
         export.hash_file("a.bin")
+
+
+def test_file_system_without_locks_fails_clearly(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An NFS mount without lockd (flock → ENOLCK) fails the open with a PublishError that says what to
+    do, never unlocked, and leaks no descriptor."""
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    before = open_fds()
+    for _ in range(10):
+        with pytest.raises(PublishError, match=r"grants no locks.*ENOLCK.*nolock"):
+            Export(root, root / ".syncd-staging").open()
+    assert open_fds() == before
+    assert not (root / ".syncd-staging").exists()

@@ -157,6 +157,12 @@ class Export:
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise PublishError(
+                    f"cannot lock export {where}: its file system grants no locks ({_reason(exc)}); on NFS "
+                    "run rpc.statd/lockd on both sides, or mount with 'nolock' (then only syncd instances "
+                    "on this host exclude each other)"
+                ) from None
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise os_error("cannot lock export", where, exc) from None
             raise LockHeldError(
