@@ -87,10 +87,16 @@ _SQLITE_WHY = {
     "SQLITE_BUSY": "locked by another process",
     "SQLITE_PERM": "permission denied",
     "SQLITE_IOERR": "an I/O error",
+    "UnicodeDecodeError": "the file is damaged (text that is not UTF-8)",
 }
 
 
-def _why(exc: sqlite3.Error) -> str:
+# What a damaged database can raise: SQLite's errors, and a UnicodeDecodeError when SQLite's own message
+# quotes damaged bytes (a corrupt schema entry) that Python then cannot decode.
+_DB_ERRORS = (sqlite3.Error, UnicodeError)
+
+
+def _why(exc: Exception) -> str:
     """Our own words for an SQLite error (its code name and what it means), not the library's text."""
     name = str(getattr(exc, "sqlite_errorname", "") or type(exc).__name__)
     meaning = _SQLITE_WHY.get(name) or _SQLITE_WHY.get("_".join(name.split("_")[:2]))
@@ -257,7 +263,7 @@ class Ledger:
         _check_header(path)
         try:
             self._db = self._connect()
-        except sqlite3.Error as exc:
+        except _DB_ERRORS as exc:
             raise _Garbage(f"cannot open ledger {path}: {_why(exc)}") from None
         try:
             self._check()
@@ -298,7 +304,7 @@ class Ledger:
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 return
             self._check_tables(tables)
-        except sqlite3.Error as exc:
+        except _DB_ERRORS as exc:
             raise _Garbage(f"ledger {self.path} is unreadable ({_why(exc)})") from None
 
     def _check_tables(self, tables: set[str]) -> None:
@@ -338,7 +344,7 @@ class Ledger:
             return cls(path)
 
     def close(self) -> None:
-        with contextlib.suppress(sqlite3.Error):  # closing a damaged ledger still closes it
+        with contextlib.suppress(*_DB_ERRORS):  # closing a damaged ledger still closes it
             self._db.close()
 
     def batch(self, every: float = 0.5) -> contextlib.AbstractContextManager[None]:
@@ -356,7 +362,7 @@ class Ledger:
             self._batch_every = None
             try:
                 self._db.commit()
-            except sqlite3.Error as exc:
+            except _DB_ERRORS as exc:
                 raise LedgerError(f"cannot write ledger {self.path}: {_why(exc)}") from None
 
     @contextlib.contextmanager
@@ -367,7 +373,7 @@ class Ledger:
                 if time.monotonic() - self._last_commit >= self._batch_every:
                     self._db.commit()
                     self._last_commit = time.monotonic()
-            except sqlite3.Error as exc:
+            except _DB_ERRORS as exc:
                 raise LedgerError(f"cannot write ledger {self.path}: {_why(exc)}") from None
             return
         if self.readonly:
@@ -380,13 +386,13 @@ class Ledger:
         try:
             with self._db:
                 yield self._db
-        except sqlite3.Error as exc:
+        except _DB_ERRORS as exc:
             raise LedgerError(f"cannot write ledger {self.path}: {_why(exc)}") from None
 
     def _read(self, sql: str, args: Iterable[object] = ()) -> list[tuple[object, ...]]:
         try:
             return list(self._db.execute(sql, tuple(args)))
-        except sqlite3.Error as exc:
+        except _DB_ERRORS as exc:
             raise LedgerError(f"cannot read ledger {self.path}: {_why(exc)}") from None
 
     # meta -------------------------------------------------------------------------------------
