@@ -5,10 +5,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
+import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -661,3 +664,52 @@ def test_connection_refused_is_named() -> None:
     err = fails(raw_fetcher(f"http://127.0.0.1:{port}/a"), asset())
     assert str(err) == f"could not connect (ECONNREFUSED) from http://127.0.0.1:{port}/a/repo/file.bin"
     assert err.retryable
+
+
+def _tls_server(tmp: Path) -> tuple[socket.socket, Path, ssl.SSLContext]:
+    """A listening socket, a self-signed cert for 127.0.0.1 (its own CA file) and a server context."""
+    key, cert = tmp / "key.pem", tmp / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4)
+    return sock, cert, ctx
+
+
+def test_tls_download_with_pauses_longer_than_a_slice(tmp_path: Path) -> None:
+    """Over TLS (ca_file), a body with a 1.5 s pause (longer than one 1 s socket wait) still lands: the
+    sliced waits resume cleanly inside a TLS record stream; a plain-HTTP answer to TLS is a TLS error."""
+    sock, cert, ctx = _tls_server(tmp_path)
+    port = sock.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = sock.accept()
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(65536)
+            tls.sendall(f'HTTP/1.1 200 OK\r\nContent-Length: {len(BODY)}\r\nETag: "t"\r\n\r\n'.encode())
+            tls.sendall(BODY[:5000])
+            time.sleep(1.5)
+            tls.sendall(BODY[5000:])
+        conn, _ = sock.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        art = Artifactory(url=f"https://127.0.0.1:{port}/a", token=Secret(TOKEN), username=None,
+                          password=None, ca_file=cert)  # fmt: skip
+        f = Fetcher(art, timeout=5, concurrency=1)
+        assert download(f, asset()) == BODY
+        err = fails(f, asset())
+        assert str(err).startswith("TLS error") and err.retryable
+    finally:
+        thread.join(timeout=10)
+        sock.close()
