@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from harness import World, syncd_command
+from syncd.ledger import SCHEMA_VERSION
 from syncd.publish import staging_name
 
 pytestmark = pytest.mark.e2e
@@ -318,7 +319,7 @@ def test_reload_onto_an_unusable_ledger_fails_passes_until_it_is_fixed(
     d.proc.send_signal(signal.SIGHUP)
     failed = d.wait_event("pass_failed", count=2)
     assert failed["error_type"] == "LedgerRefusedError" and "written by a newer syncd" in failed["error"]
-    user_version(1)
+    user_version(SCHEMA_VERSION)
     mark = len(d.named("pass_finished"))
     ok = d.wait_event("pass_finished", count=mark + 1)
     assert ok["ok"] and ok["skipped"] == 1

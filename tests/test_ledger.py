@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness import Run, World, examples
+from syncd.ledger import SCHEMA_VERSION
 
 pytestmark = pytest.mark.e2e
 
@@ -194,7 +195,7 @@ def _not_a_database(path: Path, rng: random.Random) -> str:
 
 
 def _newer_schema(path: Path, rng: random.Random) -> str:
-    _sql(path, [f"PRAGMA user_version = {rng.randint(2, 1000)}"])
+    _sql(path, [f"PRAGMA user_version = {rng.randint(SCHEMA_VERSION + 1, 1000)}"])
     return "newer schema"
 
 
@@ -388,3 +389,41 @@ def test_cache_changed_on_disk_is_read_again_not_trusted(
     assert (finished["published"], finished["skipped"], finished["orphaned"]) == (0, 3, 0)
     assert_exact(world, want)
     assert not world.sync().named("ledger_cache_dropped")
+
+
+def test_schema_1_ledger_is_upgraded_in_place(synced: tuple[World, dict[str, bytes], bytes]) -> None:
+    """A schema-1 ledger (no row checksums) is upgraded in one transaction: nothing is downloaded or
+    adopted again, every row then carries its checksum, and the next pass does not migrate again."""
+    world, want, _ = synced
+    ledger = world.state / "ledger.sqlite3"
+    _sql(ledger, ["ALTER TABLE published DROP COLUMN checksum", "PRAGMA user_version = 1"])
+    dry = world.sync("--dry-run")  # a dry run plans on the old layout and upgrades nothing
+    assert dry.code == 0 and planned(dry, "skip") == 3 and not dry.named("ledger_migrated"), dry.err
+    run = world.sync()
+    assert run.code == 0, run.err
+    migrated = run.one("ledger_migrated")
+    assert (migrated["from_schema"], migrated["to_schema"]) == (1, SCHEMA_VERSION)
+    finished = run.one("pass_finished")
+    assert (finished["skipped"], finished["published"], finished["adopted"]) == (3, 0, 0)
+    db = sqlite3.connect(ledger)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert all(len(c) == 16 for (c,) in db.execute("SELECT checksum FROM published"))
+    finally:
+        db.close()
+    assert not world.sync().named("ledger_migrated")
+    assert_exact(world, want)
+
+
+def test_published_row_changed_on_disk_sets_the_ledger_aside(
+    synced: tuple[World, dict[str, bytes], bytes],
+) -> None:
+    """A published row whose size changed on disk (still a valid row) fails its checksum: the ledger is
+    set aside and rebuilt by adoption instead of refusing that dest forever."""
+    world, want, _ = synced
+    _sql(world.state / "ledger.sqlite3", ["UPDATE published SET size = size + 64 WHERE dest = 'd0/0.bin'"])
+    run = world.sync()
+    assert run.code == 0, run.err
+    assert "checksum" in run.one("ledger_set_aside")["error"]
+    assert run.one("pass_finished")["adopted"] == 3 and not run.named("asset_refused")
+    assert_exact(world, want)

@@ -29,7 +29,7 @@ import os
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,7 +40,7 @@ from syncd.manifest import Asset
 from syncd.statedir import check_state_dir, refuse_link
 
 log = logs.get()
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: published.checksum (see _MIGRATIONS)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS manifests (
@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS manifests (
 CREATE TABLE IF NOT EXISTS published (
     dest TEXT PRIMARY KEY, sha256 TEXT NOT NULL, size INTEGER NOT NULL, source TEXT NOT NULL,
     manifest TEXT NOT NULL, commit_id TEXT NOT NULL, published_at TEXT NOT NULL,
-    how TEXT NOT NULL, orphaned_at TEXT);
+    how TEXT NOT NULL, orphaned_at TEXT, checksum TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS failures (
     dest TEXT PRIMARY KEY, sha256 TEXT NOT NULL, attempts INTEGER NOT NULL, last_error TEXT NOT NULL,
     first_failed_at TEXT NOT NULL, last_failed_at TEXT NOT NULL);
@@ -66,9 +66,13 @@ _COLUMNS = {
         "published_at",
         "how",
         "orphaned_at",
+        "checksum",
     ),
     "failures": ("dest", "sha256", "attempts", "last_error", "first_failed_at", "last_failed_at"),
 }
+# The fields of a published row that its checksum covers (orphaned_at is not: it is updated in place,
+# and a damaged one only changes when an orphan was first reported).
+_ROW_FIELDS = "dest, sha256, size, source, manifest, commit_id, published_at, how"
 # Rows a pass would misread: a wrong type or a value syncd never writes (a flipped byte, a hand edit).
 _BAD_ROWS = {
     "published": "typeof(dest) != 'text' OR typeof(size) != 'integer' OR size < 0 "
@@ -187,6 +191,33 @@ def _digest(key: str, commit: str | None, rows: Iterable[tuple[object, ...]]) ->
     return h.hexdigest()
 
 
+def _row_checksum(row: Iterable[object]) -> str:
+    """A short sha256 over one published row's fields (:data:`_ROW_FIELDS`): SQLite has no checksums,
+    and a flipped byte in a size or sha256 would otherwise read as a valid row and refuse that dest."""
+    text = "\0".join(str(v) for v in row)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _add_row_checksums(db: sqlite3.Connection) -> None:
+    """Schema 1 → 2: ``published.checksum``, filled in for every existing row."""
+    db.execute("ALTER TABLE published ADD COLUMN checksum TEXT NOT NULL DEFAULT ''")
+    rows = db.execute(f"SELECT {_ROW_FIELDS} FROM published").fetchall()  # noqa: S608 (constants)
+    db.executemany(
+        "UPDATE published SET checksum = ? WHERE dest = ?", [(_row_checksum(r), r[0]) for r in rows]
+    )
+
+
+# Each step takes a ledger from schema N to N + 1, in the same transaction as the user_version bump.
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _add_row_checksums}
+
+
+def _columns(version: int) -> dict[str, tuple[str, ...]]:
+    """The tables and columns of a ledger at schema ``version`` (0: one that never set it)."""
+    if version == 1:
+        return {**_COLUMNS, "published": _COLUMNS["published"][:-1]}
+    return _COLUMNS
+
+
 def _set_aside(path: Path) -> Path:
     """Move a garbage ledger (and its WAL files, which belong to it alone) out of the way."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -303,22 +334,43 @@ class Ledger:
                 self._db.executescript(_SCHEMA)
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 return
-            self._check_tables(tables)
+            self._check_tables(tables, version)
+            if 0 < version < SCHEMA_VERSION and not self.readonly:  # a dry run reads the old layout
+                self._migrate(version)
+                version = SCHEMA_VERSION
+                self._check_tables(tables, version)
+            if version >= 2:
+                self._check_checksums()
         except _DB_ERRORS as exc:
             raise _Garbage(f"ledger {self.path} is unreadable ({_why(exc)})") from None
 
-    def _check_tables(self, tables: set[str]) -> None:
-        if tables != set(_COLUMNS):
-            odd = ", ".join(sorted(tables ^ set(_COLUMNS)))
+    def _check_tables(self, tables: set[str], version: int) -> None:
+        columns = _columns(version)
+        if tables != set(columns):
+            odd = ", ".join(sorted(tables ^ set(columns)))
             raise _Garbage(f"ledger {self.path} has unexpected or missing tables ({odd})")
-        for table, want in _COLUMNS.items():
+        for table, want in columns.items():
             have = tuple(str(r[1]) for r in self._db.execute(f"PRAGMA table_info({table})"))
             if have != want:
                 raise _Garbage(f"ledger {self.path}: table {table} does not have the columns syncd writes")
-            bad = _BAD_ROWS.get(table)
+            bad = _BAD_ROWS.get(table) if columns is _COLUMNS else None
             query = f"SELECT 1 FROM {table} WHERE {bad} LIMIT 1"  # noqa: S608 (our own constants)
             if bad and self._db.execute(query).fetchone():
                 raise _Garbage(f"ledger {self.path}: table {table} holds rows syncd never writes")
+
+    def _check_checksums(self) -> None:
+        query = f"SELECT {_ROW_FIELDS}, checksum FROM published"  # noqa: S608 (our own constants)
+        for row in self._db.execute(query):
+            if _row_checksum(row[:-1]) != row[-1]:
+                raise _Garbage(f"ledger {self.path}: a published row does not match its checksum")
+
+    def _migrate(self, version: int) -> None:
+        """Upgrade the ledger from schema ``version`` to :data:`SCHEMA_VERSION` in one transaction."""
+        with self._db:
+            for step in range(version, SCHEMA_VERSION):
+                _MIGRATIONS[step](self._db)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        log.info("ledger_migrated", ledger=str(self.path), from_schema=version, to_schema=SCHEMA_VERSION)
 
     @classmethod
     def in_state_dir(cls, state_dir: Path, *, readonly: bool = False) -> Ledger:
@@ -472,10 +524,11 @@ class Ledger:
     def record_published(self, asset: Asset, commit: str, how: str) -> None:
         """``asset`` is now at its dest (fsynced): remember it and forget any failure."""
         with self._write() as db:
+            row = (asset.dest, asset.sha256, asset.size, asset.source, asset.manifest, commit, now(), how)
             db.execute(
-                "INSERT OR REPLACE INTO published(dest, sha256, size, source, manifest, commit_id, "
-                "published_at, how, orphaned_at) VALUES (?,?,?,?,?,?,?,?,NULL)",
-                (asset.dest, asset.sha256, asset.size, asset.source, asset.manifest, commit, now(), how),
+                f"INSERT OR REPLACE INTO published({_ROW_FIELDS}, orphaned_at, checksum) "  # noqa: S608
+                "VALUES (?,?,?,?,?,?,?,?,NULL,?)",
+                (*row, _row_checksum(row)),
             )
             db.execute("DELETE FROM failures WHERE dest = ?", (asset.dest,))
 
