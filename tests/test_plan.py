@@ -152,6 +152,16 @@ def test_conflicting_claims_are_refused_naming_every_manifest() -> None:
     ]
 
 
+def test_overlap_reason_names_the_overlap_and_stays_bounded() -> None:
+    """A file dest with thousands of dests under it is refused with a short reason naming the overlap."""
+    top = asset("data/p", manifest="a.toml", index=0)
+    under = [asset(f"data/p/{i}", manifest="b.toml", index=i) for i in range(5000)]
+    (action,) = plan({}, {"data/p": [top, *under]}, {}, {})
+    assert action.kind is Kind.REFUSE and action.dest == "data/p"
+    assert "is a file dest but" in action.reason and "4995 more put files under it" in action.reason
+    assert len(action.reason) < 1000
+
+
 def test_published_dest_no_longer_desired_is_orphaned() -> None:
     """A ledger dest that no manifest lists any more → orphan (left in place), naming its old manifest."""
     assert plan({}, {}, {"old/f": published("old/f", manifest="gone.toml")}, {}) == [

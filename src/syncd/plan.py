@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from syncd.ledger import Published
-from syncd.manifest import Asset
+from syncd.manifest import Asset, conflict_reason
 from syncd.publish import Observation, State
 
 
@@ -72,16 +72,10 @@ def plan(
             else a
             for a in actions
         ]
-    for dest, claims in sorted(conflicts.items()):
-        where = ", ".join(a.where() for a in claims)
-        actions.append(
-            Action(
-                Kind.REFUSE,
-                dest,
-                claims[0],
-                f"dest is claimed by more than one asset ({where}); none is synced",
-            )
-        )
+    actions += [
+        Action(Kind.REFUSE, dest, claims[0], conflict_reason(dest, claims))
+        for dest, claims in sorted(conflicts.items())
+    ]
     actions += [
         Action(Kind.ORPHAN, dest, reason=f"no manifest lists it any more (was {p.manifest})")
         for dest, p in sorted(published.items())
