@@ -232,7 +232,9 @@ def test_corrupt_ledger_is_refused_clearly_or_rebuilt(
     synced: tuple[World, dict[str, bytes], bytes], kind: Any, seed: int
 ) -> None:
     """A ledger damaged in any generated way gives a clear LedgerError exit, or is set aside (or read
-    as it is) and the pass converges: every dest byte-exact, and the next pass changes nothing."""
+    as it is) and the pass converges: every dest byte-exact, and the next pass changes nothing. (The one
+    damage SQLite and the checksums cannot see, a hex digit of the last good commit changed into another,
+    reads as a rewritten branch: exit 1 naming it, nothing planned.)"""
     world, want, pristine = synced
     _restore(world, pristine)
     ledger = world.state / "ledger.sqlite3"
@@ -247,6 +249,7 @@ def test_corrupt_ledger_is_refused_clearly_or_rebuilt(
         _assert_clear(run, ledger)
     else:
         assert run.named("pass_finished"), note
+        assert run.code == 0 or "is not in the clone" in run.one("pass_finished")["git_error"], note
         assert_exact(world, want)
         for aside in run.named("ledger_set_aside"):
             assert aside["ledger"] == str(ledger) and Path(aside["moved_to"]).exists(), note
