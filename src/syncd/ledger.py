@@ -107,6 +107,16 @@ def _why(exc: Exception) -> str:
     return f"{name}: {meaning}" if meaning else name
 
 
+def _damage(exc: Exception, what: str) -> LedgerError:
+    """``what`` failed with ``exc``: garbage (to set aside) if the file itself is bad; otherwise (I/O,
+    permissions, a full disk, a lock) a plain :class:`LedgerError`: a good ledger is never set aside for a
+    fault around it."""
+    name = str(getattr(exc, "sqlite_errorname", "") or type(exc).__name__)
+    bad_file = name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT", "SQLITE_FORMAT", "SQLITE_SCHEMA"))
+    cls = _Garbage if bad_file or isinstance(exc, UnicodeError) else LedgerError
+    return cls(f"{what}: {_why(exc)}")
+
+
 class _Garbage(LedgerError):
     """The file is not a usable syncd ledger (damaged, not a database, foreign tables or rows); it can
     be set aside and rebuilt, since every file at its dest is adopted again by hash."""
@@ -295,7 +305,7 @@ class Ledger:
         try:
             self._db = self._connect()
         except _DB_ERRORS as exc:
-            raise _Garbage(f"cannot open ledger {path}: {_why(exc)}") from None
+            raise _damage(exc, f"cannot open ledger {path}") from None
         try:
             self._check()
         except BaseException:
@@ -342,7 +352,7 @@ class Ledger:
             if version >= 2:
                 self._check_checksums()
         except _DB_ERRORS as exc:
-            raise _Garbage(f"ledger {self.path} is unreadable ({_why(exc)})") from None
+            raise _damage(exc, f"ledger {self.path} is unreadable") from None
 
     def _check_tables(self, tables: set[str], version: int) -> None:
         columns = _columns(version)
