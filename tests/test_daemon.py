@@ -54,7 +54,10 @@ class Daemon:
             self.events.append(json.loads(line))  # every line must be a JSON event
 
     def _drain(self) -> None:
-        for _ in range(100):  # bounded: watchdog pings may never let the socket go quiet
+        # Bounded in time, not in messages: watchdog pings may never let the socket go quiet, and 100
+        # pings at 0.1 s each made every wait take 10 s.
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
             try:
                 self.messages += self.sock.recv(4096).decode().split("\n")
             except TimeoutError:
