@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import toml_str
 from syncd.config import DEFAULT_PATH, Config, Secret, config_path, describe, load, parse_duration
 from syncd.errors import ConfigError, SyncdError
 
@@ -217,11 +218,11 @@ def test_owner_only_modes_are_accepted(confdir: Path) -> None:
 
 
 def test_missing_secret_file_is_named(confdir: Path) -> None:
-    """A token_file that does not exist is reported with its resolved path."""
+    """A token_file that does not exist is reported with the directory it was looked up in."""
     (confdir / "artifactory.token").unlink()
     assert problems(write(confdir, HTTPS_SOURCE, ARTIFACTORY, EXPORT)) == [
-        f"at 'artifactory.token_file': no such file in {confdir} "
-        "(the key names a file holding the secret, not the secret itself)"
+        f"at 'artifactory.token_file': no such file (a relative name is looked up in {confdir}; the key "
+        "names a file holding the secret, not the secret itself; the name is not shown)"
     ]
 
 
@@ -233,9 +234,23 @@ def test_missing_secret_in_credentials_directory_names_that_path(
     creds.mkdir()
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     assert problems(write(confdir, HTTPS_SOURCE, ARTIFACTORY, EXPORT)) == [
-        f"at 'artifactory.token_file': no such file in {creds} "
-        "(the key names a file holding the secret, not the secret itself)"
+        f"at 'artifactory.token_file': no such file (a relative name is looked up in {creds}; the key "
+        "names a file holding the secret, not the secret itself; the name is not shown)"
     ]
+
+
+@pytest.mark.parametrize("pasted", ["A" * 700, "AKCp8abc/SECRETzz1" + "x" * 40, "tok\x01en"])
+def test_a_secret_pasted_as_the_file_name_is_never_echoed(confdir: Path, pasted: str) -> None:
+    """A token pasted where a file name belongs (too long, with a '/', odd bytes) is not repeated, in
+    part or whole, whatever error the lookup gives."""
+    text = f"""[source]\nurl = "file:///srv/git/m.git"\n[artifactory]\nurl = "https://a.example"
+token_file = {toml_str(pasted)}\n[export]\nroot = "/srv/nfs"\n"""
+    path = confdir / "pasted.conf"
+    path.write_text(text)
+    found = "\n".join(problems(path))
+    assert "artifactory.token_file" in found
+    for piece in {pasted, *pasted.split("/")}:
+        assert piece not in found
 
 
 def test_empty_secret_file_is_refused(confdir: Path) -> None:

@@ -484,16 +484,15 @@ class _Resolver:
         """Whether ``path`` is a regular file that only the user running syncd can read and change."""
         try:
             st = path.stat()
-        except FileNotFoundError:
-            # The configured name is not echoed: a common slip is pasting the secret itself here.
+        except OSError as exc:
+            # Until a file is found there, no part of the configured name is echoed: a common slip is
+            # pasting the secret itself here (a long token gives ENAMETOOLONG, one with '/' ENOENT).
+            reason = "no such file" if isinstance(exc, FileNotFoundError) else _os_reason(exc)
             self.problem(
                 where,
-                f"no such file in {path.parent} (the key names a file holding the secret, "
-                "not the secret itself)",
+                f"{reason} (a relative name is looked up in {self.secret_base}; the key names a file "
+                "holding the secret, not the secret itself; the name is not shown)",
             )
-            return False
-        except OSError as exc:
-            self.problem(where, f"cannot read {path}: {_os_reason(exc)}")
             return False
         if not stat.S_ISREG(st.st_mode):
             self.problem(where, f"{path} is not a regular file")
