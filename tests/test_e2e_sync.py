@@ -92,6 +92,25 @@ def test_invalid_manifest_is_skipped_and_others_land(world: World) -> None:
     assert world.sync().code == 0
 
 
+def test_manifest_with_thousands_of_problems_is_one_bounded_event(world: World) -> None:
+    """A manifest with a problem in each of 3,000 assets is one manifest_invalid event of bounded size
+    (journald splits lines over 48 KiB), with the full count; the good manifest still lands."""
+    good = world.asset("good.bin", 1000, seed=4)
+    world.manifest("good.toml", {**good, "dest": "good.bin"})
+    key = "k" * 300
+    body = "".join(f'[[asset]]\nsource = "s/{i}"\nsize = 1\ndest = "d/{i}"\n{key} = 1\n' for i in range(3000))
+    world.repo.write("assets/bad.toml", body)
+    world.repo.commit("a typo in every asset")
+    run = world.sync()
+    assert run.code == 1
+    assert sha(world.export / "good.bin") == good["sha256"]
+    lines = [line for line in run.err.splitlines() if '"manifest_invalid"' in line]
+    assert len(lines) == 1 and len(lines[0].encode()) < 48 * 1024, len(lines[0])
+    bad = run.one("manifest_invalid")
+    assert bad["problem_count"] > 3000  # a missing sha256 and an unknown key in each asset
+    assert len(bad["problems"]) == 21 and bad["problems"][-1].startswith("… and ")
+
+
 def test_checksum_mismatch_leaves_nothing(world: World) -> None:
     """Bytes that do not hash to the manifest's sha256 never reach dest; others publish; exit 1."""
     good = world.asset("good.bin", 5000, seed=5)

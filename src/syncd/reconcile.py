@@ -37,6 +37,8 @@ from syncd.publish import Export
 from syncd.report import count_dry
 
 log = logs.get()
+MAX_PROBLEMS_LOGGED = 20  # per manifest_invalid event; `syncd validate` lists every problem
+MAX_PROBLEM_CHARS = 500
 REFUSED = "refused: "  # prefix of a failure row written for a refusal (not a download failure)
 
 
@@ -301,12 +303,17 @@ class Reconciler:
     def _report_invalid(self, desired: Desired, result: PassResult) -> None:
         result.invalid = desired.invalid
         for path, problems in desired.invalid.items():
+            # One bounded event per file, however many problems it has (a 9,000-asset file with a typo in
+            # every asset made a 7 MB line, which journald splits into invalid JSON): validate lists all.
+            shown = [p if len(p) <= MAX_PROBLEM_CHARS else p[:MAX_PROBLEM_CHARS] + "…" for p in problems]
+            more = len(problems) - MAX_PROBLEMS_LOGGED
             log.error(
                 "manifest_invalid",
                 manifest=path,
                 commit=desired.commit,
-                error="; ".join(problems),
-                problems=list(problems),
+                error="; ".join(shown[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else ""),
+                problems=shown[:MAX_PROBLEMS_LOGGED] + ([f"… and {more} more"] if more > 0 else []),
+                problem_count=len(problems),
             )
 
     def _execute(self, export: Export, result: PassResult) -> None:
