@@ -14,6 +14,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import httpx
 import pygit2
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 from git_http import GitHttp
 from harness import World, examples, syncd_command, toml_str
 from servers import FaultServer, GitRepo, Nginx
-from syncd.config import branch_problem, load
+from syncd.config import branch_problem, host_problem, load
 from syncd.errors import ConfigError
 
 SETTINGS = settings(
@@ -428,3 +429,64 @@ def test_libgit2_text_is_reduced_to_syncd_words(token: str, noise: str, form: st
     assert all(0x20 <= ord(c) <= 0x7E for c in shown), shown
     assert len(shown) <= 200
     assert token not in _safe(url) and _safe(url) == "https://h.example/x.git"
+
+
+# hosts ------------------------------------------------------------------------------------------------
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("host", "ok"),
+    [
+        ("artifactory.bank.example", True),
+        ("127.0.0.1", True),
+        ("::1", True),
+        ("xn--bcher-kva.example", True),
+        ("build_01.internal", True),
+        ("xn--a", False),
+        ("a..b", False),
+        ("%31%32%37.0.0.1", False),
+        ("-a.example", False),
+        ("bücher.example", False),
+        ("", False),
+    ],
+)
+def test_hosts_that_cannot_be_reached_are_refused(host: str, ok: bool) -> None:
+    """A URL host must be an IP address or an ASCII DNS name whose xn-- labels decode."""
+    assert (host_problem(host) == "") is ok
+
+
+@pytest.mark.unit
+@settings(max_examples=examples(300), deadline=None, database=None)
+@given(st.text(alphabet="abcxn-_.%0123456789ü", min_size=1, max_size=30))
+def test_an_accepted_host_is_one_httpx_can_request(host: str) -> None:
+    """Every host the config accepts is one httpx builds a request for (no failure at sync time)."""
+    if host_problem(host) == "":
+        request = httpx.Request("GET", f"https://{host}/artifactory/x")
+        assert request.url.host
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("url", ["http://xn--a/a", "http://a..b:80/a", "http://%31%32%37.0.0.1:80/a"])
+def test_check_config_refuses_an_unreachable_artifactory_host(tmp_path: Path, url: str) -> None:
+    """A bad Artifactory host is a configuration error at load, not an error on every asset."""
+    cfg = tmp_path / "syncd.conf"
+    cfg.write_text(
+        f'[source]\nurl = "file:///srv/git/m.git"\n[artifactory]\nurl = {toml_str(url)}\n'
+        '[export]\nroot = "/srv/nfs"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load(cfg)
+    assert any(p.startswith("at 'artifactory.url': the host") for p in info.value.problems)
+
+
+@pytest.mark.unit
+def test_file_url_with_a_host_is_refused(tmp_path: Path) -> None:
+    """file://HOST/path is refused (the host part would be silently ignored, or hold a pasted token)."""
+    cfg = tmp_path / "syncd.conf"
+    cfg.write_text(
+        '[source]\nurl = "file://SECRETzz1/x"\n[artifactory]\nurl = "https://a.example"\n'
+        '[export]\nroot = "/srv/nfs"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load(cfg)
+    assert any("file:// URL names no host" in p for p in info.value.problems)
+    assert "SECRETzz1" not in str(info.value)

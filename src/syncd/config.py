@@ -17,6 +17,8 @@ fragment is refused, so every URL in :class:`Config` can be logged as it is. Pro
 
 from __future__ import annotations
 
+import codecs
+import ipaddress
 import math
 import os
 import re
@@ -155,6 +157,34 @@ def _port_ok(parts: SplitResult) -> bool:
     except ValueError:
         return False
     return port is None or port > 0
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")  # "_" is not DNS, but internal names use it
+
+
+def host_problem(host: str) -> str:
+    """Why ``host`` (a URL's host, brackets removed) cannot be connected to, or "" when it can: an IP
+    address, or a DNS name in its ASCII form (labels of letters, digits and '-', punycode that decodes)."""
+    try:
+        ipaddress.ip_address(host)
+        return ""
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if not name or len(name) > 253:
+        return "the host name is empty or longer than 253 characters"
+    for label in name.split("."):
+        if not _LABEL.fullmatch(label):
+            return (
+                "the host is not a DNS name (labels of ASCII letters, digits and '-'; write an "
+                "international name in its xn-- form) or an IP address"
+            )
+        if label.lower().startswith("xn--"):
+            try:
+                codecs.decode(label.encode(), "idna")
+            except UnicodeError:
+                return "the host has an xn-- label that is not valid punycode"
+    return ""
 
 
 def origin(url: str) -> tuple[str, str, int | None] | None:
@@ -542,6 +572,10 @@ class _Resolver:
             self.problem(where, "has an invalid port (a number from 1 to 65535)")
         if parts.scheme != "file" and not parts.hostname:
             self.problem(where, "must name a host")
+        elif parts.scheme == "file" and parts.hostname not in (None, "", "localhost"):
+            self.problem(where, "a file:// URL names no host: file:///path/to/repo.git")
+        elif parts.scheme != "file" and (why := host_problem(parts.hostname or "")):
+            self.problem(where, why)
         return parts
 
     def _source(self, s: SourceSection) -> GitSource | None:
@@ -613,6 +647,8 @@ class _Resolver:
             self.problem(where, "must not have a query or fragment")
         if not _port_ok(parts):
             self.problem(where, "has an invalid port (a number from 1 to 65535)")
+        if parts.hostname and (why := host_problem(parts.hostname)):
+            self.problem(where, why)
 
     def _artifactory(self, a: ArtifactorySection) -> Artifactory | None:
         self._artifactory_url(a.url)
