@@ -6,6 +6,7 @@ and the JSON log events it printed on stderr.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -17,6 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from servers import GitRepo, Nginx, make_asset
+
+# The shape of an unencrypted OpenSSH private key (cipher "none"): enough for the config's key check, for
+# tests that never connect with it.
+SSH_KEY = (
+    "-----BEGIN OPENSSH PRIVATE KEY-----\n"
+    + base64.b64encode(b"openssh-key-v1\0\0\0\0\x04none" + bytes(32)).decode()
+    + "\n-----END OPENSSH PRIVATE KEY-----\n"
+)
 
 
 def examples(n: int) -> int:

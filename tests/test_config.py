@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import toml_str
+from harness import SSH_KEY, toml_str
 from syncd.config import DEFAULT_PATH, Config, Secret, config_path, describe, load, parse_duration
 from syncd.errors import ConfigError, SyncdError
 
@@ -52,7 +52,7 @@ def confdir(tmp_path: Path) -> Path:
     """A config directory holding an ssh key, known_hosts and an Artifactory token, secrets at 0600."""
     d = (tmp_path / "etc-syncd").resolve()
     d.mkdir()
-    secret(d / "id_ed25519", "-----BEGIN OPENSSH PRIVATE KEY-----\nkey\n")
+    secret(d / "id_ed25519", SSH_KEY)
     secret(d / "artifactory.token", TOKEN + "\n")
     (d / "known_hosts").write_text("[git.example.com]:22 ssh-ed25519 AAAA\n")
     return d
@@ -144,7 +144,7 @@ def test_relative_secrets_resolve_against_credentials_directory(
     """With $CREDENTIALS_DIRECTORY set, relative secrets resolve there; known_hosts stays in config dir."""
     creds = (tmp_path / "credentials").resolve()
     creds.mkdir()
-    secret(creds / "id_ed25519", "other key")
+    secret(creds / "id_ed25519", SSH_KEY)
     secret(creds / "artifactory.token", "token-from-systemd")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     cfg = load(write(confdir, SSH_SOURCE, ARTIFACTORY, EXPORT))
@@ -205,7 +205,7 @@ def test_secret_readable_by_others_is_refused(confdir: Path, mode: int) -> None:
 
 def test_ssh_key_readable_by_others_is_refused(confdir: Path) -> None:
     """An ssh private key with mode 0644 is refused at 'source.ssh_key', as ssh itself does."""
-    p = secret(confdir / "id_ed25519", "key", 0o644)
+    p = secret(confdir / "id_ed25519", SSH_KEY, 0o644)
     assert problems(write(confdir, SSH_SOURCE, ARTIFACTORY, EXPORT)) == [
         f"at 'source.ssh_key': {p} is readable by group or others (mode 0644); run: chmod 600 {p}"
     ]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import syncd_command
+from harness import SSH_KEY, syncd_command
 
 pytestmark = pytest.mark.unit
 
@@ -81,8 +81,8 @@ def test_example_config_passes_with_its_files(tmp_path: Path) -> None:
     """With its secret files present (as systemd's LoadCredential= provides them), the example passes."""
     creds = tmp_path / "creds"
     creds.mkdir()
-    for name in ("id_ed25519", "artifactory.token"):
-        (creds / name).write_text("secret\n")
+    for name, text in (("id_ed25519", SSH_KEY), ("artifactory.token", "secret\n")):
+        (creds / name).write_text(text)
         (creds / name).chmod(0o600)
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text("git.example.com ssh-ed25519 AAAA\n")

@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from git_http import GitHttp
-from harness import World, examples, syncd_command, toml_str
+from harness import SSH_KEY, World, examples, syncd_command, toml_str
 from servers import FaultServer, GitRepo, Nginx
-from syncd.config import branch_problem, host_problem, load
+from syncd.config import branch_problem, host_problem, load, ssh_key_problem
 from syncd.errors import ConfigError
 
 SETTINGS = settings(
@@ -234,7 +234,7 @@ def test_source_url_with_credentials_query_or_bad_port_is_refused_unseen(leak: t
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp).resolve()
         _secret_file(d / "art.token", b"tok\n")
-        _secret_file(d / "id", b"key\n")
+        _secret_file(d / "id", SSH_KEY.encode())
         (d / "kh").write_text("")
         extra = 'ssh_key = "id"\nknown_hosts = "kh"\n' if url.startswith("ssh") else ""
         with pytest.raises(ConfigError) as info:
@@ -490,3 +490,30 @@ def test_file_url_with_a_host_is_refused(tmp_path: Path) -> None:
         load(cfg)
     assert any("file:// URL names no host" in p for p in info.value.problems)
     assert "SECRETzz1" not in str(info.value)
+
+
+# ssh keys ---------------------------------------------------------------------------------------------
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", ["ed25519", "ecdsa", "rsa-openssh", "rsa-pem", "rsa-pkcs8"])
+@pytest.mark.parametrize("passphrase", ["", "SECRETpass1"])
+def test_ssh_key_with_a_passphrase_or_not_a_key_is_refused(
+    tmp_path: Path, kind: str, passphrase: str
+) -> None:
+    """Keys that ssh-keygen writes are accepted without a passphrase and refused with one (syncd cannot
+    type it); the passphrase is never shown."""
+    key = tmp_path / "id"
+    key_type, _, fmt = kind.partition("-")
+    args = ["ssh-keygen", "-q", "-t", key_type, "-N", passphrase, "-f", str(key)]
+    subprocess.run(args + (["-m", fmt.upper()] if fmt and fmt != "openssh" else []), check=True)
+    why = ssh_key_problem(key.read_bytes())
+    assert (why == "") is (passphrase == ""), why
+    assert "SECRET" not in why
+
+
+@pytest.mark.unit
+@settings(max_examples=examples(200), deadline=None, database=None)
+@given(st.binary(max_size=300))
+def test_bytes_that_are_no_key_are_refused_without_being_quoted(data: bytes) -> None:
+    """Arbitrary bytes are never taken for a key, and the reason never quotes them."""
+    why = ssh_key_problem(b"SECRETzz1" + data)
+    assert why and "SECRETzz1" not in why

@@ -17,6 +17,7 @@ fragment is refused, so every URL in :class:`Config` can be logged as it is. Pro
 
 from __future__ import annotations
 
+import base64
 import codecs
 import ipaddress
 import math
@@ -157,6 +158,37 @@ def _port_ok(parts: SplitResult) -> bool:
     except ValueError:
         return False
     return port is None or port > 0
+
+
+_OPENSSH_KEY = re.compile(
+    rb"-----BEGIN OPENSSH PRIVATE KEY-----\s+([A-Za-z0-9+/=\s]+?)-----END OPENSSH PRIVATE KEY-----"
+)
+_PEM_KEY = re.compile(rb"-----BEGIN (RSA |EC |DSA |ENCRYPTED )?PRIVATE KEY-----")
+
+
+def ssh_key_problem(data: bytes) -> str:
+    """Why ``data`` is not a private key syncd can use without a passphrase, or "" when it is. The text
+    never quotes the file (it may be a secret pasted in the wrong place)."""
+    if len(data) > _MAX_SECRET_BYTES:
+        return "is larger than 64 KiB: not a private key"
+    if m := _OPENSSH_KEY.search(data):
+        try:
+            blob = base64.b64decode(b"".join(m.group(1).split()), validate=True)
+        except ValueError:
+            return "is not a readable OpenSSH private key (bad base64)"
+        magic = b"openssh-key-v1\0"
+        if not blob.startswith(magic) or len(blob) < len(magic) + 4:
+            return "is not a readable OpenSSH private key"
+        n = int.from_bytes(blob[len(magic) : len(magic) + 4], "big")
+        cipher = blob[len(magic) + 4 : len(magic) + 4 + n]
+        if cipher != b"none":
+            return "is protected by a passphrase, which syncd cannot type: use a key without one"
+        return ""
+    if m := _PEM_KEY.search(data):
+        if m.group(1) == b"ENCRYPTED " or b"Proc-Type: 4,ENCRYPTED" in data:
+            return "is protected by a passphrase, which syncd cannot type: use a key without one"
+        return ""
+    return "is not a private key (expected an OpenSSH or PEM private key, as ssh-keygen writes)"
 
 
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")  # "_" is not DNS, but internal names use it
@@ -545,6 +577,18 @@ class _Resolver:
             return False
         return True
 
+    def _check_ssh_key(self, path: Path) -> None:
+        """An ssh key must be an unencrypted private key: syncd has no one to type a passphrase."""
+        try:
+            with path.open("rb") as fh:
+                data = fh.read(_MAX_SECRET_BYTES + 1)
+        except OSError as exc:
+            self.problem("source.ssh_key", f"cannot read {path}: {_os_reason(exc)}")
+            return
+        why = ssh_key_problem(data)
+        if why:
+            self.problem("source.ssh_key", f"{path} {why}")
+
     def _source_url(self, url: str) -> SplitResult | None:
         """Check ``source.url``; return its parts, or None when nothing else about the source can be
         checked. Messages never quote the URL: its userinfo may be a token."""
@@ -596,7 +640,8 @@ class _Resolver:
                 self.problem("source.ssh_key", "required for an ssh:// url")
             else:
                 ssh_key = self.secret_path(s.ssh_key)
-                self.check_secret_file("source.ssh_key", ssh_key)
+                if self.check_secret_file("source.ssh_key", ssh_key):
+                    self._check_ssh_key(ssh_key)
             if s.known_hosts is None:
                 self.problem(
                     "source.known_hosts",
