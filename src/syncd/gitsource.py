@@ -12,6 +12,14 @@ The only module that imports pygit2; every pygit2 error leaves it as :class:`~sy
 - The credentials callback answers once; a second call means the credential was rejected, and the fetch
   fails instead of looping. It answers only for the scheme, host and port of ``[source] url``: a server
   that redirects elsewhere (libgit2 follows the first request's redirect) never receives the token or key.
+- Every libgit2 fetch (the first clone's too) runs on its own daemon thread with its own ``Repository``
+  object, and the pass waits for it with deadlines: no sign of progress (any callback) for one
+  ``[download] timeout``, or :data:`FETCH_LIMIT_FACTOR` timeouts in all, or the stop event set, and the
+  pass gets a :class:`GitError` at once. libgit2's own timeout is per read, so a server that drips its
+  answer (one header line every few seconds) would hold a fetch forever. The abandoned thread is left to
+  end with its connection (its callbacks abort at their next call); while it lives no other fetch starts
+  on that clone (two libgit2 fetches into one clone at once could corrupt it). Reads go through the pass
+  thread's own ``Repository`` object, which libgit2 allows beside another writer.
 - Messages are syncd's own: libgit2's text is mapped to a fixed phrase, or kept escaped and bounded with
   every URL in it stripped of userinfo and query (see :func:`_reason`); a URL is shown by :func:`_safe`.
 """
@@ -23,6 +31,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +101,100 @@ class _Callbacks(pygit2.RemoteCallbacks):
         return True
 
 
+# A fetch may take this many [download] timeouts in all, however steadily the server shows progress.
+FETCH_LIMIT_FACTOR = 10
+_WAIT_STEP = 0.2  # how often the pass looks at the stop event and the deadlines while a fetch runs
+
+
+class _Abandoned(GitError):
+    """Raised in a fetch thread's callback: the pass stopped waiting for it."""
+
+
+class _FetchJob:
+    """One libgit2 fetch into the clone at ``path``, on its own daemon thread and ``Repository`` object.
+
+    In: the clone's path (made, with remote ``origin``, by the caller), the refspec, the source (for
+    credentials). Out: :attr:`done` set when libgit2 returned, :attr:`error` its exception or None.
+    :attr:`progress_at` is the monotonic time of the last callback (a sign the server is answering)."""
+
+    def __init__(self, path: Path, refspec: str, source: GitSource, cleanup: bool) -> None:
+        self.path = path
+        self.refspec = refspec
+        self.source = source
+        self.cleanup = cleanup  # remove ``path`` if the job is abandoned (a first clone's temporary dir)
+        self.done = threading.Event()
+        self.abandoned = threading.Event()
+        self.error: BaseException | None = None
+        self.progress_at = time.monotonic()
+        self.thread = threading.Thread(target=self._run, name="syncd-git-fetch", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def abandon(self) -> None:
+        """The pass gives up on this fetch: its next callback aborts it."""
+        self.abandoned.set()
+
+    def alive(self) -> bool:
+        """Whether libgit2 may still write into the clone (done is set only after the cleanup)."""
+        return not self.done.is_set()
+
+    def _run(self) -> None:
+        try:
+            repo = pygit2.Repository(str(self.path))
+            repo.remotes["origin"].fetch(
+                [self.refspec], callbacks=_Watched(self.source, self), prune=FetchPrune.NO_PRUNE
+            )
+            del repo
+        except BaseException as exc:  # handed to the waiting pass thread, translated there
+            self.error = exc
+        finally:
+            if self.cleanup and self.abandoned.is_set():
+                shutil.rmtree(self.path, ignore_errors=True)
+            self.done.set()
+
+
+class _Watched(_Callbacks):
+    """The source's callbacks, each also a sign of progress and a point where an abandoned fetch aborts."""
+
+    def __init__(self, source: GitSource, job: _FetchJob) -> None:
+        super().__init__(source)
+        self.job = job
+
+    def _tick(self) -> None:
+        if self.job.abandoned.is_set():
+            raise _Abandoned("the fetch was abandoned")
+        self.job.progress_at = time.monotonic()
+
+    def credentials(self, url: str, username_from_url: str | None, allowed_types: Any) -> Any:
+        self._tick()
+        return super().credentials(url, username_from_url, allowed_types)
+
+    def certificate_check(self, certificate: Any, valid: bool, host: bytes | str) -> bool:
+        self._tick()
+        return super().certificate_check(certificate, valid, host)
+
+    def sideband_progress(self, string: str) -> None:
+        self._tick()
+
+    def transfer_progress(self, stats: Any) -> None:
+        self._tick()
+
+    def update_tips(self, refname: str, old: Any, new: Any) -> None:
+        self._tick()
+
+
+# The fetch thread of each clone path that may still be running (at most one per clone, see _FetchJob).
+_JOBS: dict[Path, _FetchJob] = {}
+_JOBS_LOCK = threading.Lock()
+
+
+def _busy(path: Path) -> bool:
+    """Whether an abandoned fetch thread still works on the clone at ``path`` (or its temporary dir)."""
+    with _JOBS_LOCK:
+        return any(job.alive() for job in _JOBS.values() if job.path.parent == path.parent)
+
+
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]*")
 # libgit2's messages that syncd can say in its own words (the first match wins; matched lowercased).
 _KNOWN_REASONS = (
@@ -157,20 +260,30 @@ class ManifestRepo:
         self.source = source
         self.path = state_dir / "repo.git"
         self.home = state_dir / "ssh-home"
+        self.timeout = timeout
         self.timeout_ms = int(timeout * 1000)
         self._repo: pygit2.Repository | None = None
+        self._stop: threading.Event | None = None
 
     @property
     def ref(self) -> str:
         return f"refs/remotes/origin/{self.source.branch}"
 
-    def fetch(self) -> str:
+    def fetch(self, stop: threading.Event | None = None) -> str:
         """Create or update the bare clone; return the branch head's commit id (hex).
 
         A clone that cannot be opened, fetched into or read (killed mid-write, corrupted on disk) is moved
         aside and cloned again; the export is not touched. Network, authentication and host-key failures
-        raise :class:`GitError` without touching the clone.
+        raise :class:`GitError` without touching the clone, and so do a server that shows no progress
+        for one timeout (or takes :data:`FETCH_LIMIT_FACTOR` timeouts in all), ``stop`` being set (within
+        about :data:`_WAIT_STEP` s), and a previous, abandoned fetch still running.
         """
+        self._stop = stop
+        if _busy(self.path):
+            raise GitError(
+                f"the previous fetch from {_safe(self.source.url)} has not finished (the server never "
+                "completed its answer); not starting another one"
+            )
         self._prepare_ssh()
         pygit2.settings.server_connect_timeout = self.timeout_ms
         pygit2.settings.server_timeout = self.timeout_ms
@@ -191,7 +304,7 @@ class ManifestRepo:
             raise _Damaged(f"remote 'origin' unreadable: {_reason(exc)}") from None
         refspec = f"+refs/heads/{self.source.branch}:{self.ref}"
         try:
-            remote.fetch([refspec], callbacks=_Callbacks(self.source), prune=FetchPrune.NO_PRUNE)
+            self._fetch_in_thread(self.path, refspec, cleanup=False)
         except GitError:
             raise
         except (pygit2.GitError, OSError, KeyError, ValueError) as exc:
@@ -211,6 +324,32 @@ class ManifestRepo:
         if problem:
             raise _Damaged(problem)
         return head
+
+    def _fetch_in_thread(self, path: Path, refspec: str, *, cleanup: bool) -> None:
+        """Run one libgit2 fetch into the clone at ``path`` on a :class:`_FetchJob` and wait for it.
+
+        Raises what libgit2 raised, or :class:`GitError` when the pass stops waiting (stop event, no
+        progress for one timeout, the overall limit); the thread is then abandoned, never joined."""
+        job = _FetchJob(path, refspec, self.source, cleanup)
+        with _JOBS_LOCK:
+            _JOBS[self.path] = job
+        job.start()
+        started = time.monotonic()
+        limit = self.timeout * FETCH_LIMIT_FACTOR
+        while not job.done.wait(_WAIT_STEP):
+            now = time.monotonic()
+            why = ""
+            if self._stop is not None and self._stop.is_set():
+                why = "syncd is stopping"
+            elif now - job.progress_at > self.timeout:
+                why = f"sent no complete answer within {self.timeout:g} s ([download] timeout)"
+            elif now - started > limit:
+                why = f"did not finish the fetch within {limit:g} s ({FETCH_LIMIT_FACTOR} x the timeout)"
+            if why:
+                job.abandon()
+                raise GitError(f"git server {_safe(self.source.url)} {why}; fetch abandoned")
+        if job.error is not None:
+            raise job.error
 
     def _damage(self, head: str | None = None) -> str:
         """Why the clone is unusable, or "" when it can be read (``head``'s commit and tree included)."""
@@ -253,6 +392,12 @@ class ManifestRepo:
     def _open_or_create(self) -> pygit2.Repository:
         if self._repo is not None:
             return self._repo
+        if _busy(self.path):  # an abandoned fetch still writes there: read only, clean nothing
+            try:
+                self._repo = pygit2.Repository(str(self.path))
+            except (pygit2.GitError, ValueError) as exc:
+                raise GitError(f"no usable clone at {self.path} yet: {_reason(exc)}") from None
+            return self._repo
         for tmp in self.path.parent.glob(".repo.git.tmp-*"):
             shutil.rmtree(tmp, ignore_errors=True)  # a clone interrupted by a crash
         if self.path.exists():
@@ -270,16 +415,16 @@ class ManifestRepo:
         try:
             repo = pygit2.init_repository(str(tmp), bare=True)
             repo.remotes.create("origin", self.source.url)
-            repo.remotes["origin"].fetch(
-                [f"+refs/heads/{self.source.branch}:{self.ref}"],
-                callbacks=_Callbacks(self.source),
-            )
+            del repo  # the fetch thread opens its own
+            self._fetch_in_thread(tmp, f"+refs/heads/{self.source.branch}:{self.ref}", cleanup=True)
             os.rename(tmp, self.path)
         except GitError:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if not _busy(self.path):  # else the abandoned thread removes it when it ends
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
         except (pygit2.GitError, OSError, KeyError, ValueError) as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if not _busy(self.path):
+                shutil.rmtree(tmp, ignore_errors=True)
             raise GitError(f"clone of {_safe(self.source.url)} failed: {_reason(exc)}") from None
         self._repo = pygit2.Repository(str(self.path))
         return self._repo

@@ -246,7 +246,7 @@ class Reconciler:
             log.info("git_not_fetched", commit=head, reason="another syncd owns the clone; last fetched head")
             return head
         try:
-            head = self.repo.fetch()
+            head = self.repo.fetch(stop=self.stop)
         except GitError as exc:
             if not cached:
                 raise
