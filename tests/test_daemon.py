@@ -12,15 +12,23 @@ import sqlite3
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+from structlog.testing import capture_logs
 
+from git_http import GitHttp
 from harness import World, syncd_command
+from servers import GitRepo, Nginx
+from syncd import config as syncd_config
+from syncd import daemon as syncd_daemon
 from syncd.ledger import SCHEMA_VERSION
 from syncd.publish import staging_name
+from test_faults_git import DripServer
 
 pytestmark = pytest.mark.e2e
 
@@ -95,6 +103,21 @@ class Daemon:
             self.proc.kill()
             self.proc.wait(timeout=10)
         self.sock.close()
+
+
+@pytest.fixture
+def daemon_at(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start a daemon on a given world (for tests that build their own)."""
+    started: list[Daemon] = []
+
+    def start(world: World, **env: str) -> Daemon:
+        d = Daemon(world, tmp_path, env)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.close()
 
 
 @pytest.fixture
@@ -328,3 +351,102 @@ def test_reload_onto_an_unusable_ledger_fails_passes_until_it_is_fixed(
     assert ok["ok"] and ok["skipped"] == 1
     assert d.proc.poll() is None and not d.named("internal_error")
     assert d.stop() == 0
+
+
+def test_sigterm_while_git_drips_exits_promptly(world: World, daemon: Callable[..., Daemon]) -> None:
+    """With a git server that drips its answer, each pass gives up on it after one timeout and serves the
+    last fetched commit (assets land); SIGTERM then ends the daemon within seconds, exit 0."""
+    a = world.asset("a.bin", 100, seed=1)
+    world.manifest("m.toml", {**a, "dest": "a.bin"})
+    head = world.repo.commit("a")
+    assert world.sync().code == 0
+    (world.export / "a.bin").unlink()
+    drip = DripServer()
+    try:
+        world.source["url"] = drip.url()
+        world.write_config(schedule={"interval": "1s", "jitter": 0}, download={"timeout": "2s"})
+        d = daemon()
+        ev = d.wait_event("git_fetch_failed", timeout=30)
+        assert ev["serving_commit"] == head and "no complete answer" in ev["error"]
+        d.wait_event("pass_finished", timeout=30)
+        assert hashlib.sha256((world.export / "a.bin").read_bytes()).hexdigest() == a["sha256"]
+        d.wait_for("a second pass", lambda: len(d.named("git_fetch_failed")) >= 2, timeout=30)
+        started = time.monotonic()
+        assert d.stop(timeout=60) == 0
+        assert time.monotonic() - started < 8  # before: still running 120 s after SIGTERM
+        assert not d.named("stop_forced")
+        # the passes overran the 1 s interval; APScheduler's "skipped" notice is not logged for that
+        assert not [e for e in d.named("library_log") if "maximum number" in e.get("message", "")]
+    finally:
+        drip.close()
+
+
+def test_daemon_recovers_when_the_dripping_git_server_answers(
+    git_http: GitHttp, nginx: Nginx, tmp_path: Path, daemon_at: Callable[..., Daemon]
+) -> None:
+    """A first clone from a dripping git server fails its passes (never two fetches at once); once the
+    server answers, the next pass clones and the assets land."""
+    name = f"manifests-{uuid.uuid4().hex[:12]}.git"
+    repo = GitRepo(git_http.repos_dir / name, tmp_path / "work" / "manifests", url=git_http.url(name))
+    up = urlsplit(git_http.url(name))
+    assert up.hostname is not None and up.port is not None
+    drip = DripServer(upstream=(up.hostname, up.port))
+    try:
+        token = tmp_path / "keys" / "git.token"
+        token.parent.mkdir()
+        token.write_text(git_http.token + "\n")
+        token.chmod(0o600)
+        source = {"url": drip.url(up.path), "token_file": str(token)}
+        world = World(tmp_path / "world", repo, nginx, source=source)
+        a = world.asset("a.bin", 100, seed=1)
+        world.manifest("m.toml", {**a, "dest": "a.bin"})
+        repo.commit("a")
+        world.write_config(schedule={"interval": "1s", "jitter": 0}, download={"timeout": "2s"})
+        d = daemon_at(world)
+        ev = d.wait_event("pass_failed", timeout=30)
+        assert f"git server {drip.url(up.path)} sent no complete answer" in ev["error"]
+        drip.healthy.set()
+        d.wait_for("the asset", lambda: (world.export / "a.bin").exists(), timeout=40)
+        assert hashlib.sha256((world.export / "a.bin").read_bytes()).hexdigest() == a["sha256"]
+        assert d.stop(timeout=60) == 0
+    finally:
+        drip.close()
+
+
+@pytest.mark.unit
+def test_stop_is_bounded_when_a_pass_never_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass that ignores the stop is waited for at most timeout + STOP_GRACE; then stop_forced (a
+    warning) and the stop returns without closing what the pass still holds."""
+    conf = tmp_path / "syncd.conf"
+    conf.write_text(
+        f'[source]\nurl = "{(tmp_path / "repo.git").as_uri()}"\n'
+        '[artifactory]\nurl = "http://127.0.0.1:1/a"\n'
+        f'[export]\nroot = "{tmp_path / "export"}"\n[download]\ntimeout = "1s"\n'
+        f'[state]\ndirectory = "{tmp_path / "state"}"\n'
+    )
+    (tmp_path / "export").mkdir()
+    monkeypatch.setattr(syncd_daemon, "STOP_GRACE", 0.5)
+    d = syncd_daemon.Daemon(conf, syncd_config.load(conf))
+    d.scheduler.start()
+    held, release = threading.Event(), threading.Event()
+
+    def stuck_pass() -> None:
+        with d._pass_lock:
+            held.set()
+            release.wait(30)
+
+    worker = threading.Thread(target=stuck_pass, daemon=True)
+    worker.start()
+    assert held.wait(5)
+    started = time.monotonic()
+    with capture_logs() as events:
+        d._stop()
+    took = time.monotonic() - started
+    release.set()
+    worker.join(5)
+    assert d.forced
+    assert 1.2 < took < 10, took
+    forced = [e for e in events if e["event"] == "stop_forced"]
+    assert len(forced) == 1 and forced[0]["log_level"] == "warning"
+    assert [e["forced"] for e in events if e["event"] == "daemon_stopped"] == [True]
+    d.rec.close()

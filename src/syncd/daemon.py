@@ -9,17 +9,22 @@ run twice at once (``max_instances=1``, ``coalesce=True``).
 Signals: SIGTERM/SIGINT stop gracefully (no new downloads; in-flight ones interrupted, their partials kept
 in staging for the next pass to resume; the ledger consistent; exit 0); SIGHUP re-reads the config (an
 invalid one is logged and the old one stays); SIGUSR1 starts a pass now, or one more right after the
-running one. A pass that cannot run (git unreachable, the export held by another syncd, a ledger error)
-is logged as ``pass_failed`` and the next one is tried at the next interval.
+running one. A stop waits for the running pass at most ``[download] timeout`` + :data:`STOP_GRACE` s
+(a pass checks the stop event between steps, and git and downloads within about a second); past that the
+daemon logs ``stop_forced`` and exits 0 anyway (stale git lock files are removed at the next start), so
+systemd never has to SIGKILL it. A pass that cannot run (git unreachable, the export held by another
+syncd, a ledger error) is logged as ``pass_failed`` and the next one is tried at the next interval.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import select
 import signal
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -38,6 +43,7 @@ from syncd.statedir import StateLock
 
 log = logs.get()
 JOB = "poll"
+STOP_GRACE = 10.0  # seconds past [download] timeout that a stop waits for the running pass
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 
@@ -57,6 +63,7 @@ class Daemon:
         self._first_started = threading.Event()
         self._last: PassResult | None = None
         self._last_error = ""
+        self.forced = False  # the stop did not wait for a stuck pass: exit without joining its thread
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -220,14 +227,25 @@ class Daemon:
         self._stopping = True
         self.rec.stop.set()
         started = time.monotonic()
+        grace = self.cfg.timeout + STOP_GRACE
         if self.scheduler.running:
             # Let the running pass end first: BaseScheduler.shutdown() holds its job-store lock while it
             # waits for the executor, and a pass ends with _update_status() -> get_job(), which needs it.
-            with self._pass_lock:
-                pass
-            self.scheduler.shutdown(wait=True)
-        self.rec.close()
-        log.info("daemon_stopped", duration_s=round(time.monotonic() - started, 3))
+            if self._pass_lock.acquire(timeout=grace):
+                self._pass_lock.release()
+                self.scheduler.shutdown(wait=True)
+            else:
+                self.forced = True
+                log.warning(
+                    "stop_forced",
+                    waited_s=round(time.monotonic() - started, 3),
+                    error=f"the running pass did not end within {grace:g} s of the stop; exiting anyway "
+                    "(partials stay in staging, stale git locks are removed at the next start)",
+                )
+                self.scheduler.shutdown(wait=False)
+        if not self.forced:
+            self.rec.close()  # else the stuck pass still holds the ledger; the process exit closes it
+        log.info("daemon_stopped", duration_s=round(time.monotonic() - started, 3), forced=self.forced)
 
 
 def _warn_insecure(path: Path, cfg: Config) -> None:
@@ -236,12 +254,30 @@ def _warn_insecure(path: Path, cfg: Config) -> None:
         log.warning("config_insecure", config=str(path), warning=warning)
 
 
+class _SkipNotice(logging.Filter):
+    """Drop APScheduler's "skipped: maximum number of running instances reached": a long pass makes
+    it every interval, and coalescing it is the intended behaviour. Other warnings pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances" not in str(record.msg)
+
+
 def run(path: Path) -> int:
-    """Load the config, take the state lock, and run the daemon until stopped."""
+    """Load the config, take the state lock, and run the daemon until stopped.
+
+    After a forced stop the process ends with ``os._exit``: the stuck pass's worker thread would
+    otherwise be joined at interpreter exit (concurrent.futures joins its threads), i.e. never."""
     cfg = config.load(path)
+    logging.getLogger("apscheduler.scheduler").addFilter(_SkipNotice())
     lock = StateLock(cfg.state_dir)
     lock.acquire()
+    daemon: Daemon | None = None
     try:
-        return Daemon(path, cfg).run()
+        daemon = Daemon(path, cfg)
+        return daemon.run()
     finally:
         lock.release()
+        if daemon is not None and daemon.forced:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
