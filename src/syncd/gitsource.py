@@ -340,7 +340,7 @@ class ManifestRepo:
             now = time.monotonic()
             why = ""
             if self._stop is not None and self._stop.is_set():
-                why = "syncd is stopping"
+                why = "was still answering when syncd stopped"
             elif now - job.progress_at > self.timeout:
                 why = f"sent no complete answer within {self.timeout:g} s ([download] timeout)"
             elif now - started > limit:
