@@ -51,6 +51,9 @@ MANIFEST_SUFFIX = manifest.SUFFIX
 # A manifest's entry id is its blob id, or this prefix and the blob id when git records a symbolic link
 # (mode 120000): the daemon reads what git stores, and a link's blob is the link text, not its target.
 SYMLINK_ID = "symlink:"
+# A manifest whose path is not valid UTF-8 is listed under its escaped path (manifest.escape_name) with
+# this prefix on its entry id, and read as invalid: the ledger, JSON logs and people need a UTF-8 name.
+BADNAME_ID = "badname:"
 _GIT_SYMLINK = 0o120000
 _GIT_FILE_TYPE = 0o170000
 _GIT_REGULAR = 0o100000  # 100644 and 100755 (executable) alike
@@ -262,6 +265,7 @@ class ManifestRepo:
         self.home = state_dir / "ssh-home"
         self.timeout = timeout
         self.timeout_ms = int(timeout * 1000)
+        self._listing: tuple[str, dict[str, str]] | None = None  # see _listed
         self._repo: pygit2.Repository | None = None
         self._stop: threading.Event | None = None
 
@@ -481,6 +485,12 @@ class ManifestRepo:
         """Every manifest file at ``commit_id``: path → blob id."""
         return list_manifests(self._commit(commit_id).tree, self.source.path)
 
+    def _listed(self, commit_id: str) -> dict[str, str]:
+        """:meth:`manifests`, kept for the last commit asked (:meth:`blob_id` of escaped paths)."""
+        if self._listing is None or self._listing[0] != commit_id:
+            self._listing = (commit_id, self.manifests(commit_id))
+        return self._listing[1]
+
     def changes(self, old: str, new: str) -> Change:
         """Manifest files added, modified or deleted from ``old`` to ``new`` (a tree diff)."""
         diff = self._commit(old).tree.diff_to_tree(self._commit(new).tree)
@@ -492,17 +502,21 @@ class ManifestRepo:
             was = _is_manifest(old, self.source.path, delta.old_file.mode)
             now = not gone and _is_manifest(new, self.source.path, delta.new_file.mode)
             if now:
-                changed.add(new)
+                changed.add(manifest.escape_name(new))
             if was and not (now and old == new):  # deleted, renamed, or now a submodule
-                deleted.add(old)
+                deleted.add(manifest.escape_name(old))
         return Change(frozenset(changed), frozenset(deleted - changed))
 
     def blob_id(self, commit_id: str, path: str) -> str:
-        """The entry id of manifest ``path`` at ``commit_id`` (see :data:`SYMLINK_ID`)."""
+        """The entry id of manifest ``path`` (as :meth:`changes` names it) at ``commit_id`` (see
+        :data:`SYMLINK_ID`, :data:`BADNAME_ID`)."""
         try:
             entry = self._commit(commit_id).tree[path]
         except KeyError:
-            raise GitError(f"{path} does not exist at {commit_id[:12]}") from None
+            listed = self._listed(commit_id).get(path)  # an escaped non-UTF-8 path: not a tree key
+            if listed is None or not listed.startswith(BADNAME_ID):
+                raise GitError(f"{path} does not exist at {commit_id[:12]}") from None
+            return listed
         found = _entry_id(entry.id, entry.filemode)
         if found is None:
             raise GitError(f"{path} at {commit_id[:12]} is not a file")
@@ -514,6 +528,8 @@ class ManifestRepo:
         Raises :class:`ManifestError` for a symbolic link or a blob over :data:`manifest.MAX_BYTES` (the
         problems ``syncd validate`` reports; the big blob is not read into memory), :class:`GitError` if
         the blob cannot be read."""
+        if entry_id.startswith(BADNAME_ID):
+            raise ManifestError(path, [manifest.name_problem(path)])
         if entry_id.startswith(SYMLINK_ID):
             raise ManifestError(path, [manifest.symlink_problem(path)])
         try:
@@ -568,7 +584,9 @@ def list_manifests(tree: Any, prefix: str) -> dict[str, str]:
     A manifest is a file (mode 100644 or 100755) or a symbolic link (120000, listed so that it is
     reported invalid, see :data:`SYMLINK_ID`) whose name ends in exactly ``.toml``. Directories are
     walked whatever their name; submodules are skipped (their files are not in this repository).
-    ``syncd validate`` applies the same rule to a work tree (:mod:`syncd.validate`)."""
+    ``syncd validate`` applies the same rule to a work tree (:mod:`syncd.validate`). A path that is not
+    valid UTF-8 (the file's or a directory's name) is listed escaped, its id tagged :data:`BADNAME_ID`;
+    should its escaped form equal a real manifest's path, the real one is listed."""
     found: dict[str, str] = {}
     if prefix:
         try:
@@ -587,8 +605,12 @@ def list_manifests(tree: Any, prefix: str) -> dict[str, str]:
                 stack.append((path, e))
             elif manifest.is_manifest_name(e.name):
                 entry_id = _entry_id(e.id, e.filemode)
-                if entry_id is not None:
+                if entry_id is None:
+                    continue
+                if manifest.is_utf8_name(path):
                     found[path] = entry_id
+                else:
+                    found.setdefault(manifest.escape_name(path), BADNAME_ID + entry_id)
     return found
 
 
@@ -623,5 +645,7 @@ def read_at_revision(path: Path, rev: str) -> tuple[Path, dict[str, bytes]]:
     return workdir, {
         p: bytes(repo[b].read_raw())
         for p, b in blobs.items()
-        if b and not b.startswith(SYMLINK_ID) and repo.odb.read_header(b)[1] <= manifest.MAX_BYTES
+        if b
+        and not b.startswith((SYMLINK_ID, BADNAME_ID))
+        and repo.odb.read_header(b)[1] <= manifest.MAX_BYTES
     }

@@ -64,6 +64,37 @@ def symlink_problem(file: str) -> str:
     )
 
 
+def is_utf8_name(path: str) -> bool:
+    """Whether ``path`` came from bytes that are valid UTF-8: pygit2 and ``os`` decode other bytes as
+    lone surrogates (``surrogateescape``), which no UTF-8 writer (the ledger, JSON, a terminal) accepts."""
+    return not any("\ud800" <= ch <= "\udfff" for ch in path)
+
+
+def escape_name(path: str) -> str:
+    """``path`` with each undecodable byte written ``\\xNN`` (valid UTF-8, so it can be logged and be a
+    key in the ledger's manifest cache); other text unchanged."""
+    if is_utf8_name(path):
+        return path
+    out = []
+    for ch in path:
+        if "\udc80" <= ch <= "\udcff":
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif "\ud800" <= ch <= "\udfff":
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def name_problem(file: str) -> str:
+    """The problem line for a manifest whose path is not valid UTF-8 (``file`` as :func:`escape_name`
+    gives it)."""
+    return (
+        f"{file}: file name is not valid UTF-8 (undecodable bytes shown as \\xNN); rename it: syncd "
+        "reads no manifest from a path it cannot record"
+    )
+
+
 def size_problem(file: str, size: int) -> str:
     """The problem line for a manifest file larger than :data:`MAX_BYTES`."""
     return (

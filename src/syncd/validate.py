@@ -8,7 +8,8 @@ daemon would refuse it.
 
 What is a manifest is decided as the daemon decides it in git (:func:`syncd.gitsource.list_manifests`):
 a name ending in exactly ``.toml``; a symbolic link so named is an invalid manifest (git stores the link's
-text, so the daemon never reads its target); directories are walked whatever their name, but never
+text, so the daemon never reads its target); a path that is not valid UTF-8 is an invalid manifest
+(the daemon cannot record it); directories are walked whatever their name, but never
 through a symbolic link, and never into a ``.git`` directory or a submodule (another repository's
 files, which the daemon does not see).
 """
@@ -38,13 +39,20 @@ class Report:
 class _Found:
     files: list[Path] = field(default_factory=list)
     links: list[Path] = field(default_factory=list)
+    badnames: list[Path] = field(default_factory=list)  # paths not valid UTF-8: invalid, as in the daemon
     seen: set[Path] = field(default_factory=set)
 
     def add(self, path: Path, link: bool) -> None:
         key = Path(os.path.realpath(path.parent)) / path.name  # one file named twice is read once
         if key not in self.seen:
             self.seen.add(key)
-            (self.links if link else self.files).append(path)
+            if not manifest.is_utf8_name(str(path)):
+                self.badnames.append(path)
+            else:
+                (self.links if link else self.files).append(path)
+
+    def count(self) -> int:
+        return len(self.files) + len(self.links) + len(self.badnames)
 
 
 def collect(paths: list[Path], report: Report) -> _Found:
@@ -59,9 +67,9 @@ def collect(paths: list[Path], report: Report) -> _Found:
         if stat.S_ISLNK(st.st_mode) and not p.is_dir():
             found.add(p, link=True)  # a link to a file: a symlink manifest; a link to a directory: followed
         elif p.is_dir():
-            before = len(found.files) + len(found.links)
+            before = found.count()
             _walk(p, found, report)
-            if len(found.files) + len(found.links) == before:
+            if found.count() == before:
                 report.problems.append(f"no manifest files (*{manifest.SUFFIX}) found under {p}")
         elif stat.S_ISREG(st.st_mode) and manifest.is_manifest_name(p.name):
             found.add(p, link=False)
@@ -128,7 +136,8 @@ def validate(paths: list[Path], base: str | None = None) -> Report:
     """Validate ``paths`` as the daemon would; return what was found."""
     report = Report()
     found = collect(paths, report)
-    report.files = len(found.files) + len(found.links)
+    report.files = found.count()
+    report.problems += [manifest.name_problem(manifest.escape_name(str(p))) for p in sorted(found.badnames)]
     report.problems += [manifest.symlink_problem(str(p)) for p in sorted(found.links)]
     assets: list[Asset] = []
     for f in sorted(found.files):
