@@ -144,3 +144,61 @@ def test_validate_names_a_non_utf8_file_given_on_the_command_line(
     assert run.out.splitlines() == [
         report.shown(manifest.name_problem(manifest.escape_name(os.fsdecode(path))))
     ]
+
+
+# Lookalike dests: drawn like another path, allowed, warned about; --strict fails ---------------------
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("dest", "says"),
+    [
+        ("datasets\u2215imagenet\u2215train.tar", "U+2215"),  # DIVISION SLASH
+        ("datasets\u2044train.tar", "U+2044"),  # FRACTION SLASH
+        ("datasets\uff0ftrain.tar", "U+FF0F"),  # FULLWIDTH SOLIDUS
+        ("datasets/train\u2024tar", "U+2024"),  # ONE DOT LEADER
+        ("datasets/train\uff0etar", "U+FF0E"),  # FULLWIDTH FULL STOP
+        ("datasets/train\u3002tar", "U+3002"),  # IDEOGRAPHIC FULL STOP
+        ("datasets/train.tar\u3000", "ends with whitespace U+3000"),
+        ("datasets/\u00a0train.tar", "starts with whitespace U+00A0"),
+        ("datasets/train.tar ", "ends with whitespace U+0020"),
+        ("datasets/train.tar\u0301", "ends with a combining mark U+0301"),
+        ("datasets/\uff54rain.tar", "NFKC"),  # fullwidth letter
+        ("datasets/\ufb01le.tar", "NFKC"),  # ligature fi
+    ],
+)
+def test_dests_drawn_like_another_path_get_a_warning(dest: str, says: str) -> None:
+    """dest_warning() names the confusable character, the edge whitespace or mark, or the NFKC change."""
+    assert says in manifest.dest_warning(dest)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "dest",
+    [
+        "datasets/train.tar",
+        "caf\u00e9/x.bin",
+        "cafe\u0301s/x.bin",
+        "\u65e5\u672c/\u30c7\u30fc\u30bf.bin",
+        "a b/c d",
+    ],
+)
+def test_plain_dests_get_no_warning(dest: str) -> None:
+    """Ordinary dests (NFC or NFD accents, CJK, inner spaces) get no dest warning."""
+    assert manifest.dest_warning(dest) == ""
+
+
+@pytest.mark.integration
+def test_lookalike_dest_warns_and_strict_fails(world: World, tmp_path: os.PathLike[str]) -> None:
+    """validate prints a warning for a DIVISION SLASH dest and exits 0; with --strict it exits 1."""
+    d = os.path.join(tmp_path, f"l-{uuid.uuid4().hex[:6]}")
+    os.makedirs(d)
+    dest = "datasets\u2215imagenet\u2215train.tar"
+    with open(os.path.join(d, "m.toml"), "w") as fh:
+        fh.write(manifest_text({"source": "s/a", "sha256": "a" * 64, "size": 1, "dest": dest}))
+    plain = world.run("validate", d)
+    assert plain.code == 0
+    assert [line for line in plain.out.splitlines() if line.startswith("warning:")] == [
+        report.shown(f"warning: {d}/m.toml: asset[0].dest: {manifest.dest_warning(dest)}")
+    ]
+    assert world.run("validate", "--strict", d).code == 1

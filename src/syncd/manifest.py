@@ -363,3 +363,37 @@ def lookalike_warnings(group: list[Asset], limit: int = 5) -> list[str]:
             "file system"
         )
     return lines
+
+
+# Characters drawn like '/' or '.' (a dest holding one reads as another path, e.g. "datasets\u2215train"
+# as "datasets/train"); NFKC maps some of them, not all, so they are listed.
+_CONFUSABLE = frozenset(
+    "\u2215\u2044\u29f8\uff0f\u29f5\u2216\uff3c\u2024\uff0e\u3002\u2027\u00b7\u0701\u0702"
+)
+
+
+def _component_warning(part: str) -> str:
+    for ch in part:
+        if ch in _CONFUSABLE:
+            return f"holds U+{ord(ch):04X} ({unicodedata.name(ch, '?')}), which looks like '/' or '.'"
+    for where, ch in (("starts", part[0]), ("ends", part[-1])):
+        if ch.isspace() or unicodedata.category(ch).startswith("Z"):
+            return f"{where} with whitespace U+{ord(ch):04X}"
+        if unicodedata.category(ch).startswith("M"):
+            return f"{where} with a combining mark U+{ord(ch):04X}"
+    if unicodedata.normalize("NFKC", part) != unicodedata.normalize("NFC", part):
+        return (
+            "changes under Unicode NFKC normalization (a compatibility character: fullwidth, ligature, ...)"
+        )
+    return ""
+
+
+def dest_warning(dest: str) -> str:
+    """Why ``dest`` may be mistaken for another path, or "": a component that holds a character drawn
+    like '/' or '.', that NFKC normalization changes, or that starts or ends with whitespace or a
+    combining mark. Such dests are allowed; ``syncd validate`` warns (``--strict`` fails)."""
+    for part in dest.split("/"):
+        why = _component_warning(part) if part else ""
+        if why:
+            return f"path component {part!r} {why}; the dest may be mistaken for another path"
+    return ""

@@ -153,6 +153,7 @@ def validate(paths: list[Path], base: str | None = None) -> Report:
         report.problems += manifest.conflict_problems(dest, claims)
     for group in manifest.lookalikes(assets):
         report.warnings += manifest.lookalike_warnings(group)
+    report.warnings += [f"{a.where()}.dest: {w}" for a in assets if (w := manifest.dest_warning(a.dest))]
     if base is not None:
         report.problems += _immutability(paths, base, assets)
     return report
