@@ -161,8 +161,10 @@ class World:
         return Run(proc.returncode, proc.stdout, proc.stderr, events)
 
     def staging_files(self) -> list[str]:
+        """Names in the default staging directory, its lock file (held each pass) excluded."""
         staging = self.export / ".syncd-staging"
-        return sorted(os.listdir(staging)) if staging.exists() else []
+        names = os.listdir(staging) if staging.exists() else []
+        return sorted(n for n in names if n != ".syncd-staging.lock")
 
     def export_files(self) -> list[str]:
         """Every file under the export (relative), syncd's own top-level ``.syncd*`` names (staging, the

@@ -21,6 +21,7 @@ import pytest
 from syncd import publish, staging
 from syncd.errors import ConfigError, LockHeldError, PublishError
 from syncd.publish import STAGING_MARKER, Export, State, staging_name
+from syncd.staging import STAGING_LOCK
 
 pytestmark = pytest.mark.unit
 
@@ -97,6 +98,67 @@ def test_second_open_of_one_export_is_refused_until_the_first_closes(root: Path)
     second.close()
 
 
+@pytest.mark.parametrize("shared", ["configured", "first_default"])
+def test_second_open_of_one_staging_is_refused_until_the_first_closes(root: Path, shared: str) -> None:
+    """Two exports (other roots) naming one staging directory, or the second naming the first's default
+    one: the second open gets LockHeldError naming staging and the holder's pid, leaks no descriptor and
+    leaves its own export unlocked; after the first closes it opens."""
+    other = root.parent / "export2"
+    other.mkdir()
+    staging = root.parent / "shared-staging" if shared == "configured" else root / ".syncd-staging"
+    first = Export(root, staging)
+    first.open()
+    before = open_fds()
+    try:
+        for _ in range(20):
+            with pytest.raises(LockHeldError) as info:
+                Export(other, staging).open()
+            text = str(info.value)
+            assert f"staging directory {staging}" in text and f"pid {os.getpid()}" in text
+        assert open_fds() == before
+        probe = os.open(other / ".syncd.lock", os.O_RDWR)
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # refused second: its export is free again
+        finally:
+            os.close(probe)
+    finally:
+        first.close()
+    second = Export(other, staging)
+    second.open()
+    second.close()
+    assert open_fds() == before - 4  # first's root, export lock, staging and staging lock are closed
+
+
+def test_reopening_leaves_the_lock_files_untouched(root: Path) -> None:
+    """A second open by the same process (the daemon's next pass) rewrites neither lock file: their
+    mtime, ctime and bytes stay as the first pass left them."""
+
+    def stamps() -> list[tuple[int, int, bytes]]:
+        paths = (root / ".syncd.lock", root / ".syncd-staging" / STAGING_LOCK)
+        return [(p.stat().st_mtime_ns, p.stat().st_ctime_ns, p.read_bytes()) for p in paths]
+
+    e = Export(root, root / ".syncd-staging")
+    e.open()
+    e.close()
+    first = stamps()
+    assert [b for *_, b in first] == [f"{os.getpid()}\n".encode()] * 2
+    time.sleep(0.05)
+    e.open()
+    e.close()
+    assert stamps() == first
+
+
+def test_a_lock_file_holding_another_pid_gets_ours(root: Path) -> None:
+    """A lock file left by an earlier process (another pid, or junk) is rewritten with our pid."""
+    (root / ".syncd.lock").write_bytes(b"999999999\njunk")
+    e = Export(root, root / ".syncd-staging")
+    e.open()
+    try:
+        assert (root / ".syncd.lock").read_bytes() == f"{os.getpid()}\n".encode()
+    finally:
+        e.close()
+
+
 def test_dry_run_open_takes_no_lock_and_creates_nothing(root: Path) -> None:
     """create_staging=False works beside a locked export and changes nothing on disk."""
     holder = Export(root, root / ".syncd-staging")
@@ -154,7 +216,7 @@ def test_publish_lands_verified_bytes_read_only_and_empties_staging(export: Expo
     st = os.lstat(root / "a/b/c.bin")
     assert (root / "a/b/c.bin").read_bytes() == GOOD
     assert stat.S_IMODE(st.st_mode) == 0o444 and st.st_nlink == 1
-    assert os.listdir(root / ".syncd-staging") == []
+    assert os.listdir(root / ".syncd-staging") == [STAGING_LOCK]
 
 
 def test_staging_name_swapped_before_publish_never_reaches_dest(export: Export, root: Path) -> None:
@@ -167,6 +229,27 @@ def test_staging_name_swapped_before_publish_never_reaches_dest(export: Export, 
     with pytest.raises(PublishError, match="removed before it could be published"):
         staged.publish()
     assert not (root / "x.bin").exists()
+
+
+@pytest.mark.parametrize("meddling", ["grown", "truncated", "linked_elsewhere"])
+def test_staging_file_another_writer_touched_is_never_published(
+    export: Export, root: Path, meddling: str
+) -> None:
+    """A staging file someone else also wrote into (its size is not the expected one) or linked elsewhere
+    (link count 2) is refused at publish: nothing appears at dest, and it stays writable (never 0444)."""
+    staged = staged_with(export, "x.bin")
+    part = root / ".syncd-staging" / staged.part
+    if meddling == "grown":
+        with open(part, "ab") as fh:
+            fh.write(b"more")
+    elif meddling == "truncated":
+        os.truncate(part, 3)
+    else:
+        os.link(part, root.parent / "elsewhere")
+    with pytest.raises(PublishError, match="changed by someone else"):
+        staged.publish()
+    assert not (root / "x.bin").exists()
+    assert stat.S_IMODE(part.stat().st_mode) == 0o600
 
 
 def test_staging_file_deleted_before_publish_fails_the_publish(export: Export, root: Path) -> None:
@@ -222,7 +305,7 @@ def test_publish_never_replaces_a_file_that_appeared(export: Export, root: Path)
         staged.publish()
     staged.discard()
     assert (root / "x.bin").read_bytes() == b"someone else's"
-    assert os.listdir(root / ".syncd-staging") == []
+    assert os.listdir(root / ".syncd-staging") == [STAGING_LOCK]
 
 
 def test_replace_swaps_a_regular_file_and_refuses_links_and_dirs(export: Export, root: Path) -> None:
@@ -239,7 +322,7 @@ def test_replace_swaps_a_regular_file_and_refuses_links_and_dirs(export: Export,
             staged.publish(replace=True)
         staged.discard()
     assert os.readlink(root / "link.bin") == "old.bin" and (root / "dir.bin").is_dir()
-    assert os.listdir(root / ".syncd-staging") == []
+    assert os.listdir(root / ".syncd-staging") == [STAGING_LOCK]
 
 
 @pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "plain-rename"])
@@ -273,7 +356,7 @@ def test_without_proc_the_name_is_checked_against_the_descriptor(
     (root / "old.bin").write_bytes(b"old")
     staged_with(export, "old.bin").publish(replace=True)
     assert (root / "old.bin").read_bytes() == GOOD
-    assert os.listdir(root / ".syncd-staging") == []
+    assert os.listdir(root / ".syncd-staging") == [STAGING_LOCK]
 
 
 def test_resume_never_writes_into_a_staging_file_linked_at_a_dest(export: Export, root: Path) -> None:
@@ -403,9 +486,9 @@ def test_clean_staging_removes_only_syncd_names(export: Export, root: Path) -> N
     os.mkfifo(staging / "fifo")
     assert sorted(export.clean_staging()) == sorted(ours)
     left = set(os.listdir(staging))
-    assert left == {*resumable, *foreign, f"{'d' * 32}.part", "fifo"}
+    assert left == {*resumable, *foreign, STAGING_LOCK, f"{'d' * 32}.part", "fifo"}
     export.clean_staging(keep=set())
-    assert set(os.listdir(staging)) == {*foreign, f"{'d' * 32}.part", "fifo"}
+    assert set(os.listdir(staging)) == {*foreign, STAGING_LOCK, f"{'d' * 32}.part", "fifo"}
 
 
 def test_staging_in_root_is_the_relative_path_or_none(root: Path, tmp_path: Path) -> None:

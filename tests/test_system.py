@@ -191,7 +191,7 @@ class System:
             time.sleep(every)
 
     def staging_files(self) -> list[str]:
-        return sorted(os.listdir(self.export / ".syncd-staging"))
+        return sorted(n for n in os.listdir(self.export / ".syncd-staging") if n != ".syncd-staging.lock")
 
 
 @pytest.fixture(scope="module")

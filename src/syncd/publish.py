@@ -9,9 +9,12 @@ point chosen by ops); it is never created: a missing root means the NFS mount is
 **One writer per export.** :meth:`Export.open` takes an exclusive ``flock`` on ``<root>/.syncd.lock``
 (opened ``O_RDWR | O_NOFOLLOW``, so that NFS, which emulates ``flock`` with POSIX locks, grants it) and
 holds it until :meth:`Export.close`: a second syncd on the same export, whatever its state directory, gets
-:class:`~syncd.errors.LockHeldError` before it cleans or writes anything. Top-level names starting with
-``.syncd`` are reserved (no dest can be one). A dry run (``create_staging=False``) takes no lock, opens no
-staging directory and creates nothing.
+:class:`~syncd.errors.LockHeldError` before it cleans or writes anything. The staging directory is locked
+the same way (``<staging>/.syncd-staging.lock``, taken after the export lock, for the whole pass): two
+exports sharing one staging directory never resume or write into each other's partial files. Each lock
+file gets our pid only when it holds another, so a pass that changes nothing leaves it untouched.
+Top-level names starting with ``.syncd`` are reserved (no dest can be one). A dry run
+(``create_staging=False``) takes no lock, opens no staging directory and creates nothing.
 
 A file becomes visible at its ``dest`` only after its bytes were verified, fdatasynced and set to 0444,
 and only by a link from the very descriptor they were written through, never replacing anything unless
@@ -29,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import os
 import stat
@@ -40,7 +42,7 @@ from enum import Enum
 from pathlib import Path
 
 from syncd import staging
-from syncd.errors import ExportMissingError, LockHeldError, PublishError
+from syncd.errors import ExportMissingError, PublishError
 from syncd.staging import (
     DIR_FLAGS,
     FILE_FLAGS,
@@ -103,6 +105,7 @@ class Export:
         self._root_fd = -1
         self._lock_fd = -1
         self._staging_fd = -1
+        self._staging_lock_fd = -1
         self._lock = threading.Lock()
         self._unsynced_dirs: set[tuple[str, ...]] = set()
         self._hashed: dict[str, tuple[int, ...]] = {}  # dest → identity of the file hash_file read
@@ -141,40 +144,22 @@ class Export:
             raise os_error("cannot open export root", str(self.root), exc) from None
 
     def _take_lock(self) -> None:
-        """flock ``<root>/.syncd.lock`` (LOCK_EX, never blocking) and write our pid into it."""
-        where = f"{self.root}/{LOCK_NAME}"
-        try:
-            self._lock_fd = os.open(
-                LOCK_NAME, os.O_RDWR | os.O_CREAT | FILE_FLAGS, 0o600, dir_fd=self._root_fd
-            )
-            st = os.fstat(self._lock_fd)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise PublishError(f"export lock {where} is a symlink; refused (remove it)") from None
-            raise os_error("cannot create the lock file", where, exc) from None
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-            raise PublishError(f"export lock {where} is not a plain file of its own; refused (remove it)")
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
-                raise PublishError(
-                    f"cannot lock export {where}: its file system grants no locks ({_reason(exc)}); on NFS "
-                    "run rpc.statd/lockd on both sides, or mount with 'nolock' (then only syncd instances "
-                    "on this host exclude each other)"
-                ) from None
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise os_error("cannot lock export", where, exc) from None
-            raise LockHeldError(
-                f"another syncd is publishing into export {self.root}{_holder(self._lock_fd)}; "
+        """flock ``<root>/.syncd.lock`` (LOCK_EX, never blocking) with our pid in it."""
+        self._lock_fd = staging.take_lock(
+            self._root_fd,
+            LOCK_NAME,
+            f"{self.root}/{LOCK_NAME}",
+            lambda holder: (
+                f"another syncd is publishing into export {self.root}{holder}; "
                 "one export takes one syncd (check for a second instance or config)"
-            ) from None
-        with contextlib.suppress(OSError):  # the pid is for people only
-            os.ftruncate(self._lock_fd, 0)
-            os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+            ),
+        )
 
     def _open_staging(self, root_st: os.stat_result) -> None:
+        """Open staging, then lock it for the pass: the export lock covers one export only, and two
+        exports may name one staging directory (or one may use the other's default one)."""
         self._staging_fd = staging.open_staging(self.staging, self.root, root_st)
+        self._staging_lock_fd = staging.lock_staging(self._staging_fd, self.staging)
 
     def staging_in_root(self) -> str | None:
         """The staging directory as a dest-like path (``a/b``) when it lies inside the root, else None.
@@ -212,11 +197,11 @@ class Export:
             self._close_fds()
 
     def _close_fds(self) -> None:
-        for fd in (self._staging_fd, self._lock_fd, self._root_fd):
+        for fd in (self._staging_lock_fd, self._staging_fd, self._lock_fd, self._root_fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self._root_fd = self._lock_fd = self._staging_fd = -1
+        self._root_fd = self._lock_fd = self._staging_fd = self._staging_lock_fd = -1
 
     # reading ----------------------------------------------------------------------------------
     def observe(self, dest: str) -> Observation:
@@ -397,15 +382,6 @@ class Export:
         finally:
             if fd >= 0:
                 os.close(fd)
-
-
-def _holder(fd: int) -> str:
-    """`` (pid N)`` from the lock file, or nothing when it does not hold a pid."""
-    try:
-        text = os.pread(fd, 32, 0).decode("ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        return ""
-    return f" (pid {text})" if text.isdigit() else ""
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:

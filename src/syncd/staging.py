@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -38,7 +39,7 @@ import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from syncd.errors import ConfigError, PublishError
+from syncd.errors import ConfigError, LockHeldError, PublishError
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO or device planted where a file is expected must not block the open.
@@ -50,6 +51,9 @@ _META_MAX = 64 << 10
 RESUME_META_EARLY = 8 << 20
 DEFAULT_STAGING = ".syncd-staging"
 STAGING_MARKER = ".syncd-staging"  # inside a configured staging directory: syncd made or adopted it
+# Inside every staging directory (default or configured): flocked for a whole pass by the syncd using it, so
+# two exports sharing one staging directory never write into each other's partial files.
+STAGING_LOCK = ".syncd-staging.lock"
 _MARKER_TEXT = b"syncd's staging directory: syncd deletes its own temporary files here each pass.\n"
 _STAGING_NAME = re.compile(r"[0-9a-f]{32}\.(?:part|meta|meta\.tmp|pub)")
 PROC_FD = "/proc/self/fd"
@@ -105,6 +109,84 @@ def open_staging(staging: Path, root: Path, root_st: os.stat_result) -> int:
     return fd
 
 
+def lock_staging(fd: int, staging: Path) -> int:
+    """flock ``<staging>/.syncd-staging.lock`` for the whole pass; return its descriptor.
+
+    Raises :class:`LockHeldError` when another syncd uses this staging directory (two exports configured
+    with one ``export.staging``), :class:`PublishError` otherwise; no descriptor stays open then."""
+    return take_lock(
+        fd,
+        STAGING_LOCK,
+        f"{staging}/{STAGING_LOCK}",
+        lambda holder: (
+            f"another syncd is using staging directory {staging}{holder}; each export needs a staging "
+            "directory of its own (check export.staging in both configs)"
+        ),
+    )
+
+
+def take_lock(dir_fd: int, name: str, where: str, held: Callable[[str], str]) -> int:
+    """Open ``name`` in ``dir_fd`` (``O_RDWR | O_NOFOLLOW``, so NFS grants the lock), flock it (LOCK_EX,
+    never blocking), record our pid in it only when it holds another (a pass changes nothing on disk), and
+    return the descriptor.
+
+    Raises :class:`LockHeldError` with ``held(" (pid N)")`` when it is held, :class:`PublishError` when
+    the file is unsafe or the file system grants no locks; no descriptor stays open then."""
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | FILE_FLAGS, 0o600, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise PublishError(f"lock file {where} is a symlink; refused (remove it)") from None
+        raise os_error("cannot create the lock file", where, exc) from None
+    try:
+        _lock_fd(fd, where, held)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _lock_fd(fd: int, where: str, held: Callable[[str], str]) -> None:
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise os_error("cannot create the lock file", where, exc) from None
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        raise PublishError(f"lock file {where} is not a plain file of its own; refused (remove it)")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise PublishError(
+                f"cannot lock {where}: its file system grants no locks ({_errno_text(exc)}); on NFS "
+                "run rpc.statd/lockd on both sides, or mount with 'nolock' (then only syncd instances "
+                "on this host exclude each other)"
+            ) from None
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise os_error("cannot lock", where, exc) from None
+        raise LockHeldError(held(holder(fd))) from None
+    mine = f"{os.getpid()}\n".encode()
+    with contextlib.suppress(OSError):  # the pid is for people only
+        if os.pread(fd, 64, 0) != mine:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, mine, 0)
+
+
+def holder(fd: int) -> str:
+    """`` (pid N)`` from a lock file, or nothing when it does not hold a pid."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {text})" if text.isdigit() else ""
+
+
+def _errno_text(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0, "")
+    text = exc.strerror or type(exc).__name__
+    return f"{text} ({name})" if name else text
+
+
 def _check(fd: int, staging: Path, root: Path, root_st: os.stat_result, created: bool) -> None:
     try:
         sst = os.fstat(fd)
@@ -145,12 +227,8 @@ def _claim(fd: int, staging: Path, created: bool) -> None:
         if STAGING_MARKER in names:
             if stat.S_ISREG(os.stat(STAGING_MARKER, dir_fd=fd, follow_symlinks=False).st_mode):
                 return
-        elif created or all(_STAGING_NAME.fullmatch(n) for n in names):
-            mfd = os.open(STAGING_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | FILE_FLAGS, 0o644, dir_fd=fd)
-            try:
-                os.write(mfd, _MARKER_TEXT)
-            finally:
-                os.close(mfd)
+        elif created or all(n == STAGING_LOCK or _STAGING_NAME.fullmatch(n) for n in names):
+            _mark(fd)
             return
     except OSError as exc:
         raise os_error("cannot adopt staging directory", str(staging), exc) from None
@@ -160,6 +238,17 @@ def _claim(fd: int, staging: Path, created: bool) -> None:
         "deletes its temporary files there each pass, so it needs an empty directory of its own "
         "(or leave export.staging unset)",
     )
+
+
+def _mark(fd: int) -> None:
+    try:
+        mfd = os.open(STAGING_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | FILE_FLAGS, 0o644, dir_fd=fd)
+    except FileExistsError:
+        return  # another syncd marked it just now: the lock decides who uses it
+    try:
+        os.write(mfd, _MARKER_TEXT)
+    finally:
+        os.close(mfd)
 
 
 def clean(fd: int, keep: set[str] | None = None) -> list[str]:
@@ -321,6 +410,11 @@ class StagedFile:
         try:
             try:
                 os.fdatasync(self.fd)  # the bytes and the size: all a reader needs after a power cut
+                st = os.fstat(self.fd)
+            except OSError as exc:
+                raise os_error("cannot flush staging file for", self.dest, exc) from None
+            self._check_untouched(st)
+            try:
                 os.fchmod(self.fd, 0o444)
             except OSError as exc:
                 raise os_error("cannot flush staging file for", self.dest, exc) from None
@@ -328,6 +422,16 @@ class StagedFile:
         finally:
             os.close(self.fd)
             self.fd = -1
+
+    def _check_untouched(self, st: os.stat_result) -> None:
+        """Defence in depth behind the staging lock: the sha256 was taken over the bytes as they were
+        streamed, so a file another writer also wrote into (other size, or linked elsewhere) is refused
+        (one removed from staging, link count 0, fails in :meth:`link_into` with its own message)."""
+        if st.st_nlink > 1 or st.st_size != self.expected or st.st_size != self.size:
+            raise PublishError(
+                f"{self.dest}: its staging file was changed by someone else before it could be published; "
+                "refused (is another syncd using this staging directory?)"
+            )
 
     def link_into(self, parent: int, name: str, *, replace: bool) -> None:
         """Make ``name`` in the directory ``parent`` this very file (see the module docstring).
