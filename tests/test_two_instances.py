@@ -298,3 +298,105 @@ def test_two_syncs_started_together_during_slow_downloads(world: World, fault_se
     assert len(again.named("asset_adopted")) == 4
     for state in (world.state, state_b):
         assert ledger(state) == {e["dest"]: e["sha256"] for e in entries}
+
+
+@pytest.mark.parametrize("shared", ["configured", "first_default"])
+def test_two_exports_sharing_one_staging_never_expose_a_partial_file(
+    world: World, fault_server: FaultServer, shared: str
+) -> None:
+    """Two `syncd sync` on two exports (own state dirs) sharing one staging directory (one configured
+    for both, or the second naming the first's default), the second's server ignoring Range, downloads
+    dripping so they overlap: watchers reading every dest of both exports never see a partial or wrong
+    file; the second is refused (exit 1, LockHeldError naming staging) or lands after the first; a rerun
+    of a refused one lands byte-exact; no dest is linked into both exports."""
+    export2 = world.base / "export2"
+    export2.mkdir()
+    staging = world.base / "stg" if shared == "configured" else world.export / ".syncd-staging"
+    entries = []
+    for i in range(2):
+        entry = {**world.asset(f"s{i}.bin", 3 * MiB + i, seed=400 + i), "dest": f"d/s{i}.bin"}
+        body = (world.blobs / f"s{i}.bin").read_bytes()
+        fault_server.route(f"/a/{entry['source']}", body=body, drip=(256 << 10, 0.05))
+        fault_server.route(f"/b/{entry['source']}", body=body, drip=(128 << 10, 0.05), ranges=False)
+        entries.append(entry)
+    world.manifest("m.toml", *entries)
+    world.repo.commit("shared staging")
+    config_b = world.config_path.with_name("syncd-b.conf")
+    world.extra_config["artifactory"] = {"url": f"{fault_server.url}/b"}
+    world.write_config(
+        export={"root": str(export2), "staging": str(staging)},
+        state={"directory": str(world.base / "state-b")},
+        download={"concurrency": 2, "timeout": "10s"},
+    )
+    config_b.write_text(world.config_path.read_text())
+    world.extra_config["artifactory"] = {"url": f"{fault_server.url}/a"}
+    export_a = {"staging": str(staging)} if shared == "configured" else {}
+    world.write_config(export=export_a, download={"concurrency": 2, "timeout": "10s"})
+    wanted = {e["dest"]: e for e in entries}
+    watchers = [Watcher(world.export, wanted), Watcher(export2, wanted)]
+    for w in watchers:
+        w.start()
+    env = {k: v for k, v in os.environ.items() if k != "SYNCD_CONFIG"}
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for config in (world.config_path, config_b):
+            procs.append(
+                subprocess.Popen(
+                    [syncd_command(), "sync", "-c", str(config)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                )
+            )
+            time.sleep(0.4)  # the first is mid-download when the second starts
+        outs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+        for w in watchers:
+            w.stop.set()
+            w.join(timeout=30)
+    assert procs[0].returncode == 0, outs[0]
+    assert all(w.bad == [] for w in watchers), [w.bad for w in watchers]
+    if procs[1].returncode == 1:
+        refused = parse_events(outs[1])
+        failed = [e for e in refused if e.get("event") == "command_failed"]
+        assert len(failed) == 1 and failed[0]["error_type"] == "LockHeldError", refused
+        assert f"staging directory {staging}" in failed[0]["error"] and "pid " in failed[0]["error"]
+        assert [e for e in refused if e.get("event") == "asset_published"] == []
+        again = world.run("sync", "-c", str(config_b))
+        assert again.code == 0, again.err
+    else:
+        assert procs[1].returncode == 0, outs[1]
+    for dest, entry in wanted.items():
+        a, b = world.export / dest, export2 / dest
+        assert sha(a) == entry["sha256"] and sha(b) == entry["sha256"]
+        assert os.stat(a).st_ino != os.stat(b).st_ino
+        assert a.stat().st_nlink == 1 and b.stat().st_nlink == 1
+        assert stat.S_IMODE(a.stat().st_mode) == stat.S_IMODE(b.stat().st_mode) == 0o444
+    assert {n for n in os.listdir(staging) if not n.startswith(".syncd-staging")} == set()
+
+
+def test_a_pass_by_the_same_process_leaves_the_lock_files_untouched(world: World) -> None:
+    """A daemon's second pass with nothing to do rewrites neither <export>/.syncd.lock nor staging's lock
+    file: mtime, ctime and bytes stay as the first pass left them."""
+    entry = {**world.asset("z.bin", 64 << 10, seed=9), "dest": "z.bin"}
+    world.manifest("m.toml", entry)
+    world.repo.commit("one")
+    world.write_config(schedule={"interval": "300ms", "jitter": 0})
+    locks = (world.export / ".syncd.lock", world.export / ".syncd-staging" / ".syncd-staging.lock")
+    inst = Instance(world.config_path)
+    try:
+        wait_until("a first good pass", lambda: any(e.get("ok") for e in inst.named("pass_finished")))
+        first = [(p.stat().st_mtime_ns, p.stat().st_ctime_ns, p.read_bytes()) for p in locks]
+        wait_until("two more passes", lambda: len(inst.named("pass_finished")) >= 3)
+        after = [(p.stat().st_mtime_ns, p.stat().st_ctime_ns, p.read_bytes()) for p in locks]
+    finally:
+        code = inst.stop()
+    assert code == 0
+    assert after == first
+    assert first[0][2] == f"{inst.proc.pid}\n".encode()
