@@ -271,7 +271,8 @@ def test_parse_random_asset_tables_raises_only_manifest_error(text: str) -> None
     )
 )
 def test_parse_accepts_exactly_the_assets_whose_fields_pass(pairs: list[tuple[str, str]]) -> None:
-    """A file parses iff every asset's source and dest pass their checks and no dest repeats."""
+    """A file parses iff every asset's source and dest pass their checks and no dest repeats or lies
+    under another (a file dest cannot also be a directory)."""
     text = "".join(
         f"[[asset]]\nsource = {toml_str(s)}\nsha256 = {toml_str(SHA)}\nsize = 1\ndest = {toml_str(d)}\n"
         for s, d in pairs
@@ -279,6 +280,7 @@ def test_parse_accepts_exactly_the_assets_whose_fields_pass(pairs: list[tuple[st
     dests = [d for _, d in pairs]
     expect_ok = all(accepted(check_source, s) and accepted(check_dest, d) for s, d in pairs)
     expect_ok = expect_ok and len(set(dests)) == len(dests)
+    expect_ok = expect_ok and not any(b.startswith(a + "/") for a in dests for b in dests)
     event(f"expect_ok={expect_ok}")
     try:
         assets = parse(FILE, text.encode())
@@ -473,7 +475,7 @@ def test_publish_through_a_symlink_is_refused_and_writes_nothing_outside(
 ) -> None:
     """Staging + publishing a dest through a symlink raises PublishError; nothing lands outside."""
     before = snapshot(world.root.parent)
-    staged = world.export.stage(dest, SHA_NEW, 64)
+    staged = world.export.stage(dest, SHA_NEW, len(b"payload that must not escape"))
     try:
         staged.write(b"payload that must not escape")
         with pytest.raises(PublishError):
@@ -503,7 +505,7 @@ def test_publish_lands_inside_root_or_is_refused(world: World, dest: str, replac
         export = Export(root, root / ".syncd-staging")
         export.open()
         try:
-            staged = export.stage(dest, SHA_NEW, 64)
+            staged = export.stage(dest, SHA_NEW, len(b"new bytes"))
             try:
                 staged.write(b"new bytes")
                 staged.publish(replace=replace)
