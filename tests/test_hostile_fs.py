@@ -485,7 +485,11 @@ def test_dest_under_a_staging_directory_inside_the_export_is_refused(world: Worl
         (world.export / "stage" / "foreign.txt").write_bytes(FOREIGN)
     assert (world.export / "stage" / "foreign.txt").read_bytes() == FOREIGN
     assert hashlib.sha256((world.export / "ok.bin").read_bytes()).hexdigest() == ok["sha256"]
-    assert sorted(os.listdir(world.export / "stage")) == [".syncd-staging", ".syncd-staging.lock", "foreign.txt"]
+    assert sorted(os.listdir(world.export / "stage")) == [
+        ".syncd-staging",
+        ".syncd-staging.lock",
+        "foreign.txt",
+    ]
 
 
 @pytest.mark.parametrize("broken", ["foreign-directory", "regular-file"])
