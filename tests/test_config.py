@@ -574,6 +574,10 @@ def test_loaded_config_never_shows_secrets(confdir: Path) -> None:
         "retries": 5,
         "interval_s": 300.0,
         "jitter_s": 30.0,
+        "stale_after_s": 1500.0,
+        "metrics_textfile": None,
+        "http_listen": None,
+        "trigger": False,
     }
 
 
@@ -861,3 +865,62 @@ def test_check_config_prints_warnings_on_stderr(confdir: Path, capsys: pytest.Ca
         "use https://\n"
     )
     assert out.startswith(f"{path}: OK\n") and TOKEN not in out + err
+
+
+# [status], [metrics], [http] ------------------------------------------------------------------------
+
+
+def test_monitoring_sections_default_off_and_stale_after_follows_interval(confdir: Path) -> None:
+    """Without [metrics]/[http] nothing is served or written; stale_after defaults to 3 x interval + 10m."""
+    cfg = load(write(confdir, SSH_SOURCE, ARTIFACTORY, EXPORT, '[schedule]\ninterval = "2m"\n'))
+    assert (cfg.metrics_textfile, cfg.http_listen, cfg.trigger_secret) == (None, None, None)
+    assert cfg.stale_after == 3 * 120 + 600
+    cfg = load(write(confdir, SSH_SOURCE, ARTIFACTORY, EXPORT, '[status]\nstale_after = "45m"\n'))
+    assert cfg.stale_after == 2700
+
+
+def test_monitoring_sections_load(confdir: Path) -> None:
+    """A textfile, an IPv4 or bracketed IPv6 listen address and a trigger secret load as typed values."""
+    secret(confdir / "trigger.secret", "hook-secret\n")
+    for listen, want in (("127.0.0.1:9847", ("127.0.0.1", 9847)), ("[::1]:80", ("::1", 80))):
+        cfg = load(
+            write(
+                confdir,
+                SSH_SOURCE,
+                ARTIFACTORY,
+                EXPORT,
+                '[metrics]\ntextfile = "/var/lib/prometheus/node-exporter/syncd.prom"\n',
+                f'[http]\nlisten = "{listen}"\ntrigger_secret_file = "trigger.secret"\n',
+            )
+        )
+        assert cfg.metrics_textfile == Path("/var/lib/prometheus/node-exporter/syncd.prom")
+        assert cfg.http_listen == want
+        assert cfg.trigger_secret is not None and cfg.trigger_secret.reveal() == "hook-secret"
+        assert describe(cfg)["trigger"] is True
+        assert "hook-secret" not in repr(describe(cfg))
+
+
+@pytest.mark.parametrize(
+    ("section", "where", "expected"),
+    [
+        ('[metrics]\ntextfile = "/tmp/syncd.txt"\n', "metrics.textfile", "must end in '.prom'"),
+        ('[metrics]\ntextfile = "syncd.prom"\n', "metrics.textfile", "must be an absolute path"),
+        ('[http]\nlisten = "localhost:9847"\n', "http.listen", "is not an IP address and port"),
+        ('[http]\nlisten = "127.0.0.1"\n', "http.listen", "is not an IP address and port"),
+        ('[http]\nlisten = "127.0.0.1:0"\n', "http.listen", "is not an IP address and port"),
+        ('[http]\nlisten = "127.0.0.1:99999"\n', "http.listen", "is not an IP address and port"),
+        ('[http]\nlisten = "::1:9847"\n', "http.listen", "is not an IP address and port"),
+        ('[http]\ntrigger_secret_file = "x"\n', "http.trigger_secret_file", "has no effect without"),
+        (
+            '[http]\nlisten = "127.0.0.1:1"\ntrigger_secret_file = "nope"\n',
+            "http.trigger_secret_file",
+            "no such",
+        ),
+        ('[status]\nstale_after = "soon"\n', "status.stale_after", NOT_A_DURATION),
+        ("[http]\nport = 1\n", "http.port", UNKNOWN),
+    ],
+)
+def test_bad_monitoring_settings_name_the_key(confdir: Path, section: str, where: str, expected: str) -> None:
+    """Each bad [metrics]/[http]/[status] value is one problem at its key."""
+    found = problems(write(confdir, SSH_SOURCE, ARTIFACTORY, EXPORT, section))
+    assert len(found) == 1 and found[0].startswith(f"at '{where}': ") and expected in found[0], found

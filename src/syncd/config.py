@@ -274,6 +274,19 @@ class StateSection(_Section):
     directory: str = "/var/lib/syncd"
 
 
+class StatusSection(_Section):
+    stale_after: Duration | None = Field(default=None, strict=False)
+
+
+class MetricsSection(_Section):
+    textfile: str | None = None
+
+
+class HttpSection(_Section):
+    listen: str | None = None
+    trigger_secret_file: str | None = None
+
+
 # Every section of the file: its schema, and whether it must be present.
 _SECTIONS: dict[str, tuple[type[_Section], bool]] = {
     "source": (SourceSection, True),
@@ -282,6 +295,9 @@ _SECTIONS: dict[str, tuple[type[_Section], bool]] = {
     "download": (DownloadSection, False),
     "schedule": (ScheduleSection, False),
     "state": (StateSection, False),
+    "status": (StatusSection, False),
+    "metrics": (MetricsSection, False),
+    "http": (HttpSection, False),
 }
 
 
@@ -327,6 +343,11 @@ class Config:
     retries: int = 5
     backoff: float = 1.0
     backoff_max: float = 60.0
+    # [status] stale_after: no pass finished within it makes `syncd status` say stale (exit 3)
+    stale_after: float = 3 * 300.0 + 600.0
+    metrics_textfile: Path | None = None
+    http_listen: tuple[str, int] | None = None  # (IP address, port) that `syncd run` serves
+    trigger_secret: Secret | None = None  # POST /trigger exists only with this
     # Problems that do not stop syncd (plain http:// with credentials), each as "at 'section.key': …";
     # check-config prints them and a pass logs them as config_insecure.
     warnings: tuple[str, ...] = ()
@@ -444,6 +465,8 @@ class _Resolver:
                 self.problem("export.root", "must be an absolute path")
             self._check_staging(root, staging, explicit=export.staging is not None)
         self._check_durations(sections.get("download"), sections.get("schedule"))
+        textfile = self._textfile(sections.get("metrics"))
+        listen, trigger = self._http(sections.get("http"))
         if self.problems:
             raise ConfigError(str(self.path), self.problems)
         assert source and art and export and root and staging
@@ -451,6 +474,8 @@ class _Resolver:
         state: StateSection = sections["state"]
         schedule: ScheduleSection = sections["schedule"]
         jitter = schedule.interval / 10 if schedule.jitter is None else schedule.jitter
+        status: StatusSection = sections["status"]
+        stale = status.stale_after if status.stale_after is not None else 3 * schedule.interval + 600
         return Config(
             path=self.path,
             source=source,
@@ -465,6 +490,10 @@ class _Resolver:
             state_dir=self.plain_path(state.directory),
             interval=schedule.interval,
             jitter=jitter,
+            stale_after=stale,
+            metrics_textfile=textfile,
+            http_listen=listen,
+            trigger_secret=trigger,
             warnings=tuple(self.warnings),
         )
 
@@ -513,6 +542,40 @@ class _Resolver:
                     f"must be shorter than schedule.interval ({_seconds(s.jitter)} >= "
                     f"{_seconds(s.interval)})",
                 )
+
+    def _textfile(self, m: MetricsSection | None) -> Path | None:
+        """``[metrics] textfile``: an absolute ``*.prom`` path (node_exporter reads only those)."""
+        if m is None or m.textfile is None:
+            return None
+        path = Path(m.textfile)
+        if not path.is_absolute():
+            self.problem("metrics.textfile", "must be an absolute path")
+        elif not path.name.endswith(".prom") or path.name == ".prom":
+            self.problem(
+                "metrics.textfile",
+                f"{path.name!r} must end in '.prom' (node_exporter's textfile collector reads only those)",
+            )
+        else:
+            return Path(os.path.normpath(path))
+        return None
+
+    def _http(self, h: HttpSection | None) -> tuple[tuple[str, int] | None, Secret | None]:
+        """``[http]``: ``listen`` is ``IP:port`` (``[IPv6]:port``); ``trigger_secret_file`` needs it."""
+        if h is None or h.listen is None:
+            if h is not None and h.trigger_secret_file is not None:
+                self.problem("http.trigger_secret_file", "has no effect without [http] listen")
+            return None, None
+        listen = listen_address(h.listen)
+        if listen is None:
+            self.problem(
+                "http.listen",
+                f'{h.listen!r} is not an IP address and port such as "127.0.0.1:9847" or "[::1]:9847" '
+                "(a host name is not accepted: syncd binds exactly the address given)",
+            )
+        trigger = None
+        if h.trigger_secret_file is not None:
+            trigger = self.read_secret("http.trigger_secret_file", h.trigger_secret_file)
+        return listen, trigger
 
     def plain_path(self, value: str) -> Path:
         return Path(os.path.normpath(self.base / value))
@@ -728,6 +791,22 @@ class _Resolver:
         )
 
 
+def listen_address(text: str) -> tuple[str, int] | None:
+    """``"127.0.0.1:9847"`` or ``"[::1]:9847"`` → ``(address, port)``; None unless an IP and a port."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not port.isascii() or not 0 < int(port) < 65536:
+        return None
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if (ip.version == 6) != bracketed:
+        return None
+    return str(ip), int(port)
+
+
 def _basic_user_ok(name: str) -> bool:
     """Whether ``name`` can be the user of HTTP basic auth: printable ASCII, no blank, no ':'."""
     return bool(name) and all(0x21 <= ord(c) <= 0x7E and c != ":" for c in name)
@@ -748,4 +827,15 @@ def describe(cfg: Config) -> Mapping[str, Any]:
         "retries": cfg.retries,
         "interval_s": cfg.interval,
         "jitter_s": cfg.jitter,
+        "stale_after_s": cfg.stale_after,
+        "metrics_textfile": str(cfg.metrics_textfile) if cfg.metrics_textfile else None,
+        "http_listen": _shown_listen(cfg.http_listen),
+        "trigger": cfg.trigger_secret is not None,
     }
+
+
+def _shown_listen(listen: tuple[str, int] | None) -> str | None:
+    if listen is None:
+        return None
+    host, port = listen
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
