@@ -17,7 +17,8 @@ into messages and exit codes::
     │   └── ExportMissingError   export root is missing (the mount is missing)
     ├── LedgerError          the SQLite ledger could not be read or written
     │   └── LedgerRefusedError   newer schema, symlinked or unsafe state: exit 2
-    └── LockHeldError        another syncd holds the state directory or publishes into the export
+    ├── LockHeldError        another syncd holds the state directory or publishes into the export
+    └── ListenError          the HTTP listener cannot bind its address (in use, not on this host)
 
 Messages never contain secrets: credentials travel in headers and callbacks, never in URLs or text.
 """
@@ -111,3 +112,12 @@ class LedgerRefusedError(LedgerError):
 
 class LockHeldError(SyncdError):
     """Another syncd process holds the state directory lock or the export's lock (``.syncd.lock``)."""
+
+
+class ListenError(SyncdError):
+    """The HTTP listener (``[http] listen``) cannot bind its address: in use, not on this host, or not
+    permitted. Exit 1, so that systemd retries: the address may be freed, or configured, a moment later."""
+
+    def __init__(self, message: str, *, address: str) -> None:
+        self.address = address
+        super().__init__(message)
