@@ -7,6 +7,8 @@ The only module that imports httpx (and httpcore, its transport); every error le
   configured Artifactory origin (same scheme, host and port). Redirects are followed by hand, so a redirect
   to a signed storage URL on another host gets no ``Authorization`` header. ``trust_env`` is off: no
   ``.netrc`` credential or environment proxy is picked up behind the operator's back.
+- TLS: certificates are verified against the system trust store, plus ``[artifactory] ca_file`` when given
+  (:func:`trust_context`); certifi's bundle is never used.
 - ``X-Checksum-Sha256`` or ``Content-Length`` that contradict the manifest fail the asset before the body.
 - The body is hashed as it streams (no second read) and the download stops as soon as more than ``size``
   bytes arrive. The body is stored exactly as sent: syncd asks for ``Accept-Encoding: identity`` and never
@@ -34,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
@@ -41,7 +44,7 @@ import httpcore
 import httpx
 
 from syncd.config import Artifactory
-from syncd.errors import FetchError, HTTPStatusError, StopRequested, SyncdError, VerifyError
+from syncd.errors import ConfigError, FetchError, HTTPStatusError, StopRequested, SyncdError, VerifyError
 from syncd.manifest import Asset
 
 MAX_REDIRECTS = 10
@@ -97,6 +100,28 @@ def shown(text: str, limit: int = 64, *, quote: bool = True) -> str:
     return out + ("..." if len(text) > limit else "")
 
 
+def trust_context(ca_file: Path | None) -> ssl.SSLContext:
+    """The TLS client context for Artifactory: certificates verified against the system trust store, plus
+    ``ca_file`` (PEM) when given.
+
+    The system trust store is OpenSSL's default CA file and directory, which ``ca-certificates`` maintains
+    on Debian (``/usr/lib/ssl/cert.pem`` -> ``/etc/ssl/certs/ca-certificates.crt``, ``/etc/ssl/certs``)
+    and which ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` override: the same locations pygit2 hands libgit2 (see
+    :mod:`syncd.gitsource`), so Artifactory and git trust the same CAs. Never certifi's bundle: httpx and
+    httpcore fall back to it when given ``verify=True`` or no context, so syncd always passes this one.
+
+    Raises :class:`ConfigError` (named after ``ca_file``) when ``ca_file`` holds no usable PEM certificate.
+    """
+    ctx = ssl.create_default_context()  # hostname check, CERT_REQUIRED, TLS 1.2+; OpenSSL's default paths
+    if ca_file is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(ca_file))
+        except (ssl.SSLError, OSError, ValueError):
+            problem = "cannot be read or holds no PEM certificate (a CA bundle in PEM is expected)"
+            raise ConfigError(str(ca_file), [f"at 'artifactory.ca_file': {problem}"]) from None
+    return ctx
+
+
 class Fetcher:
     """An HTTP client bound to one Artifactory; safe to share between download threads.
 
@@ -117,16 +142,11 @@ class Fetcher:
         self.origin = origin(art.url)
         self._auth = _auth_header(art)
         self._secrets = _secrets(art)
-        verify: ssl.SSLContext | bool = True
-        if art.ca_file is not None:
-            ctx = ssl.create_default_context()
-            ctx.load_verify_locations(cafile=str(art.ca_file))
-            verify = ctx
         # The transport is used without httpx.Client: the client parses every Location itself (even with
         # follow_redirects off) and raises on a bad one, and keeps cookies a server sets; syncd wants
         # neither.
         self._transport = _Transport(
-            httpx.create_ssl_context(verify=verify, trust_env=False),
+            trust_context(art.ca_file),
             max_connections=concurrency * 2,
             max_keepalive_connections=concurrency,
         )

@@ -9,6 +9,9 @@ The only module that imports pygit2; every pygit2 error leaves it as :class:`~sy
   ``<homedir>/.ssh/known_hosts``, so syncd points ``pygit2.settings.homedir`` at a private directory in the
   state directory holding a copy of that file, and its certificate callback returns libgit2's verdict
   (returning ``True`` would accept any key).
+- HTTPS certificates are verified against the system trust store (OpenSSL's default CA file and
+  directory, ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` honoured), the same store as Artifactory's
+  (:func:`_trust_system_store`); an untrusted certificate fails the fetch in syncd's words.
 - The credentials callback answers once; a second call means the credential was rejected, and the fetch
   fails instead of looping. It answers only for the scheme, host and port of ``[source] url``: a server
   that redirects elsewhere (libgit2 follows the first request's redirect) never receives the token or key.
@@ -30,6 +33,7 @@ import contextlib
 import os
 import re
 import shutil
+import ssl
 import tempfile
 import threading
 import time
@@ -96,7 +100,12 @@ class _Callbacks(pygit2.RemoteCallbacks):
 
     def certificate_check(self, certificate: Any, valid: bool, host: bytes | str) -> bool:
         if not valid:
-            name = host.decode() if isinstance(host, bytes) else host
+            name = _escaped(host.decode(errors="replace") if isinstance(host, bytes) else host, 200)
+            if urlsplit(self.source.url).scheme.lower() == "https":
+                raise GitError(
+                    f"the TLS certificate of {name} is not trusted (not signed by a CA in the system trust "
+                    "store, or not issued for that host); refusing to connect"
+                )
             raise GitError(
                 f"host key or certificate of {name} is unknown or changed "
                 "(check [source] known_hosts); refusing to connect"
@@ -256,6 +265,28 @@ def _reason(exc: BaseException) -> str:
     return f"libgit2: {_escaped(detail, _MAX_DETAIL)}"
 
 
+def _trust_system_store() -> None:
+    """Point libgit2's OpenSSL at the system trust store, the locations :func:`syncd.fetch.trust_context`
+    uses for Artifactory: OpenSSL's default CA file and directory as Python's ``ssl`` module reports them
+    (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` honoured).
+
+    The pygit2 wheel bundles its own OpenSSL, whose compiled-in defaults name its build directory
+    (``/project/ci/ssl/cert.pem``), not the system's. pygit2 sets these same locations once at import;
+    syncd sets them again before each HTTPS fetch rather than rest on that import-time detail (libgit2
+    adds what it loads to its store and never drops any of it before a restart). Process-wide."""
+    paths = ssl.get_default_verify_paths()
+    if paths.cafile is None and paths.capath is None:
+        raise GitError(
+            "no system trust store for TLS: OpenSSL's default CA file and directory do not exist "
+            "(install ca-certificates, or set SSL_CERT_FILE)"
+        )
+    try:
+        pygit2.settings.set_ssl_cert_locations(paths.cafile, paths.capath)
+    except pygit2.GitError:
+        where = " and ".join(_escaped(str(p), 200) for p in (paths.cafile, paths.capath) if p)
+        raise GitError(f"cannot load the system trust store for TLS from {where}") from None
+
+
 class ManifestRepo:
     """The bare clone of the manifest repository and the reads syncd needs from it."""
 
@@ -289,6 +320,8 @@ class ManifestRepo:
                 "completed its answer); not starting another one"
             )
         self._prepare_ssh()
+        if urlsplit(self.source.url).scheme.lower() == "https":
+            _trust_system_store()
         pygit2.settings.server_connect_timeout = self.timeout_ms
         pygit2.settings.server_timeout = self.timeout_ms
         try:
