@@ -808,3 +808,226 @@ def make_asset(root: Path, relpath: str, size: int, seed: int = 0) -> tuple[str,
             fh.write(data)
             remaining -= len(data)
     return digest.hexdigest(), size
+
+
+# --------------------------------------------------------------------------- TLS: a test CA, nginx over TLS
+
+
+@dataclass
+class TestCA:
+    """A throw-away certificate authority (``cert``, PEM) and a server certificate it signed for
+    127.0.0.1 (IP subjectAltName, ``server_cert`` + ``server_key``), made with the ``openssl`` CLI."""
+
+    __test__ = False  # not a pytest test class
+
+    cert: Path
+    key: Path
+    server_cert: Path
+    server_key: Path
+
+
+def make_test_ca(workdir: Path, name: str = "syncd test CA") -> TestCA:
+    """Create a CA and a server certificate for 127.0.0.1 under ``workdir`` (valid for two days)."""
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = workdir / "ca.key", workdir / "ca.pem"
+    key, csr, cert = workdir / "server.key", workdir / "server.csr", workdir / "server.pem"
+    ext = workdir / "server.ext"
+    subject = f"/O=syncd tests/CN={name} {secrets.token_hex(4)}"  # unique: never the same as any real CA
+    _run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", str(ca_key), "-out", str(ca_cert), "-days", "2", "-subj", subject,
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"]
+    )  # fmt: skip
+    _run(
+        ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", str(key), "-out", str(csr), "-subj", "/O=syncd tests/CN=127.0.0.1"]
+    )  # fmt: skip
+    ext.write_text(
+        "basicConstraints = critical, CA:FALSE\n"
+        "keyUsage = critical, digitalSignature\n"
+        "extendedKeyUsage = serverAuth\n"
+        "subjectAltName = IP:127.0.0.1\n"
+        "subjectKeyIdentifier = hash\n"
+        "authorityKeyIdentifier = keyid\n"
+    )
+    _run(
+        ["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
+         "-CAcreateserial", "-days", "2", "-sha256", "-extfile", str(ext), "-out", str(cert)]
+    )  # fmt: skip
+    for private in (ca_key, key):
+        private.chmod(0o600)
+    return TestCA(cert=ca_cert, key=ca_key, server_cert=cert, server_key=key)
+
+
+def ca_bundle(path: Path, *parts: Path) -> Path:
+    """Write the PEM files ``parts`` concatenated to ``path`` (a CA bundle like
+    ``/etc/ssl/certs/ca-certificates.crt``); return ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chunks = [p.read_bytes() for p in parts]
+    path.write_bytes(b"".join(c if c.endswith(b"\n") else c + b"\n" for c in chunks))
+    return path
+
+
+@dataclass
+class TlsNginx:
+    """A private nginx on 127.0.0.1 speaking only HTTPS with a certificate signed by a :class:`TestCA`.
+
+    ``/bearer/`` and ``/open/`` serve ``root`` as :class:`Nginx` does (same token); ``/git/<repo>`` is
+    smart HTTP (git-http-backend through an already running fcgiwrap's socket, Basic auth) when started
+    with ``git_socket``."""
+
+    port: int
+    pid: int
+    root: Path
+    workdir: Path
+    access_log: Path
+    error_log: Path
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def base_url(self) -> str:
+        """``https://127.0.0.1:PORT``."""
+        return f"https://127.0.0.1:{self.port}"
+
+    def bearer_url(self) -> str:
+        return f"{self.base_url}/bearer"
+
+    def git_url(self, repo: str) -> str:
+        return f"{self.base_url}/git/{repo}"
+
+    def stop(self) -> None:
+        """Stop nginx by PID and wait for it and its port (idempotent)."""
+        _stop_pid(self.pid, self._proc, signal.SIGTERM)
+        _wait_port_free(self.port)
+
+
+_TLS_NGINX_CONF = """\
+daemon off;
+master_process on;
+worker_processes 1;
+user root root;
+pid "{workdir}/nginx.pid";
+error_log "{error_log}" info;
+
+events {{
+    worker_connections 256;
+}}
+
+http {{
+    default_type application/octet-stream;
+    server_tokens off;
+    log_format syncd_tls '$request $status $ssl_protocol';
+    access_log "{access_log}" syncd_tls;
+
+    client_body_temp_path "{tmp}/client_body";
+    proxy_temp_path "{tmp}/proxy";
+    fastcgi_temp_path "{tmp}/fastcgi";
+    uwsgi_temp_path "{tmp}/uwsgi";
+    scgi_temp_path "{tmp}/scgi";
+    client_max_body_size 0;
+
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        server_name localhost;
+        ssl_certificate "{cert}";
+        ssl_certificate_key "{key}";
+        ssl_protocols TLSv1.2 TLSv1.3;
+        autoindex off;
+
+        location /bearer/ {{
+            if ($http_authorization != "Bearer {token}") {{
+                return 401;
+            }}
+            alias "{root}/";
+        }}
+
+        location /open/ {{
+            alias "{root}/";
+        }}
+{git}
+        location / {{
+            return 404;
+        }}
+    }}
+}}
+"""
+
+_TLS_GIT_LOCATION = """
+        location /git/ {{
+            auth_basic "syncd-git";
+            auth_basic_user_file "{htpasswd}";
+
+            fastcgi_split_path_info ^(/git)(/.*)$;
+            fastcgi_pass unix:{socket};
+            fastcgi_param SCRIPT_FILENAME /usr/lib/git-core/git-http-backend;
+            fastcgi_param GIT_PROJECT_ROOT "{repos}";
+            fastcgi_param GIT_HTTP_EXPORT_ALL 1;
+            fastcgi_param PATH_INFO $fastcgi_path_info;
+            fastcgi_param QUERY_STRING $query_string;
+            fastcgi_param REQUEST_METHOD $request_method;
+            fastcgi_param CONTENT_TYPE $content_type;
+            fastcgi_param CONTENT_LENGTH $content_length;
+            fastcgi_param REMOTE_USER $remote_user;
+            fastcgi_param REMOTE_ADDR $remote_addr;
+            fastcgi_param SERVER_PROTOCOL $server_protocol;
+            fastcgi_param HTTPS on;
+            fastcgi_param GATEWAY_INTERFACE CGI/1.1;
+        }}
+"""
+
+
+def start_tls_nginx(
+    workdir: Path,
+    ca: TestCA,
+    root: Path,
+    token: str,
+    *,
+    git_socket: Path | None = None,
+    git_repos: Path | None = None,
+    git_htpasswd: Path | None = None,
+) -> TlsNginx:
+    """Start an HTTPS-only nginx under ``workdir`` with ``ca``'s server certificate, serving ``root`` (and
+    git smart HTTP when ``git_socket``, ``git_repos`` and ``git_htpasswd`` are given); return once it
+    listens."""
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = workdir / "tmp"
+    tmp.mkdir(exist_ok=True)
+    config = workdir / "nginx.conf"
+    access_log = workdir / "access.log"
+    error_log = workdir / "error.log"
+    git = ""
+    if git_socket is not None:
+        assert git_repos is not None and git_htpasswd is not None
+        git = _TLS_GIT_LOCATION.format(htpasswd=git_htpasswd, socket=git_socket, repos=git_repos)
+    proc, port = launch_nginx(
+        workdir,
+        config,
+        error_log,
+        lambda port: _TLS_NGINX_CONF.format(
+            workdir=workdir,
+            error_log=error_log,
+            access_log=access_log,
+            tmp=tmp,
+            port=port,
+            cert=ca.server_cert,
+            key=ca.server_key,
+            token=token,
+            root=Path(root).absolute(),
+            git=git,
+        ),
+        "nginx (TLS)",
+    )
+    server = TlsNginx(
+        port=port,
+        pid=proc.pid,
+        root=Path(root).absolute(),
+        workdir=workdir,
+        access_log=access_log,
+        error_log=error_log,
+        _proc=proc,
+    )
+    atexit.register(server.stop)
+    return server
