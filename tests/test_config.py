@@ -109,7 +109,7 @@ def test_full_valid_config_resolves_paths_and_defaults(confdir: Path) -> None:
 
 def test_explicit_sections_and_relative_paths_resolve_against_config_dir(confdir: Path) -> None:
     """Relative staging, state directory and ca_file resolve against the config file's directory."""
-    (confdir / "ca.pem").write_text("cert")
+    (confdir / "ca.pem").write_bytes(Path("/etc/ssl/certs/ca-certificates.crt").read_bytes())
     path = write(
         confdir,
         SSH_SOURCE.replace('path = "assets"', 'path = "/assets/ml/"\nbranch = "release"'),
@@ -531,6 +531,16 @@ def test_password_file_without_username_is_refused(confdir: Path) -> None:
     art = '[artifactory]\nurl = "https://a.example.com"\npassword_file = "pw"\n'
     assert problems(write(confdir, HTTPS_SOURCE, art, EXPORT)) == [
         "at 'artifactory.username': username and password_file go together"
+    ]
+
+
+def test_a_ca_file_without_a_pem_certificate_is_refused_at_load(confdir: Path) -> None:
+    """check-config catches a ca_file OpenSSL cannot load (not only the first connection)."""
+    (confdir / "ca.pem").write_text("not a certificate\n")
+    art = ARTIFACTORY + 'ca_file = "ca.pem"\n'
+    assert problems(write(confdir, HTTPS_SOURCE, art, EXPORT)) == [
+        f"at 'artifactory.ca_file': {confdir / 'ca.pem'} cannot be read or holds no PEM certificate "
+        "(a CA bundle in PEM is expected)"
     ]
 
 

@@ -205,8 +205,8 @@ def test_ca_file_without_a_certificate_is_a_config_error(
     assert run.code == 2, run.err
     event = run.one("config_invalid")
     problem = "cannot be read or holds no PEM certificate (a CA bundle in PEM is expected)"
-    assert event["problems"] == [f"at 'artifactory.ca_file': {problem}"]
-    assert str(bad) in event["error"]
+    assert event["problems"] == [f"at 'artifactory.ca_file': {bad} {problem}"]  # found at load
+    assert event["config"] == str(world.config_path)
     _no_library_text(run)
     assert "X509" not in run.err and "NO_CERTIFICATE" not in run.err
     assert not _landed(world, a)

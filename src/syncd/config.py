@@ -23,6 +23,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 import stat
 import tomllib
 from collections.abc import Mapping
@@ -358,8 +359,11 @@ def config_path(cli_value: str | None) -> Path:
     return Path(cli_value or os.environ.get("SYNCD_CONFIG") or DEFAULT_PATH)
 
 
-def load(path: Path) -> Config:
-    """Read, validate and resolve ``path``; raise :class:`ConfigError` with every problem at once."""
+def load(path: Path, *, secrets: bool = True) -> Config:
+    """Read, validate and resolve ``path``; raise :class:`ConfigError` with every problem at once.
+
+    With ``secrets=False`` (``syncd status``, which may run as another user than the daemon and needs
+    no credential) secret files are neither checked nor read: each secret is an empty :class:`Secret`."""
     shown = str(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -372,7 +376,7 @@ def load(path: Path) -> Config:
     except RecursionError:
         raise ConfigError(shown, ["not valid TOML: nested too deeply"]) from None
     sections, problems = _validate_sections(raw)
-    return _Resolver(path, problems).build(sections)
+    return _Resolver(path, problems, secrets=secrets).build(sections)
 
 
 def _validate_sections(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -441,8 +445,9 @@ def _os_reason(exc: BaseException) -> str:
 class _Resolver:
     """Turns the parsed file into a :class:`Config`, collecting problems instead of stopping early."""
 
-    def __init__(self, path: Path, problems: list[str]) -> None:
+    def __init__(self, path: Path, problems: list[str], *, secrets: bool = True) -> None:
         self.path = path
+        self.secrets = secrets
         self.base = path.resolve().parent
         creds = os.environ.get("CREDENTIALS_DIRECTORY")
         self.secret_base = Path(creds) if creds else self.base
@@ -586,6 +591,8 @@ class _Resolver:
     def read_secret(self, where: str, value: str) -> Secret | None:
         """Read the secret file ``value`` for key ``where``; on any problem record it (the file named, the
         secret never quoted) and return None."""
+        if not self.secrets:
+            return Secret("")
         path = self.secret_path(value)
         if not self.check_secret_file(where, path):
             return None
@@ -703,7 +710,7 @@ class _Resolver:
                 self.problem("source.ssh_key", "required for an ssh:// url")
             else:
                 ssh_key = self.secret_path(s.ssh_key)
-                if self.check_secret_file("source.ssh_key", ssh_key):
+                if self.secrets and self.check_secret_file("source.ssh_key", ssh_key):
                     self._check_ssh_key(ssh_key)
             if s.known_hosts is None:
                 self.problem(
@@ -782,6 +789,11 @@ class _Resolver:
             ca_file = self.plain_path(a.ca_file)
             if not ca_file.is_file():
                 self.problem("artifactory.ca_file", f"{ca_file} does not exist")
+            elif not _pem_certificates_load(ca_file):
+                self.problem(
+                    "artifactory.ca_file",
+                    f"{ca_file} cannot be read or holds no PEM certificate (a CA bundle in PEM is expected)",
+                )
         return Artifactory(
             url=a.url.rstrip("/"),
             token=token,
@@ -789,6 +801,15 @@ class _Resolver:
             password=password,
             ca_file=ca_file,
         )
+
+
+def _pem_certificates_load(path: Path) -> bool:
+    """Whether OpenSSL can load ``path`` as CA certificates (what the TLS context does with it)."""
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=str(path))
+    except (ssl.SSLError, OSError, ValueError):
+        return False
+    return True
 
 
 def listen_address(text: str) -> tuple[str, int] | None:
