@@ -135,14 +135,15 @@ def daemon(world: World, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 
 
 def test_ready_status_and_first_pass(world: World, daemon: Callable[..., Daemon]) -> None:
-    """READY=1 comes with the first pass; STATUS then reads 'synced <commit> · N assets · next poll'."""
+    """READY=1 comes with the first pass; STATUS then reads 'in sync at <commit> · N assets · size · next
+    poll'."""
     a = world.asset("a.bin", 10_000, seed=1)
     world.manifest("a.toml", {**a, "dest": "a.bin"})
     commit = world.repo.commit("a")
     world.write_config(schedule={"interval": "1h"})
     d = daemon()
     d.wait_message("READY=1")
-    status = d.wait_message(f"STATUS=synced {commit[:7]} · 1 assets · next poll ")
+    status = d.wait_message(f"STATUS=in sync at {commit[:7]} · 1 assets · 9.8 KiB · next poll ")
     assert status.endswith(" UTC")
     assert (world.export / "a.bin").read_bytes() == (world.blobs / "a.bin").read_bytes()
     assert d.stop() == 0
@@ -226,13 +227,14 @@ def test_watchdog_pings(world: World, daemon: Callable[..., Daemon]) -> None:
 
 
 def test_failed_pass_status(world: World, daemon: Callable[..., Daemon]) -> None:
-    """A failed asset makes STATUS say 'last pass failed: 1 assets (see journalctl -u syncd)'."""
+    """A failed asset makes STATUS say what is wrong, what is served and the age of the last success."""
     world.write_config(schedule={"interval": "1h"})
     bad = {**world.asset("a.bin", 100, seed=1), "sha256": "0" * 64}
     world.manifest("a.toml", {**bad, "dest": "a.bin"})
-    world.repo.commit("bad")
+    commit = world.repo.commit("bad")
     d = daemon()
-    d.wait_message("STATUS=last pass failed: 1 assets (see journalctl -u syncd)")
+    status = d.wait_message(f"STATUS=1 failing · serving {commit[:7]} · last success never · next poll ")
+    assert status.endswith(" UTC (syncd status)")
     assert d.named("asset_failed")[0]["level"] == "error"
     assert d.stop() == 0
 

@@ -1,7 +1,8 @@
 """The ``syncd`` command: parse arguments, run one sub-command, turn errors into exit codes.
 
 Exit codes: 0 success; 1 a failure at run time (an asset failed, a manifest was invalid, git unreachable,
-export root missing, lock held); 2 a configuration or usage error. This is the one place that maps
+export root missing, lock held); 2 a configuration or usage error; ``status`` also 1 for degraded and 3 for
+stale (a Nagios/Icinga check). This is the one place that maps
 :class:`~syncd.errors.SyncdError` to messages and exit codes.
 """
 
@@ -60,13 +61,39 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-c", "--config", help=cfg_help)
     r.set_defaults(func=cmd_run)
 
+    st = sub.add_parser(
+        "status",
+        help="is the export in sync? what is wrong? (exit 0 ok, 1 degraded, 2 usage, 3 stale)",
+        description="Read the ledger (read-only, no lock: works beside a running daemon) and say whether the "
+        "export is in sync; exit 0 ok, 1 degraded, 2 configuration or usage error, 3 stale or never ran.",
+    )
+    st.add_argument("-c", "--config", help=cfg_help)
+    st.add_argument("--json", action="store_true", help="one JSON object (schema: docs/monitoring.md)")
+    st.set_defaults(func=cmd_status)
+
     c = sub.add_parser("check-config", help="validate the configuration and report every problem")
     c.add_argument("-c", "--config", help=cfg_help)
     c.set_defaults(func=cmd_check_config)
     return p
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from syncd import status
+
+    cfg = config.load(config.config_path(args.config), secrets=False)
+    st = status.read(cfg)
+    if args.json:
+        print(json.dumps(st.to_json(), indent=2))
+    else:
+        print(status.render(st))
+    return st.exit_code
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
+    from syncd import events
+    from syncd.metrics import Metrics
     from syncd.reconcile import Reconciler, frames, internal_error
     from syncd.report import render_plan, shown
     from syncd.statedir import StateLock
@@ -90,6 +117,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
             progress_stream=sys.stderr if sys.stderr.isatty() and not args.dry_run else None,
             fetch=not owner,
+            events=events.EventBus(
+                [events.LogObserver(), Metrics(None if args.dry_run else cfg.metrics_textfile)]
+            ),
         )
         try:
             result = rec.run_pass()
@@ -107,7 +137,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         print(render_plan(result))
         if owner:
             print(shown(f"(not fetched: {owner.split(';')[0]}; planned against the commit it fetched last)"))
-    return 0 if result.ok else 1
+    # A dry run's pending downloads are its plan, not a failure (its pass_finished still says ok: false).
+    return 0 if result.ok or (args.dry_run and result.healthy) else 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:

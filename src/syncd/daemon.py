@@ -14,12 +14,17 @@ running one. A stop waits for the running pass at most ``[download] timeout`` + 
 daemon logs ``stop_forced`` and exits 0 anyway (stale git lock files are removed at the next start), so
 systemd never has to SIGKILL it. A pass that cannot run (git unreachable, the export held by another
 syncd, a ledger error) is logged as ``pass_failed`` and the next one is tried at the next interval.
+
+Events: the daemon wires the observers (the JSON log, the systemd STATUS line, the metrics) to the engine's
+event bus, records its pid and next poll in the ledger for ``syncd status``, and, with ``[http] listen``,
+serves ``/healthz``, ``/metrics`` and ``/trigger`` (:mod:`syncd.httpd`); a trigger is a SIGUSR1.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import select
@@ -34,16 +39,20 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from syncd import __version__, config, logs
+from syncd import __version__, config, logs, status
+from syncd import events as ev
 from syncd.config import Config
 from syncd.errors import ConfigError, LedgerError, SyncdError
-from syncd.notify import Notifier
-from syncd.reconcile import PassResult, Reconciler, frames, internal_error
+from syncd.httpd import Listener
+from syncd.metrics import Metrics
+from syncd.reconcile import Reconciler, frames, internal_error
 from syncd.statedir import StateLock
+from syncd.systemd import Notifier, StatusObserver
 
 log = logs.get()
 JOB = "poll"
 STOP_GRACE = 10.0  # seconds past [download] timeout that a stop waits for the running pass
+REFRESH = 30.0  # seconds between refreshes of the STATUS line between passes
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 
@@ -54,15 +63,19 @@ class Daemon:
         self.path = path
         self.cfg = cfg
         self.notifier = Notifier()
-        self.rec = Reconciler(cfg, on_status=self.notifier.status, respect_backoff=True)
+        self.status = StatusObserver(self.notifier, self._next_poll)
+        self.metrics = Metrics(cfg.metrics_textfile)
+        self.events = ev.EventBus([ev.LogObserver(), self.status, self.metrics])
+        self.rec = Reconciler(cfg, events=self.events, respect_backoff=True)
+        self.listener: Listener | None = None
         self._pending: Config | None = None  # a reloaded config, applied between passes
         self._pass_lock = threading.Lock()
         self._again = False
         self._running = False
         self._stopping = False
         self._first_started = threading.Event()
-        self._last: PassResult | None = None
-        self._last_error = ""
+        self._last_refresh = 0.0
+        self._trigger_lock = threading.Lock()
         self.forced = False  # the stop did not wait for a stuck pass: exit without joining its thread
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(1)},
@@ -77,26 +90,22 @@ class Daemon:
                 self._again = False
                 self._running = True
                 self._first_started.set()
-                self.notifier.status("polling git")
                 try:
                     self._apply_pending()
-                    self._last = self.rec.run_pass()
-                    self._last_error = ""
+                    self.rec.run_pass()
                 except SyncdError as exc:
-                    self._last, self._last_error = None, str(exc)
-                    log.error("pass_failed", error=str(exc), error_type=type(exc).__name__)
+                    self.events.emit(ev.PassFailed(error=str(exc), error_type=type(exc).__name__))
                     if isinstance(exc, LedgerError) and self._pending is None:
                         self._pending = self.cfg  # reopen the ledger next pass: checked, set aside if garbage
                 except Exception as exc:  # keep the daemon alive; frames name the bug, not its text
                     err = internal_error(exc)
-                    self._last, self._last_error = None, str(err)
                     log.error(
                         "internal_error", error=str(err), error_type=type(exc).__name__, frames=frames(exc)
                     )
+                    self.events.emit(ev.PassFailed(error=str(err), error_type=type(exc).__name__))
                 finally:
                     self._running = False
-                if not self._stopping:
-                    self._update_status()
+                self._record_schedule()
                 if not self._again:
                     break
 
@@ -110,43 +119,59 @@ class Daemon:
             return
         self.rec.close()
         try:
-            self.rec = Reconciler(cfg, on_status=self.notifier.status, respect_backoff=True)
+            self.rec = Reconciler(cfg, events=self.events, respect_backoff=True)
         except BaseException:
             self._pending = cfg
             raise
         self.cfg = cfg
 
+    def _next_poll(self) -> datetime | None:
+        job = self.scheduler.get_job(JOB) if self.scheduler.running else None
+        return job.next_run_time if job is not None else None
+
+    def _record_schedule(self) -> None:
+        """Tell ``syncd status`` (through the ledger) this daemon's pid and when it polls next. On the
+        pass thread, the ledger's one user; a ledger that cannot take it is the next pass's problem."""
+        nxt = self._next_poll()
+        with contextlib.suppress(SyncdError):
+            self.rec.ledger.set("daemon_pid", str(os.getpid()))
+            if nxt is not None:
+                self.rec.ledger.set("next_poll_at", nxt.astimezone(UTC).isoformat(timespec="seconds"))
+
     def _update_status(self) -> None:
-        job = self.scheduler.get_job(JOB)
-        nxt = job.next_run_time if job is not None else None
-        when = f"next poll {nxt.astimezone(UTC):%H:%M:%S} UTC" if nxt else "no poll scheduled"
-        r = self._last
-        if r is None:
-            text = f"last pass failed: {self._last_error[:120]} (see journalctl -u syncd) · {when}"
-        elif r.ok:
-            count = sum(1 for a in r.planned if a.asset is not None and a.kind.value != "orphan")
-            text = f"synced {r.commit[:7]} · {count} assets · {when}"
-        else:
-            bad = r.failed + r.refused
-            parts = [f"{bad} assets"] if bad else []
-            parts += [f"{len(r.invalid)} manifests"] if r.invalid else []
-            parts += ["git unreachable"] if r.git_error else []
-            parts += ["[source] path missing"] if r.source_error else []
-            text = f"last pass failed: {', '.join(parts)} (see journalctl -u syncd) · {when}"
-        self.notifier.status(text)
+        self.status.refresh()
+
+    def _health(self) -> tuple[int, bytes]:
+        """``GET /healthz``: the ``status --json`` object; 503 only when stale (a restart might help)."""
+        st = status.read(self.cfg)
+        return (503 if st.state == "stale" else 200), json.dumps(st.to_json()).encode()
+
+    def _seed(self) -> None:
+        """Before the first pass: what the ledger already knows, for the metrics and the STATUS line."""
+        ledger = self.rec.ledger
+        with contextlib.suppress(SyncdError, ValueError):
+            last_success = ledger.get("last_success_at")
+            self.metrics.seed(None, ledger.totals(), last_success, ledger.get("synced_commit"))
+            if last_success:
+                self.status.last_success = datetime.fromisoformat(last_success)
+            ledger.set("daemon_pid", str(os.getpid()))
 
     # control ------------------------------------------------------------------------------------
     def _trigger(self) -> IntervalTrigger:
         return IntervalTrigger(seconds=self.cfg.interval, jitter=self.cfg.jitter or None, timezone=UTC)
 
-    def pass_now(self) -> None:
-        """SIGUSR1: a pass now, or one more right after the running one."""
-        if self._running:
-            self._again = True
-            log.info("pass_requested", when="after the running pass")
-        else:
-            self.scheduler.modify_job(JOB, next_run_time=datetime.now(UTC))
-            log.info("pass_requested", when="now")
+    def pass_now(self, by: str = "SIGUSR1") -> str:
+        """SIGUSR1 or ``POST /trigger``: a pass now, or one more right after the running one (never two
+        at once); returns which."""
+        with self._trigger_lock:
+            if self._running:
+                self._again = True
+                when = "after the running pass"
+            else:
+                self.scheduler.modify_job(JOB, next_run_time=datetime.now(UTC))
+                when = "now"
+        log.info("pass_requested", when=when, by=by)
+        return when
 
     def reload(self) -> None:
         """SIGHUP: re-read the config; keep the old one if the new one is invalid."""
@@ -166,6 +191,18 @@ class Daemon:
             )
             cfg = dataclasses.replace(cfg, state_dir=self.cfg.state_dir)
         _warn_insecure(self.path, cfg)
+        old_secret = self.cfg.trigger_secret.reveal() if self.cfg.trigger_secret else None
+        new_secret = cfg.trigger_secret.reveal() if cfg.trigger_secret else None
+        if cfg.http_listen != self.cfg.http_listen or new_secret != old_secret:
+            log.warning(
+                "config_reload_partial",
+                error="[http] listen and trigger_secret_file change only on restart",
+                kept=config.describe(self.cfg)["http_listen"],
+            )
+            cfg = dataclasses.replace(
+                cfg, http_listen=self.cfg.http_listen, trigger_secret=self.cfg.trigger_secret
+            )
+        self.metrics.textfile = cfg.metrics_textfile
         schedule_changed = (cfg.interval, cfg.jitter) != (self.cfg.interval, self.cfg.jitter)
         self._pending = cfg
         self.cfg = cfg
@@ -184,6 +221,8 @@ class Daemon:
         try:
             log.info("daemon_started", version=__version__, pid=os.getpid(), **config.describe(self.cfg))
             _warn_insecure(self.path, self.cfg)
+            self._seed()
+            self._listen()
             self.scheduler.add_job(
                 self._job, self._trigger(), id=JOB, next_run_time=datetime.now(UTC), name="reconcile pass"
             )
@@ -200,6 +239,21 @@ class Daemon:
             os.close(wfd)
         return 0
 
+    def _listen(self) -> None:
+        if self.cfg.http_listen is None:
+            return
+        secret = self.cfg.trigger_secret
+        self.listener = Listener(
+            self.cfg.http_listen,
+            health=self._health,
+            metrics=self.metrics.render,
+            trigger=lambda: self.pass_now(by="POST /trigger"),
+            secret=secret,
+        )
+        self.listener.start()
+        host, port = self.listener.bound
+        log.info("http_listening", address=host, port=port, trigger=secret is not None)
+
     def _loop(self, rfd: int) -> None:
         ping = self.notifier.watchdog_interval
         next_ping = time.monotonic()
@@ -208,7 +262,10 @@ class Daemon:
             if ping is not None and now >= next_ping:
                 self.notifier.watchdog()
                 next_ping = now + ping
-            timeout = max(0.0, next_ping - now) if ping is not None else 60.0
+            if now - self._last_refresh >= REFRESH:
+                self._last_refresh = now
+                self.status.refresh()  # the age of the last success in systemctl status
+            timeout = min(REFRESH, max(0.0, next_ping - now)) if ping is not None else REFRESH
             ready, _, _ = select.select([rfd], [], [], timeout)
             if not ready:
                 continue
@@ -225,6 +282,8 @@ class Daemon:
     def _stop(self) -> None:
         self.notifier.stopping()
         self._stopping = True
+        if self.listener is not None:
+            self.listener.close()
         self.rec.stop.set()
         started = time.monotonic()
         grace = self.cfg.timeout + STOP_GRACE

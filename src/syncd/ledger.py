@@ -10,7 +10,17 @@ The only module that touches SQLite (the state directory itself and its lock: :m
   problems, so that a pass with no new commit reads no git blob and parses no TOML.
 - ``published``: per ``dest``: sha256, size, source, manifest, commit, when, and how (downloaded or
   adopted); ``orphaned_at`` once its manifest entry is gone.
-- ``failures``: per ``dest``: attempts, last error, first and last failure time.
+- ``failures``: per ``dest``: its kind (:class:`Problem`: ``failed``, a download that failed and backs off;
+  ``refused``, a dest syncd will not write), attempts, last error, first and last failure time.
+- ``passes``: per pass (the last :data:`KEEP_PASSES`): start and end (UTC), ``ok``, the commit served and
+  the head fetched, and a JSON summary (counts, errors, a sample of pending dests) for ``syncd status``.
+- ``meta`` also holds what ``syncd status`` and the metrics need between passes: ``last_success_at``,
+  ``head_commit``, ``daemon_pid``, ``next_poll_at``, and the running totals ``total.*`` (downloads,
+  bytes, git fetches), which survive restarts.
+
+Schema changes are numbered migrations (:data:`_MIGRATIONS`), run forward in one transaction when a
+writer opens an older ledger; a read-only reader (a dry run, ``syncd status``) reads the old layout as it
+is.
 
 Every write is one transaction, in WAL mode with ``synchronous=NORMAL``: a crash of syncd loses nothing, and a
 power cut can lose only the last rows. That is safe because every row follows the fact it records: a file
@@ -29,9 +39,10 @@ import os
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 
 from syncd import logs
@@ -40,7 +51,24 @@ from syncd.manifest import Asset
 from syncd.statedir import check_state_dir, refuse_link
 
 log = logs.get()
-SCHEMA_VERSION = 2  # 2: published.checksum (see _MIGRATIONS)
+SCHEMA_VERSION = 3  # 2: published.checksum; 3: failures.kind, passes (see _MIGRATIONS)
+KEEP_PASSES = 100  # pass rows kept for `syncd status`
+
+
+class How(StrEnum):
+    """How a published file got to its dest."""
+
+    DOWNLOADED = "downloaded"
+    ADOPTED = "adopted"  # it was already there with the right sha256
+
+
+class Problem(StrEnum):
+    """The kind of a failure row."""
+
+    FAILED = "failed"  # a download or publish failed; retried with backoff
+    REFUSED = "refused"  # syncd will not write this dest (a conflict, a foreign file, a symlink …)
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS manifests (
@@ -51,7 +79,10 @@ CREATE TABLE IF NOT EXISTS published (
     how TEXT NOT NULL, orphaned_at TEXT, checksum TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS failures (
     dest TEXT PRIMARY KEY, sha256 TEXT NOT NULL, attempts INTEGER NOT NULL, last_error TEXT NOT NULL,
-    first_failed_at TEXT NOT NULL, last_failed_at TEXT NOT NULL);
+    first_failed_at TEXT NOT NULL, last_failed_at TEXT NOT NULL, kind TEXT NOT NULL DEFAULT 'failed');
+CREATE TABLE IF NOT EXISTS passes (
+    id INTEGER PRIMARY KEY, started_at TEXT NOT NULL, finished_at TEXT, ok INTEGER,
+    commit_id TEXT, head_commit TEXT, summary TEXT);
 """
 _COLUMNS = {
     "meta": ("key", "value"),
@@ -68,7 +99,16 @@ _COLUMNS = {
         "orphaned_at",
         "checksum",
     ),
-    "failures": ("dest", "sha256", "attempts", "last_error", "first_failed_at", "last_failed_at"),
+    "failures": (
+        "dest",
+        "sha256",
+        "attempts",
+        "last_error",
+        "first_failed_at",
+        "last_failed_at",
+        "kind",
+    ),
+    "passes": ("id", "started_at", "finished_at", "ok", "commit_id", "head_commit", "summary"),
 }
 # The fields of a published row that its checksum covers (orphaned_at is not: it is updated in place,
 # and a damaged one only changes when an orphan was first reported).
@@ -77,7 +117,8 @@ _ROW_FIELDS = "dest, sha256, size, source, manifest, commit_id, published_at, ho
 _BAD_ROWS = {
     "published": "typeof(dest) != 'text' OR typeof(size) != 'integer' OR size < 0 "
     "OR length(sha256) != 64 OR sha256 GLOB '*[^0-9a-f]*' OR how NOT IN ('downloaded', 'adopted')",
-    "failures": "typeof(dest) != 'text' OR typeof(attempts) != 'integer' OR attempts < 1",
+    "failures": "typeof(dest) != 'text' OR typeof(attempts) != 'integer' OR attempts < 1 "
+    "OR kind NOT IN ('failed', 'refused')",
     "manifests": "typeof(path) != 'text' OR typeof(blob) != 'text'",
     "meta": "key IN ('manifests_commit', 'synced_commit') "
     "AND (length(value) NOT IN (40, 64) OR value GLOB '*[^0-9a-f]*')",
@@ -217,14 +258,38 @@ def _add_row_checksums(db: sqlite3.Connection) -> None:
     )
 
 
+_REFUSED_PREFIX = "refused: "  # how schema 2 marked a refusal inside failures.last_error
+
+
+def _add_failure_kind_and_passes(db: sqlite3.Connection) -> None:
+    """Schema 2 → 3: ``failures.kind`` (from schema 2's ``refused: `` prefix, which is dropped from the
+    text) and the ``passes`` table."""
+    db.execute("ALTER TABLE failures ADD COLUMN kind TEXT NOT NULL DEFAULT 'failed'")
+    db.execute(
+        "UPDATE failures SET kind = 'refused', last_error = substr(last_error, ?) WHERE last_error LIKE ?",
+        (len(_REFUSED_PREFIX) + 1, _REFUSED_PREFIX + "%"),
+    )
+    db.execute(
+        "CREATE TABLE passes (id INTEGER PRIMARY KEY, started_at TEXT NOT NULL, finished_at TEXT, "
+        "ok INTEGER, commit_id TEXT, head_commit TEXT, summary TEXT)"
+    )
+
+
 # Each step takes a ledger from schema N to N + 1, in the same transaction as the user_version bump.
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _add_row_checksums}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _add_row_checksums,
+    2: _add_failure_kind_and_passes,
+}
 
 
 def _columns(version: int) -> dict[str, tuple[str, ...]]:
     """The tables and columns of a ledger at schema ``version`` (0: one that never set it)."""
-    if version == 1:
-        return {**_COLUMNS, "published": _COLUMNS["published"][:-1]}
+    if version in (1, 2):
+        old = {k: v for k, v in _COLUMNS.items() if k != "passes"}
+        old["failures"] = _COLUMNS["failures"][:-1]
+        if version == 1:
+            old["published"] = _COLUMNS["published"][:-1]
+        return old
     return _COLUMNS
 
 
@@ -269,7 +334,7 @@ class Published:
     manifest: str
     commit: str
     published_at: str
-    how: str
+    how: How
     orphaned_at: str | None
 
 
@@ -283,6 +348,21 @@ class Failure:
     last_error: str
     first_failed_at: str
     last_failed_at: str
+    kind: Problem = Problem.FAILED
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """One pass as recorded for ``syncd status``: ``finished_at`` and ``ok`` are None while it runs (or
+    if it never ended: a crash)."""
+
+    id: int
+    started_at: str
+    finished_at: str | None
+    ok: bool | None
+    commit: str | None
+    head: str | None
+    summary: Mapping[str, object]
 
 
 class Ledger:
@@ -299,6 +379,7 @@ class Ledger:
         self.readonly = readonly
         self._batch_every: float | None = None
         self._last_commit = 0.0
+        self.version = SCHEMA_VERSION  # the schema as read: older only for a read-only reader
         for p in (path, *_companions(path)):
             refuse_link(p)
         _check_header(path)
@@ -345,10 +426,14 @@ class Ledger:
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 return
             self._check_tables(tables, version)
-            if 0 < version < SCHEMA_VERSION and not self.readonly:  # a dry run reads the old layout
+            if 0 < version < SCHEMA_VERSION and not self.readonly:  # a reader reads the old layout
                 self._migrate(version)
                 version = SCHEMA_VERSION
+                tables = {
+                    str(r[0]) for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                }
                 self._check_tables(tables, version)
+            self.version = version or SCHEMA_VERSION
             if version >= 2:
                 self._check_checksums()
         except _DB_ERRORS as exc:
@@ -376,10 +461,18 @@ class Ledger:
 
     def _migrate(self, version: int) -> None:
         """Upgrade the ledger from schema ``version`` to :data:`SCHEMA_VERSION` in one transaction."""
-        with self._db:
+        # An explicit BEGIN: Python's sqlite3 opens a transaction only before DML, so a step's ALTER TABLE
+        # or CREATE TABLE would otherwise commit on its own and survive a later step's failure.
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
             for step in range(version, SCHEMA_VERSION):
-                _MIGRATIONS[step](self._db)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                _MIGRATIONS[step](db)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.commit()
+        except BaseException:
+            db.rollback()
+            raise
         log.info("ledger_migrated", ledger=str(self.path), from_schema=version, to_schema=SCHEMA_VERSION)
 
     @classmethod
@@ -529,12 +622,21 @@ class Ledger:
             "SELECT dest, sha256, size, source, manifest, commit_id, published_at, how, orphaned_at "
             "FROM published"
         )
-        return {str(r[0]): Published(*r) for r in rows}  # type: ignore[arg-type]
+        return {str(r[0]): Published(*r[:7], How(str(r[7])), r[8]) for r in rows}  # type: ignore[arg-type, call-arg]
 
-    def record_published(self, asset: Asset, commit: str, how: str) -> None:
+    def record_published(self, asset: Asset, commit: str, how: How) -> None:
         """``asset`` is now at its dest (fsynced): remember it and forget any failure."""
         with self._write() as db:
-            row = (asset.dest, asset.sha256, asset.size, asset.source, asset.manifest, commit, now(), how)
+            row = (
+                asset.dest,
+                asset.sha256,
+                asset.size,
+                asset.source,
+                asset.manifest,
+                commit,
+                now(),
+                str(how),
+            )
             db.execute(
                 f"INSERT OR REPLACE INTO published({_ROW_FIELDS}, orphaned_at, checksum) "  # noqa: S608
                 "VALUES (?,?,?,?,?,?,?,?,NULL,?)",
@@ -560,23 +662,34 @@ class Ledger:
 
     # failures ---------------------------------------------------------------------------------
     def failures(self) -> dict[str, Failure]:
-        rows = self._read(
-            "SELECT dest, sha256, attempts, last_error, first_failed_at, last_failed_at FROM failures"
-        )
-        return {str(r[0]): Failure(*r) for r in rows}  # type: ignore[arg-type]
+        fields = "dest, sha256, attempts, last_error, first_failed_at, last_failed_at"
+        if self.version >= 3:
+            rows = self._read(f"SELECT {fields}, kind FROM failures")  # noqa: S608 (constants)
+            return {str(r[0]): Failure(*r[:6], Problem(str(r[6]))) for r in rows}  # type: ignore[arg-type, call-arg]
+        out = {}  # schema 2, read as it is: a refusal was a prefix of the text
+        for r in self._read(f"SELECT {fields} FROM failures"):  # noqa: S608 (constants)
+            text = str(r[3])
+            kind = Problem.REFUSED if text.startswith(_REFUSED_PREFIX) else Problem.FAILED
+            text = text.removeprefix(_REFUSED_PREFIX)
+            out[str(r[0])] = Failure(r[0], r[1], r[2], text, r[4], r[5], kind)  # type: ignore[arg-type]
+        return out
 
-    def record_failure(self, dest: str, sha256: str, error: str) -> int:
-        """Count one more failed attempt at ``dest``; return the attempt count."""
+    def record_failure(self, dest: str, sha256: str, error: str, kind: Problem = Problem.FAILED) -> int:
+        """Count one more failed attempt (or refusal) at ``dest``; return the attempt count. A change of
+        sha256 or of kind starts the count again."""
         t = now()
         with self._write() as db:
             db.execute(
                 "INSERT INTO failures(dest, sha256, attempts, last_error, first_failed_at, "
-                "last_failed_at) VALUES (?,?,1,?,?,?) ON CONFLICT(dest) DO UPDATE SET "
-                "attempts = CASE WHEN failures.sha256 = excluded.sha256 "
+                "last_failed_at, kind) VALUES (?,?,1,?,?,?,?) ON CONFLICT(dest) DO UPDATE SET "
+                "attempts = CASE WHEN failures.sha256 = excluded.sha256 AND failures.kind = excluded.kind "
                 "THEN failures.attempts + 1 ELSE 1 END, "
+                "first_failed_at = CASE WHEN failures.sha256 = excluded.sha256 "
+                "AND failures.kind = excluded.kind THEN failures.first_failed_at "
+                "ELSE excluded.first_failed_at END, "
                 "sha256 = excluded.sha256, last_error = excluded.last_error, "
-                "last_failed_at = excluded.last_failed_at",
-                (dest, sha256, error, t, t),
+                "last_failed_at = excluded.last_failed_at, kind = excluded.kind",
+                (dest, sha256, error, t, t, str(kind)),
             )
         rows = self._read("SELECT attempts FROM failures WHERE dest = ?", (dest,))
         return int(rows[0][0]) if rows else 1  # type: ignore[call-overload]
@@ -587,3 +700,100 @@ class Ledger:
         stale = [d for d in self.failures() if d not in keep_set]
         with self._write() as db:
             db.executemany("DELETE FROM failures WHERE dest = ?", [(d,) for d in stale])
+
+    # passes and status ------------------------------------------------------------------------
+    def pass_started(self) -> int:
+        """Record that a pass starts now; return its id (for :meth:`pass_finished`). Only the newest
+        :data:`KEEP_PASSES` rows are kept."""
+        with self._write() as db:
+            cur = db.execute("INSERT INTO passes(started_at) VALUES (?)", (now(),))
+            db.execute("DELETE FROM passes WHERE id <= ?", ((cur.lastrowid or 0) - KEEP_PASSES,))
+        return int(cur.lastrowid or 0)
+
+    def pass_finished(
+        self,
+        pass_id: int,
+        *,
+        ok: bool,
+        commit: str | None,
+        head: str | None,
+        summary: Mapping[str, object],
+        totals: Mapping[str, int] | None = None,
+    ) -> None:
+        """Record the end of pass ``pass_id``, add ``totals`` to the running ``total.*`` counters and,
+        when ``ok``, note ``last_success_at``; one transaction."""
+        t = now()
+        with self._write() as db:
+            db.execute(
+                "UPDATE passes SET finished_at = ?, ok = ?, commit_id = ?, head_commit = ?, summary = ? "
+                "WHERE id = ?",
+                (t, int(ok), commit, head, json.dumps(summary, sort_keys=True), pass_id),
+            )
+            for name, n in (totals or {}).items():
+                db.execute(
+                    "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+                    "value = CAST(CAST(value AS INTEGER) + CAST(excluded.value AS INTEGER) AS TEXT)",
+                    (f"total.{name}", str(n)),
+                )
+            if head:
+                db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('head_commit', ?)", (head,))
+            if ok:
+                db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('last_success_at', ?)", (t,))
+
+    def passes(self, limit: int = 1, *, finished: bool = False) -> list[PassRecord]:
+        """The newest ``limit`` pass rows, newest first (only finished ones with ``finished``)."""
+        if self.version < 3:
+            return []
+        where = "WHERE finished_at IS NOT NULL " if finished else ""
+        rows = self._read(
+            "SELECT id, started_at, finished_at, ok, commit_id, head_commit, summary FROM passes "  # noqa: S608
+            f"{where}ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        out = []
+        for r in rows:
+            try:
+                summary = json.loads(str(r[6])) if r[6] is not None else {}
+            except ValueError:
+                summary = {}
+            out.append(
+                PassRecord(
+                    int(r[0]),  # type: ignore[call-overload]
+                    str(r[1]),
+                    None if r[2] is None else str(r[2]),
+                    None if r[3] is None else bool(r[3]),
+                    None if r[4] is None else str(r[4]),
+                    None if r[5] is None else str(r[5]),
+                    summary if isinstance(summary, dict) else {},
+                )
+            )
+        return out
+
+    def totals(self) -> dict[str, int]:
+        """The running ``total.*`` counters (downloads, bytes, git fetches), 0 for any never counted."""
+        out = {}
+        for key, value in self._read("SELECT key, value FROM meta WHERE key LIKE 'total.%'"):
+            with contextlib.suppress(ValueError):
+                out[str(key).removeprefix("total.")] = int(str(value))
+        return out
+
+    def invalid_manifests(self) -> dict[str, tuple[str, ...]]:
+        """The manifest files that were invalid at ``manifests_commit``, with their problems."""
+        out = {}
+        query = "SELECT path, problems FROM manifests WHERE problems IS NOT NULL AND problems != '[]'"
+        for path, problems in self._read(query + " ORDER BY path"):
+            try:
+                listed = json.loads(str(problems))
+            except ValueError:
+                listed = ["(the cached problems do not decode; run syncd validate on this file)"]
+            out[str(path)] = tuple(str(p) for p in listed) if isinstance(listed, list) else ()
+        return out
+
+    def cached_sources(self) -> dict[str, str]:
+        """dest → source of every asset in the manifest cache (to name a failing asset's source)."""
+        out = {}
+        for (assets,) in self._read("SELECT assets FROM manifests WHERE assets IS NOT NULL"):
+            with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
+                for a in json.loads(str(assets)):
+                    out[str(a["dest"])] = str(a["source"])
+        return out

@@ -17,16 +17,22 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
+def status_text(files_done: int, files: int, bytes_done: int, total: int) -> str:
+    """``downloading 3/10 (1.2 of 8.0 GiB)``: the STATUS line during downloads."""
+    gib = 1024**3
+    return f"downloading {files_done}/{files} ({bytes_done / gib:.1f} of {total / gib:.1f} GiB)"
+
+
 class Progress:
     """Counts files and bytes from many threads; redraws at most ten times a second on a TTY, and
-    reports ``downloading 3/10 (1.2 of 8.0 GiB)`` to ``on_status`` at most once a second."""
+    calls ``on_status(files_done, files, bytes_done, total_bytes)`` at most once a second."""
 
     def __init__(
         self,
         stream: TextIO | None,
         files: int,
         total_bytes: int,
-        on_status: Callable[[str], None] | None = None,
+        on_status: Callable[[int, int, int, int], None] | None = None,
     ) -> None:
         self.stream = stream
         self.on_status = on_status
@@ -56,17 +62,13 @@ class Progress:
                 self.stream.flush()
 
     def status_line(self) -> str:
-        gib = 1024**3
-        return (
-            f"downloading {self.done_files}/{self.files} "
-            f"({self.done_bytes / gib:.1f} of {self.total / gib:.1f} GiB)"
-        )
+        return status_text(self.done_files, self.files, self.done_bytes, self.total)
 
     def _draw(self, *, force: bool) -> None:
         now = time.monotonic()
         if self.on_status is not None and (force or now - self._last_status >= 1.0):
             self._last_status = now
-            self.on_status(self.status_line())
+            self.on_status(self.done_files, self.files, self.done_bytes, self.total)
         if self.stream is None:
             return
         if not force and now - self._last < 0.1:

@@ -1,15 +1,19 @@
-"""One reconcile pass: fetch git → desired state → plan → download/verify/publish → ledger → summary.
+"""One reconcile pass: fetch git → desired state → plan → download/verify/publish → ledger → events.
 
 ``Reconciler.run_pass`` is the engine behind both ``syncd sync`` (one pass) and ``syncd run`` (a pass per
 interval). It is level-triggered: each pass compares the manifests at the branch head with the ledger and
 the export, so a failed asset is retried and a file deleted by hand comes back. It never raises for one bad
-manifest or one failing asset: those are logged (one event each) and counted in the :class:`PassResult`.
+manifest or one failing asset: those are events (:mod:`syncd.events`, one each) and counted in the
+:class:`PassResult`. It tells the world what happened only through events; it records each pass in the
+ledger (for ``syncd status`` and the metrics' counters).
 It raises a :class:`~syncd.errors.SyncdError` only when no pass is possible at all (export root missing,
 git unreachable before anything was ever fetched, ledger unusable).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -20,26 +24,25 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import TextIO
 
 import tenacity
 
-from syncd import logs, manifest, retry
+from syncd import events as ev
+from syncd import manifest, retry
 from syncd.config import Config
 from syncd.errors import FetchError, GitError, ManifestError, StopRequested, SyncdError
 from syncd.fetch import Fetcher
 from syncd.gitsource import ManifestRepo
-from syncd.ledger import CachedManifest, Ledger
+from syncd.ledger import CachedManifest, How, Ledger, Problem, now
 from syncd.manifest import Asset
 from syncd.plan import Action, Kind, plan
 from syncd.progress import Progress
 from syncd.publish import Export
 from syncd.report import count_dry
 
-log = logs.get()
-MAX_PROBLEMS_LOGGED = 20  # per manifest_invalid event; `syncd validate` lists every problem
-MAX_PROBLEM_CHARS = 500
-REFUSED = "refused: "  # prefix of a failure row written for a refusal (not a download failure)
+PENDING_SAMPLE = 20  # pending dests kept in a pass's ledger summary for `syncd status`
 
 
 @dataclass(frozen=True)
@@ -65,16 +68,33 @@ class PassResult:
     failed: int = 0
     orphaned: int = 0
     deferred: int = 0
+    pending: int = 0  # downloads or verifications planned but not done (a stop, or a dry run)
     invalid: dict[str, tuple[str, ...]] = field(default_factory=dict)
     bytes: int = 0
     git_error: str = ""
+    git_problem: GitProblem | None = None
     source_error: str = ""
     dry_run: bool = False
+    head: str = ""  # the head fetched (differs from commit when the branch was rewritten)
+    pending_dests: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
+        return self.healthy and not self.pending
+
+    @property
+    def healthy(self) -> bool:
+        """Nothing failed, refused or invalid (downloads may still be pending: a dry run's plan)."""
         bad = self.refused or self.failed or self.deferred or self.invalid
         return not (bad or self.git_error or self.source_error)
+
+
+class GitProblem(StrEnum):
+    """Why a pass serves an older commit than the branch head (or none)."""
+
+    UNREACHABLE = "unreachable"  # the fetch failed
+    REWRITTEN = "rewritten"  # the branch no longer descends from the last synced commit
+    NOT_IN_CLONE = "not_in_clone"  # the commit to serve is missing from the clone
 
 
 @dataclass(frozen=True)
@@ -83,7 +103,7 @@ class _Outcome:
     error: SyncdError | None = None
     bytes: int = 0
     seconds: float = 0.0
-    how: str = "downloaded"
+    how: How = How.DOWNLOADED
 
 
 def cache_key(source_path: str) -> str:
@@ -138,7 +158,7 @@ class Reconciler:
         *,
         dry_run: bool = False,
         progress_stream: TextIO | None = None,
-        on_status: Callable[[str], None] | None = None,
+        events: ev.EventBus | None = None,
         respect_backoff: bool = False,
         fetch: bool = True,
     ) -> None:
@@ -147,7 +167,8 @@ class Reconciler:
         self.respect_backoff = respect_backoff
         self.dry_run = dry_run
         self.progress_stream = progress_stream
-        self.on_status = on_status
+        self.events = events if events is not None else ev.EventBus([ev.LogObserver()])
+        self.emit = self.events.emit
         self.stop = threading.Event()
         self.repo = ManifestRepo(cfg.source, cfg.state_dir, cfg.timeout)
         self.ledger = Ledger.in_state_dir(cfg.state_dir, readonly=dry_run)
@@ -160,16 +181,47 @@ class Reconciler:
         self.ledger.close()
 
     def run_pass(self) -> PassResult:
-        """One full reconcile pass. Raises :class:`SyncdError` only if no pass is possible."""
-        started = time.monotonic()
+        """One full reconcile pass. Raises :class:`SyncdError` only if no pass is possible (recorded in
+        the ledger as a failed pass when the ledger itself is usable)."""
+        started, started_at = time.monotonic(), now()
         result = PassResult(dry_run=self.dry_run)
+        self.emit(ev.PassStarted(dry_run=self.dry_run, started_at=started_at))
+        pass_id = None if self.dry_run else self.ledger.pass_started()
+        try:
+            self._run(result)
+        except SyncdError as exc:
+            if pass_id is not None:
+                self._record_failed_pass(pass_id, exc, result)
+            raise
+        finished = self._finished(result, started_at, time.monotonic() - started)
+        if pass_id is not None:
+            self.ledger.pass_finished(
+                pass_id,
+                ok=result.ok,
+                commit=result.commit or None,
+                head=result.head or None,
+                summary={**ev.summary(finished), "pending_dests": result.pending_dests[:PENDING_SAMPLE]},
+                totals=_totals(result),
+            )
+        ledger = self.ledger
+        self.emit(
+            dataclasses.replace(
+                finished,
+                totals=ledger.totals(),
+                last_success_at=ledger.get("last_success_at"),
+                synced_commit=ledger.get("synced_commit"),
+            )
+        )
+        return result
+
+    def _run(self, result: PassResult) -> None:
         export = Export(self.cfg.export_root, self.cfg.staging)
         export.open(create_staging=not self.dry_run)
         try:
             if not self.dry_run:
                 leftovers = export.clean_staging()
                 if leftovers:
-                    log.info("staging_cleaned", files=len(leftovers), staging=str(self.cfg.staging))
+                    self.emit(ev.StagingCleaned(files=len(leftovers), staging=str(self.cfg.staging)))
             head = self._head(result)
             result.commit = head
             if self._servable(head, result):
@@ -178,9 +230,25 @@ class Reconciler:
             export.close()
         if self.dry_run:
             count_dry(result)
-        log.log(
-            20 if result.ok else 40,
-            "pass_finished",
+
+    def _finished(self, result: PassResult, started_at: str, seconds: float) -> ev.PassFinished:
+        """The PassFinished event for ``result``, with the export's state counted from the ledger."""
+        published = self.ledger.published()
+        failures = self.ledger.failures()
+        wanted = [p for p in published.values() if p.orphaned_at is None]
+        state = ev.Counts(
+            published=len(wanted),
+            pending=result.pending,
+            failing=sum(1 for f in failures.values() if f.kind is Problem.FAILED),
+            refused=sum(1 for f in failures.values() if f.kind is Problem.REFUSED),
+            orphaned=len(published) - len(wanted),
+            deferred=result.deferred,
+            invalid_manifests=len(result.invalid),
+            published_bytes=sum(p.size for p in wanted),
+        )
+        if self.dry_run:  # nothing was recorded: count what the plan says instead
+            state = dataclasses.replace(state, refused=result.refused, orphaned=result.orphaned)
+        return ev.PassFinished(
             commit=result.commit,
             ok=result.ok,
             dry_run=self.dry_run,
@@ -191,13 +259,31 @@ class Reconciler:
             failed=result.failed,
             orphaned=result.orphaned,
             deferred=result.deferred,
+            pending=result.pending,
             invalid_manifests=len(result.invalid),
             git_error=result.git_error or None,
+            git_problem=result.git_problem.value if result.git_problem else None,
             source_error=result.source_error or None,
             bytes=result.bytes,
-            duration_s=round(time.monotonic() - started, 3),
+            duration_s=round(seconds, 3),
+            started_at=started_at,
+            finished_at=now(),
+            head=result.head or None,
+            state=state,
         )
-        return result
+
+    def _record_failed_pass(self, pass_id: int, exc: SyncdError, result: PassResult) -> None:
+        """A pass that could not run at all, in the ledger (unless the ledger is what failed)."""
+        git_failed = isinstance(exc, GitError) and not result.head
+        with contextlib.suppress(SyncdError):
+            self.ledger.pass_finished(
+                pass_id,
+                ok=False,
+                commit=None,
+                head=None,
+                summary={"error": str(exc), "error_type": type(exc).__name__},
+                totals={"git_fetch_failed": 1} if git_failed else {},
+            )
 
     def _reconcile(self, export: Export, head: str, result: PassResult) -> None:
         desired = load_desired(self.repo, self.ledger, head)
@@ -226,6 +312,7 @@ class Reconciler:
             result.git_error = (result.git_error + "; " if result.git_error else "") + (
                 f"commit {head[:12]} is not in the clone; nothing was planned"
             )
+            result.git_problem = result.git_problem or GitProblem.NOT_IN_CLONE
             return False
         path = self.cfg.source.path
         if self.repo.has_directory(head, path):
@@ -234,51 +321,51 @@ class Reconciler:
             f"[source] path {path!r} is not a directory at commit {head[:12]} of branch "
             f"{self.cfg.source.branch!r}; nothing was planned, published files are kept"
         )
-        log.error("source_path_missing", path=path, commit=head, error=result.source_error)
+        self.emit(ev.SourcePathMissing(path=path, commit=head, error=result.source_error))
         return False
 
     def _head(self, result: PassResult) -> str:
         """The commit this pass serves: the fetched head, or the last good commit when git failed or
         the branch history was rewritten (unless ``allow_force_push``)."""
         cached = self.ledger.get("manifests_commit")
+        branch = self.cfg.source.branch
         if not self.fetch:
             head = self.repo.last_fetched()
-            log.info("git_not_fetched", commit=head, reason="another syncd owns the clone; last fetched head")
+            reason = "another syncd owns the clone; last fetched head"
+            self.emit(ev.GitNotFetched(commit=head, reason=reason))
             return head
         try:
             head = self.repo.fetch(stop=self.stop)
         except GitError as exc:
             if not cached:
                 raise
-            result.git_error = str(exc)
-            log.error("git_fetch_failed", error=str(exc), source=self.cfg.source.url, serving_commit=cached)
+            result.git_error, result.git_problem = str(exc), GitProblem.UNREACHABLE
+            self.emit(ev.GitFailed(error=str(exc), source=self.cfg.source.url, serving_commit=cached))
             return cached
-        log.info("git_fetched", commit=head, branch=self.cfg.source.branch)
+        result.head = head
+        self.emit(ev.GitFetched(commit=head, branch=branch))
         if not cached or cached == head:
             return head
         if self.repo.has_commit(cached) and self.repo.is_ancestor(cached, head):
             return head
         if self.cfg.source.allow_force_push:
-            log.warning(
-                "git_history_rewritten",
-                previous=cached,
-                commit=head,
-                action="following it",
-                branch=self.cfg.source.branch,
-            )
+            self.emit(ev.GitRewritten(previous=cached, commit=head, branch=branch, followed=True))
             return head
+        result.git_problem = GitProblem.REWRITTEN
         result.git_error = (
-            f"branch {self.cfg.source.branch!r} was rewritten: {head[:12]} does not descend from the "
+            f"branch {branch!r} was rewritten: {head[:12]} does not descend from the "
             f"last synced commit {cached[:12]}"
         )
-        log.error(
-            "git_history_rewritten",
-            previous=cached,
-            commit=head,
-            serving_commit=cached,
-            branch=self.cfg.source.branch,
-            error=result.git_error + "; still serving the last good commit (set [source] "
-            "allow_force_push = true to follow it)",
+        self.emit(
+            ev.GitRewritten(
+                previous=cached,
+                commit=head,
+                branch=branch,
+                followed=False,
+                serving_commit=cached,
+                error=result.git_error + "; still serving the last good commit (set [source] "
+                "allow_force_push = true to follow it)",
+            )
         )
         return cached
 
@@ -290,7 +377,7 @@ class Reconciler:
         out = {}
         for dest, f in self.ledger.failures().items():
             asset = desired.assets.get(dest)
-            if asset is None or asset.sha256 != f.sha256 or f.last_error.startswith(REFUSED):
+            if asset is None or asset.sha256 != f.sha256 or f.kind is Problem.REFUSED:
                 continue  # a refusal never reached Artifactory: nothing to back off from
             until = retry.next_attempt(f.attempts, datetime.fromisoformat(f.last_failed_at))
             if until > now:
@@ -303,23 +390,12 @@ class Reconciler:
     def _report_invalid(self, desired: Desired, result: PassResult) -> None:
         result.invalid = desired.invalid
         for path, problems in desired.invalid.items():
-            # One bounded event per file, however many problems it has (a 9,000-asset file with a typo in
-            # every asset made a 7 MB line, which journald splits into invalid JSON): validate lists all.
-            shown = [p if len(p) <= MAX_PROBLEM_CHARS else p[:MAX_PROBLEM_CHARS] + "…" for p in problems]
-            more = len(problems) - MAX_PROBLEMS_LOGGED
-            log.error(
-                "manifest_invalid",
-                manifest=path,
-                commit=desired.commit,
-                error="; ".join(shown[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else ""),
-                problems=shown[:MAX_PROBLEMS_LOGGED] + ([f"… and {more} more"] if more > 0 else []),
-                problem_count=len(problems),
-            )
+            self.emit(ev.ManifestInvalid(manifest=path, commit=desired.commit, problems=problems))
 
     def _execute(self, export: Export, result: PassResult) -> None:
         work = [a for a in result.planned if a.kind in (Kind.DOWNLOAD, Kind.VERIFY)]
         total = sum(a.asset.size for a in work if a.asset and a.kind is Kind.DOWNLOAD)
-        progress = Progress(self.progress_stream, len(work), total, self.on_status if work else None)
+        progress = Progress(self.progress_stream, len(work), total, self._progress if work else None)
         for a in result.planned:
             if a.kind is Kind.SKIP:
                 result.skipped += 1
@@ -327,7 +403,7 @@ class Reconciler:
                 self._refuse(a, a.reason, result)
             elif a.kind is Kind.DEFER:
                 result.deferred += 1
-                log.info("asset_deferred", dest=a.dest, reason=a.reason, commit=result.commit)
+                self.emit(ev.AssetDeferred(dest=a.dest, reason=a.reason, commit=result.commit))
         keep = {a.dest for a in result.planned if a.kind is Kind.DEFER}
         queue = iter(work)
         limit = 2 * self.cfg.concurrency  # bounded: memory does not grow with the number of assets
@@ -356,6 +432,9 @@ class Reconciler:
         progress.finish()
         # Partials stay only for assets still wanted whose download broke on a transport fault.
         export.clean_staging(keep=keep)
+
+    def _progress(self, files_done: int, files: int, bytes_done: int, total: int) -> None:
+        self.emit(ev.PassProgress(files_done, files, bytes_done, total))
 
     def _work(self, export: Export, action: Action, progress: Progress) -> _Outcome:
         asset = action.asset
@@ -412,13 +491,14 @@ class Reconciler:
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             wait = state.next_action.sleep if state.next_action else 0.0
-            log.warning(
-                "asset_retry",
-                dest=asset.dest,
-                attempt=state.attempt_number,
-                error=str(exc),
-                wait_s=round(wait, 2),
-                source=asset.source,
+            self.emit(
+                ev.AssetRetry(
+                    dest=asset.dest,
+                    attempt=state.attempt_number,
+                    error=str(exc),
+                    wait_s=round(wait, 2),
+                    source=asset.source,
+                )
             )
 
         return before_sleep
@@ -433,66 +513,70 @@ class Reconciler:
                 "publish it; left untouched"
             )
         export.make_read_only(asset.dest)
-        return _Outcome(action, how="adopted")
+        return _Outcome(action, how=How.ADOPTED)
 
     def _record(self, out: _Outcome, result: PassResult) -> None:
         a = out.action
         asset = a.asset
         assert asset is not None
+        commit = result.commit
         if isinstance(out.error, _Refusal):
             self._refuse(a, str(out.error), result)
         elif isinstance(out.error, StopRequested):
-            result.failed += 1  # not the asset's fault: no failure row, no backoff
-            log.info("asset_interrupted", dest=asset.dest, error=str(out.error), commit=result.commit)
+            result.pending += 1  # not the asset's fault: no failure row, no backoff
+            result.pending_dests.append(asset.dest)
+            self.emit(ev.AssetInterrupted(dest=asset.dest, error=str(out.error), commit=commit))
         elif out.error is not None:
             result.failed += 1
             failed_passes = self.ledger.record_failure(asset.dest, asset.sha256, str(out.error))
-            log.error(
-                "asset_failed",
-                dest=asset.dest,
-                source=asset.source,
-                manifest=asset.manifest,
-                sha256=asset.sha256,
-                error=str(out.error),
-                failed_passes=failed_passes,
-                retry="next pass",
-                commit=result.commit,
+            self.emit(
+                ev.AssetFailed(
+                    dest=asset.dest,
+                    source=asset.source,
+                    manifest=asset.manifest,
+                    sha256=asset.sha256,
+                    error=str(out.error),
+                    failed_passes=failed_passes,
+                    commit=commit,
+                )
             )
-        elif out.how == "adopted":
+        elif out.how is How.ADOPTED:
             result.adopted += 1
-            self.ledger.record_published(asset, result.commit, "adopted")
-            log.info(
-                "asset_adopted",
-                dest=asset.dest,
-                sha256=asset.sha256,
-                bytes=asset.size,
-                manifest=asset.manifest,
-                commit=result.commit,
+            self.ledger.record_published(asset, commit, How.ADOPTED)
+            self.emit(
+                ev.AssetAdopted(
+                    dest=asset.dest,
+                    sha256=asset.sha256,
+                    bytes=asset.size,
+                    manifest=asset.manifest,
+                    commit=commit,
+                )
             )
         else:
             result.published += 1
             result.bytes += out.bytes
-            self.ledger.record_published(asset, result.commit, "downloaded")
+            self.ledger.record_published(asset, commit, How.DOWNLOADED)
             mbps = out.bytes / out.seconds / 1e6 if out.seconds > 0 else 0.0
-            log.info(
-                "asset_published",
-                dest=asset.dest,
-                source=asset.source,
-                sha256=asset.sha256,
-                bytes=out.bytes,
-                duration_s=round(out.seconds, 3),
-                mb_per_s=round(mbps, 1),
-                manifest=asset.manifest,
-                commit=result.commit,
-                replaced=a.replace,
+            self.emit(
+                ev.AssetPublished(
+                    dest=asset.dest,
+                    source=asset.source,
+                    sha256=asset.sha256,
+                    bytes=out.bytes,
+                    duration_s=round(out.seconds, 3),
+                    mb_per_s=round(mbps, 1),
+                    manifest=asset.manifest,
+                    commit=commit,
+                    replaced=a.replace,
+                )
             )
 
     def _refuse(self, a: Action, reason: str, result: PassResult) -> None:
         asset = a.asset
         assert asset is not None
         result.refused += 1
-        self.ledger.record_failure(a.dest, asset.sha256, REFUSED + reason)
-        log.error("asset_refused", dest=a.dest, manifest=asset.manifest, error=reason, commit=result.commit)
+        self.ledger.record_failure(a.dest, asset.sha256, reason, Problem.REFUSED)
+        self.emit(ev.AssetRefused(dest=a.dest, manifest=asset.manifest, error=reason, commit=result.commit))
 
     def _settle(self, desired: Desired, result: PassResult) -> None:
         orphans = [a.dest for a in result.planned if a.kind is Kind.ORPHAN]
@@ -500,7 +584,7 @@ class Reconciler:
         fresh = [d for d in orphans if known[d].orphaned_at is None]
         for a in result.planned:
             if a.kind is Kind.ORPHAN and a.dest in fresh:
-                log.warning("asset_orphaned", dest=a.dest, reason=a.reason, commit=result.commit)
+                self.emit(ev.AssetOrphaned(dest=a.dest, reason=a.reason, commit=result.commit))
         result.orphaned = len(orphans)
         self.ledger.mark_orphaned(fresh)
         back = [d for d in desired.assets if d in known and known[d].orphaned_at is not None]
@@ -540,3 +624,14 @@ def internal_error(exc: BaseException) -> InternalError:
         f"internal error: {type(exc).__name__}{where} (a bug in syncd; please report it with this "
         "line and the syncd version)"
     )
+
+
+def _totals(result: PassResult) -> dict[str, int]:
+    """What this pass adds to the ledger's running totals (the metrics' counters)."""
+    return {
+        "downloads_ok": result.published,
+        "downloads_failed": result.failed,
+        "downloaded_bytes": result.bytes,
+        "git_fetch_ok": 1 if result.head else 0,
+        "git_fetch_failed": 1 if result.git_problem is GitProblem.UNREACHABLE else 0,
+    }

@@ -57,6 +57,9 @@ def count_dry(result: PassResult) -> None:
             result.refused += 1
         elif a.kind is Kind.ORPHAN:
             result.orphaned += 1
+        elif a.kind in (Kind.DOWNLOAD, Kind.VERIFY):
+            result.pending += 1
+            result.pending_dests.append(a.dest)
 
 
 def render_plan(result: PassResult) -> str:

@@ -1,4 +1,5 @@
-"""Talk to systemd (``sd_notify``): readiness, status line, watchdog, reload and stop.
+"""Talk to systemd (``sd_notify``): readiness, status line, watchdog, reload and stop; and the observer
+that keeps the STATUS line (``systemctl status syncd``) true to the last pass.
 
 Uses the ``sdnotify`` package for the socket (``$NOTIFY_SOCKET``, abstract sockets included). Messages are
 sent as UTF-8 (``sdnotify.notify`` encodes Latin-1, which would garble a ``·`` in ``systemctl status``).
@@ -9,9 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 import sdnotify
+
+from syncd import events as ev
+from syncd.progress import human, status_text
 
 
 class Notifier:
@@ -56,3 +63,83 @@ class Notifier:
 
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")
+
+
+def ago(seconds: float) -> str:
+    """An age for people: ``just now``, ``4 min ago``, ``3 h ago``, ``2 d ago``."""
+    if seconds < 60:
+        return "just now"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min ago"
+    if seconds < 2 * 86400:
+        return f"{int(seconds // 3600)} h ago"
+    return f"{int(seconds // 86400)} d ago"
+
+
+_GIT_WORDS = {
+    "unreachable": "git unreachable",
+    "rewritten": "branch rewritten, not followed",
+    "not_in_clone": "commit missing from the clone",
+}
+
+
+def status_line(
+    last: ev.PassFinished | ev.PassFailed | None,
+    last_success: datetime | None,
+    next_poll: datetime | None,
+    now: datetime,
+) -> str:
+    """The one line ``systemctl status syncd`` shows after a pass: what state the export is in, the age
+    of the last successful pass, and when the next poll is."""
+    when = f"next poll {next_poll.astimezone(UTC):%H:%M:%S} UTC" if next_poll else "no poll scheduled"
+    success = "never" if last_success is None else ago((now - last_success).total_seconds())
+    if last is None:
+        return f"starting · last success {success} · {when}"
+    if isinstance(last, ev.PassFailed):
+        return f"last pass failed: {last.error[:120]} · last success {success} · {when} (syncd status)"
+    if last.ok:
+        size = human(last.state.published_bytes)
+        return f"in sync at {last.commit[:7]} · {last.state.published} assets · {size} · {when}"
+    st = last.state
+    parts = [f"{n} {what}" for n, what in ((st.failing, "failing"), (st.refused, "refused")) if n]
+    parts += [f"{st.invalid_manifests} invalid manifests"] if st.invalid_manifests else []
+    parts += [f"{st.pending} pending"] if st.pending else []
+    parts += [_GIT_WORDS.get(last.git_problem or "", "git error")] if last.git_error else []
+    parts += ["[source] path missing"] if last.source_error else []
+    serving = f"serving {last.commit[:7]}" if last.commit else "nothing served"
+    return f"{', '.join(parts)} · {serving} · last success {success} · {when} (syncd status)"
+
+
+class StatusObserver:
+    """The systemd STATUS line, from events: progress during a pass, the outcome after it. The daemon
+    calls :meth:`refresh` between passes so the age of the last success stays current."""
+
+    def __init__(self, notifier: Notifier, next_poll: Callable[[], datetime | None]) -> None:
+        self.notifier = notifier
+        self.next_poll = next_poll
+        self.last: ev.PassFinished | ev.PassFailed | None = None
+        self.last_success: datetime | None = None
+        self.running = False
+        self._lock = threading.Lock()
+
+    def __call__(self, event: ev.Event) -> None:
+        if isinstance(event, ev.PassStarted):
+            self.running = True
+            self.notifier.status("polling git")
+        elif isinstance(event, ev.PassProgress):
+            self.notifier.status(
+                status_text(event.files_done, event.files, event.bytes_done, event.bytes_total)
+            )
+        elif isinstance(event, ev.PassFinished | ev.PassFailed):
+            if isinstance(event, ev.PassFinished) and event.ok and event.finished_at:
+                self.last_success = datetime.fromisoformat(event.finished_at)
+            self.last, self.running = event, False
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Send the after-pass line again (its ages change); nothing while a pass runs."""
+        with self._lock:
+            if not self.running:
+                self.notifier.status(
+                    status_line(self.last, self.last_success, self.next_poll(), datetime.now(UTC))
+                )
