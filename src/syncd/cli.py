@@ -93,8 +93,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     from syncd import events
+    from syncd.errors import frames, internal_error
     from syncd.metrics import Metrics
-    from syncd.reconcile import Reconciler, frames, internal_error
+    from syncd.reconcile import Reconciler
     from syncd.report import render_plan, shown
     from syncd.statedir import StateLock
 

@@ -42,10 +42,10 @@ from apscheduler.triggers.interval import IntervalTrigger
 from syncd import __version__, config, logs, status
 from syncd import events as ev
 from syncd.config import Config
-from syncd.errors import ConfigError, LedgerError, SyncdError
+from syncd.errors import ConfigError, LedgerError, SyncdError, frames, internal_error
 from syncd.httpd import Listener
 from syncd.metrics import Metrics
-from syncd.reconcile import Reconciler, frames, internal_error
+from syncd.reconcile import Reconciler
 from syncd.statedir import StateLock
 from syncd.systemd import Notifier, StatusObserver
 

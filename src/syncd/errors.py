@@ -17,6 +17,7 @@ into messages and exit codes::
     │   └── ExportMissingError   export root is missing (the mount is missing)
     ├── LedgerError          the SQLite ledger could not be read or written
     │   └── LedgerRefusedError   newer schema, symlinked or unsafe state: exit 2
+    ├── InternalError        a bug inside one asset's work or a pass (its type and frames, never its text)
     ├── LockHeldError        another syncd holds the state directory or publishes into the export
     └── ListenError          the HTTP listener cannot bind its address (in use, not on this host)
 
@@ -24,6 +25,9 @@ Messages never contain secrets: credentials travel in headers and callbacks, nev
 """
 
 from __future__ import annotations
+
+import os
+import traceback
 
 
 class SyncdError(Exception):
@@ -121,3 +125,27 @@ class ListenError(SyncdError):
     def __init__(self, message: str, *, address: str) -> None:
         self.address = address
         super().__init__(message)
+
+
+class InternalError(SyncdError):
+    """An unexpected exception inside one asset's work (a bug): that asset fails, the pass goes on."""
+
+
+def frames(exc: BaseException) -> list[str]:
+    """Where ``exc`` travelled, as ``file:line in function`` (innermost last): enough to find the bug,
+    and safe to log, unlike a traceback, whose last line is the exception's text."""
+    return [
+        f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}"
+        for f in traceback.extract_tb(exc.__traceback__)
+    ]
+
+
+def internal_error(exc: BaseException) -> InternalError:
+    """A message of our own for ``exc``: its type and where it was raised, never its text (which can
+    hold a header value, a URL with credentials or a response body)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    return InternalError(
+        f"internal error: {type(exc).__name__}{where} (a bug in syncd; please report it with this "
+        "line and the syncd version)"
+    )

@@ -15,11 +15,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import json
-import os
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -30,12 +27,13 @@ from typing import TextIO
 import tenacity
 
 from syncd import events as ev
-from syncd import manifest, retry
+from syncd import retry
 from syncd.config import Config
-from syncd.errors import FetchError, GitError, ManifestError, StopRequested, SyncdError
+from syncd.desired import Desired, load_desired
+from syncd.errors import FetchError, GitError, StopRequested, SyncdError, internal_error
 from syncd.fetch import Fetcher
 from syncd.gitsource import ManifestRepo
-from syncd.ledger import CachedManifest, How, Ledger, Problem, now
+from syncd.ledger import How, Ledger, Problem, now
 from syncd.manifest import Asset
 from syncd.plan import Action, Kind, plan
 from syncd.progress import Progress
@@ -43,16 +41,6 @@ from syncd.publish import Export
 from syncd.report import count_dry
 
 PENDING_SAMPLE = 20  # pending dests kept in a pass's ledger summary for `syncd status`
-
-
-@dataclass(frozen=True)
-class Desired:
-    """The desired state at one commit."""
-
-    commit: str
-    assets: dict[str, Asset]
-    conflicts: dict[str, list[Asset]]
-    invalid: dict[str, tuple[str, ...]]
 
 
 @dataclass
@@ -104,49 +92,6 @@ class _Outcome:
     bytes: int = 0
     seconds: float = 0.0
     how: How = How.DOWNLOADED
-
-
-def cache_key(source_path: str) -> str:
-    """Everything that shapes the manifest cache besides the commit: ``[source] path`` (which files
-    are manifests) and the version of the parse rules (what a file's parse is)."""
-    return json.dumps({"path": source_path, "rules": manifest.RULES_VERSION}, sort_keys=True)
-
-
-def load_desired(repo: ManifestRepo, ledger: Ledger, head: str) -> Desired:
-    """The assets wanted at ``head``, reusing the ledger's manifest cache through a tree diff.
-
-    The cache is used only if it was built under the same :func:`cache_key` and decodes; otherwise every
-    manifest at ``head`` is read and parsed again. The caller checks first that ``[source] path`` is a
-    directory at ``head`` (:meth:`Reconciler._servable`). Raises :class:`GitError` on a git read error."""
-    key = cache_key(repo.source.path)
-    cached_commit, cache = ledger.manifest_cache(key)
-    if cached_commit != head:
-        if cached_commit and repo.has_commit(cached_commit):
-            change = repo.changes(cached_commit, head)
-            upserts = {p: _parse(repo, p, repo.blob_id(head, p)) for p in sorted(change.changed)}
-            ledger.update_manifests(head, key, upserts, change.deleted)
-            for p in change.deleted:
-                cache.pop(p, None)
-            cache.update(upserts)
-        else:
-            blobs = repo.manifests(head)
-            cache = {
-                p: cache[p] if p in cache and cache[p].blob == b else _parse(repo, p, b)
-                for p, b in sorted(blobs.items())
-            }
-            ledger.update_manifests(head, key, cache, (), replace_all=True)
-    every = [a for c in cache.values() for a in c.assets]
-    conflicts = manifest.conflicts(every)
-    assets = {a.dest: a for a in every if a.dest not in conflicts}
-    invalid = {p: c.problems for p, c in sorted(cache.items()) if c.problems}
-    return Desired(head, assets, conflicts, invalid)
-
-
-def _parse(repo: ManifestRepo, path: str, blob: str) -> CachedManifest:
-    try:
-        return CachedManifest(blob, assets=tuple(manifest.parse(path, repo.read_manifest(path, blob))))
-    except ManifestError as exc:
-        return CachedManifest(blob, problems=tuple(exc.problems))
 
 
 class Reconciler:
@@ -600,30 +545,6 @@ class _Refusal(SyncdError):
 
 class _Stopping(StopRequested):
     """The daemon is stopping: not a fault of the asset; its partial is kept for resume."""
-
-
-class InternalError(SyncdError):
-    """An unexpected exception inside one asset's work (a bug): that asset fails, the pass goes on."""
-
-
-def frames(exc: BaseException) -> list[str]:
-    """Where ``exc`` travelled, as ``file:line in function`` (innermost last): enough to find the bug,
-    and safe to log, unlike a traceback, whose last line is the exception's text."""
-    return [
-        f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}"
-        for f in traceback.extract_tb(exc.__traceback__)
-    ]
-
-
-def internal_error(exc: BaseException) -> InternalError:
-    """A message of our own for ``exc``: its type and where it was raised, never its text (which can
-    hold a header value, a URL with credentials or a response body)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
-    return InternalError(
-        f"internal error: {type(exc).__name__}{where} (a bug in syncd; please report it with this "
-        "line and the syncd version)"
-    )
 
 
 def _totals(result: PassResult) -> dict[str, int]:
