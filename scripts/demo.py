@@ -127,9 +127,12 @@ def main() -> int:
     step("7. A second pass changes nothing (idempotent)")
     second = subprocess.run([syncd, "sync", "-c", str(conf)], check=False)
     server.shutdown()
-    print(f"\nexit codes: first pass {first.returncode}, second pass {second.returncode}; "
-          f"everything is under {OUT}")
-    return first.returncode or second.returncode
+
+    step("8. syncd status: in sync? (exit 0 ok, 1 degraded, 3 stale; --json for monitoring)")
+    status = subprocess.run([syncd, "status", "-c", str(conf)], check=False)
+    print(f"\nexit codes: first pass {first.returncode}, second pass {second.returncode}, "
+          f"status {status.returncode}; everything is under {OUT}")
+    return first.returncode or second.returncode or status.returncode
 
 
 if __name__ == "__main__":
