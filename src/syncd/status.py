@@ -213,7 +213,7 @@ def render(st: Status, now: datetime | None = None) -> str:
     for m in st.invalid_manifests[:MAX_LISTED]:
         problems = m["problems"]
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        first = problems[0] if problems else "?"
+        first = str(problems[0]).removeprefix(f"{m['path']}: ") if problems else "?"
         lines.append(f"  invalid  {m['path']}: {first}{more} → syncd validate {m['path']}")
     lines += _more(st.invalid_manifests)
     if st.counts["pending"]:
