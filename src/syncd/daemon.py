@@ -134,7 +134,8 @@ class Daemon:
         pass thread, the ledger's one user; a ledger that cannot take it is the next pass's problem."""
         nxt = self._next_poll()
         with contextlib.suppress(SyncdError):
-            self.rec.ledger.set("daemon_pid", str(os.getpid()))
+            if self.rec.ledger.get("daemon_pid") != str(os.getpid()):  # a new ledger (reopened, set aside)
+                self.rec.ledger.set("daemon_pid", str(os.getpid()))
             if nxt is not None:
                 self.rec.ledger.set("next_poll_at", nxt.astimezone(UTC).isoformat(timespec="seconds"))
 
