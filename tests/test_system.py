@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 
 from container import (
@@ -40,7 +41,7 @@ from container import (
     user_ids,
 )
 from harness import manifest_text, to_toml
-from servers import GitRepo, Nginx, Sshd, make_asset
+from servers import GitRepo, Nginx, Sshd, free_port, make_asset
 
 if _missing := missing_tools():
     pytest.skip(
@@ -60,7 +61,8 @@ DROPIN = "/etc/systemd/system/syncd.service.d/50-test-watchdog.conf"
 # Passes then run at start, on SIGUSR1 and on a reloaded interval only: each test says which pass it awaits.
 QUIET_INTERVAL = "10m"
 SYNCED = re.compile(
-    r"^synced (?P<commit>[0-9a-f]{7}) · (?P<count>\d+) assets · next poll \d\d:\d\d:\d\d UTC$"
+    r"^in sync at (?P<commit>[0-9a-f]{7}) · (?P<count>\d+) assets · [0-9.]+ [KMGT]?i?B · "
+    r"next poll \d\d:\d\d:\d\d UTC$"
 )
 PRIORITY = {"debug": "7", "info": "6", "warning": "4", "error": "3", "critical": "2"}  # journald's, by level
 T = TypeVar("T")
@@ -87,7 +89,7 @@ class System:
         return self.nginx.root / self.tag
 
     # syncd's world ------------------------------------------------------------------------------
-    def write_config(self, interval: str = QUIET_INTERVAL) -> None:
+    def write_config(self, interval: str = QUIET_INTERVAL, **extra: dict[str, Any]) -> None:
         """Install /etc/syncd/syncd.conf; secrets are relative names, found in $CREDENTIALS_DIRECTORY."""
         cfg = {
             "source": {
@@ -101,6 +103,7 @@ class System:
             "export": {"root": EXPORT},
             "download": {"timeout": "10s"},
             "schedule": {"interval": interval},
+            **extra,
         }
         install_file(self.box.root, CONFIG, to_toml(cfg))
 
@@ -265,7 +268,9 @@ def test_merged_asset_appears_after_sigusr1(syncd: System) -> None:
     assert [e["SYNCD_WHEN"] for e in syncd.since(cursor, "pass_requested")] == ["now"]
     published = syncd.since(cursor, "asset_published")
     assert [(e["SYNCD_DEST"], e["SYNCD_COMMIT"]) for e in published] == [("models/merged.bin", commit)]
-    syncd.wait("a 'synced' status at the merge", lambda: syncd.status().startswith(f"synced {commit[:7]} "))
+    syncd.wait(
+        "a 'synced' status at the merge", lambda: syncd.status().startswith(f"in sync at {commit[:7]} ")
+    )
 
 
 def test_runs_as_syncd_and_owns_the_export(syncd: System) -> None:
@@ -325,10 +330,10 @@ def test_failed_asset_shows_in_err_priority_and_status(syncd: System) -> None:
     try:
         syncd.usr1()
         text = syncd.wait(
-            "a 'last pass failed' status",
-            lambda: s if (s := syncd.status()).startswith("last pass failed") else None,
+            "a '1 failing' status",
+            lambda: s if (s := syncd.status()).startswith("1 failing · serving ") else None,
         )
-        assert "1 assets" in text and "journalctl -u syncd" in text
+        assert "last success" in text and text.endswith("(syncd status)")
         syncd.wait_events(cursor, "pass_finished")
         errors = syncd.journal("-p", "err")
         assert all(int(e["PRIORITY"]) <= 3 for e in errors)
@@ -343,7 +348,7 @@ def test_failed_asset_shows_in_err_priority_and_status(syncd: System) -> None:
         fixed = syncd.merge("bad.toml")
         syncd.usr1()
         syncd.wait(
-            "a 'synced' status after the fix", lambda: syncd.status().startswith(f"synced {fixed[:7]} ")
+            "a 'synced' status after the fix", lambda: syncd.status().startswith(f"in sync at {fixed[:7]} ")
         )
 
 
@@ -438,7 +443,7 @@ def test_stop_during_download_is_prompt_and_resumable(syncd: System) -> None:
         assert not dest.exists() or dest.stat().st_size == size  # never a partial file at its dest
         syncd.start()
         syncd.wait("big.bin published after the restart", lambda: dest.exists(), timeout=120)
-        syncd.wait("a 'synced' status", lambda: syncd.status().startswith(f"synced {commit[:7]} "))
+        syncd.wait("a 'synced' status", lambda: syncd.status().startswith(f"in sync at {commit[:7]} "))
         assert syncd.staging_files() == []
         assert dest.stat().st_size == size
         assert _sha256_of_file(dest) == sha
@@ -496,3 +501,82 @@ def test_check_config_passes_inside(system: System) -> None:
     refused = system.box.run(*run, *syncd_cmd, check=False)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "artifactory.token_file" in refused.stderr
+
+
+TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
+MONITOR_DROPIN = "/etc/systemd/system/syncd.service.d/60-test-monitoring.conf"
+
+
+def _state_tree(system: System) -> dict[str, tuple[int, int, int]]:
+    """Names, modes and owners under the state directory (as root sees them from the host)."""
+    base = system.box.root / "var/lib/syncd"
+    out = {}
+    for p in sorted(base.rglob("*")):
+        st = p.lstat()
+        out[str(p.relative_to(base))] = (st.st_mode, st.st_uid, st.st_gid)
+    return out
+
+
+def test_status_healthz_and_metrics_under_systemd(syncd: System) -> None:
+    """The service with [http] listen and [metrics] textfile (a ReadWritePaths drop-in, as documented):
+    `syncd status` answers as root and as syncd (exit 0, then 1 naming a failing dest) and leaves the state
+    directory as it was; /healthz is 200 and /metrics current; the listener binds 127.0.0.1 only; the
+    textfile is 0644; the unit still rates 2.0 or lower."""
+    port = free_port()
+    textdir = syncd.box.root / TEXTFILE_DIR.lstrip("/")
+    textdir.mkdir(parents=True, exist_ok=True)
+    os.chown(textdir, syncd.uid, syncd.gid)
+    install_file(syncd.box.root, MONITOR_DROPIN, f"[Service]\nReadWritePaths={TEXTFILE_DIR}\n")
+    syncd.write_config(
+        http={"listen": f"127.0.0.1:{port}"}, metrics={"textfile": f"{TEXTFILE_DIR}/syncd.prom"}
+    )
+    status_cmd = ["/opt/syncd/bin/syncd", "status", "-c", CONFIG]
+    try:
+        syncd.systemctl("daemon-reload")
+        syncd.systemctl("restart", "syncd", timeout=150)
+        syncd.wait("an 'in sync' status", lambda: SYNCED.match(syncd.status()))
+        commit = syncd.repo.head()
+        healthz = syncd.wait("/healthz", lambda: _get(f"http://127.0.0.1:{port}/healthz"))
+        assert healthz.status_code == 200 and healthz.json()["state"] == "ok"
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert "syncd_last_pass_success 1.0" in metrics
+        listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True)
+        assert [line.split()[3] for line in listening.stdout.splitlines()] == [f"127.0.0.1:{port}"]
+        prom = textdir / "syncd.prom"
+        syncd.wait("the textfile", prom.exists)
+        assert prom.stat().st_mode & 0o777 == 0o644 and "syncd_build_info" in prom.read_text()
+
+        before = _state_tree(syncd)
+        as_root = syncd.box.run(*status_cmd, check=False)
+        assert as_root.returncode == 0, as_root.stdout + as_root.stderr
+        assert as_root.stdout.startswith(f"in sync at {commit[:7]} (")
+        as_syncd = syncd.box.run("runuser", "-u", "syncd", "--", *status_cmd, "--json", check=False)
+        assert as_syncd.returncode == 0, as_syncd.stdout + as_syncd.stderr
+        assert json.loads(as_syncd.stdout)["daemon"]["running"] is True
+        assert _state_tree(syncd) == before
+
+        bad = {**syncd.asset("sick.bin", 3000, seed=9), "sha256": "0" * 64, "dest": "sick/sick.bin"}
+        syncd.merge("sick.toml", bad)
+        syncd.usr1()
+        syncd.wait("a '1 failing' status", lambda: syncd.status().startswith("1 failing"))
+        sick = syncd.box.run(*status_cmd, check=False)
+        assert sick.returncode == 1 and "  failing  sick/sick.bin: " in sick.stdout, sick.stdout
+        assert _get(f"http://127.0.0.1:{port}/healthz").status_code == 200  # degraded is not unhealthy
+
+        exposure = syncd.box.run("systemd-analyze", "security", "syncd", check=False).stdout
+        level = re.search(r"Overall exposure level for syncd\.service: (\d+\.\d+)", exposure)
+        assert level and float(level.group(1)) <= 2.0, exposure
+    finally:
+        syncd.merge("sick.toml")
+        (syncd.box.root / MONITOR_DROPIN.lstrip("/")).unlink()
+        syncd.write_config()
+        syncd.systemctl("daemon-reload")
+        syncd.systemctl("restart", "syncd", timeout=150)
+        syncd.wait("an 'in sync' status", lambda: SYNCED.match(syncd.status()))
+
+
+def _get(url: str) -> httpx.Response | None:
+    try:
+        return httpx.get(url, timeout=5)
+    except httpx.HTTPError:
+        return None
