@@ -127,8 +127,9 @@ def _from_ledger(ledger: Ledger, st: Status, now: datetime) -> Status:
             "commit": last.commit,
             "duration_s": summary.get("duration_s"),
         }
-    if running is not None:
-        st.daemon["pass_running_since"] = running.started_at
+    if running is not None:  # a pass row without an end: under way, or cut short by a crash or kill
+        key = "pass_running_since" if st.daemon["running"] else "pass_interrupted_at"
+        st.daemon[key] = running.started_at
     counts = summary.get("state")
     if isinstance(counts, dict):
         st.counts = {k: int(counts.get(k, 0) or 0) for k in COUNTS}
