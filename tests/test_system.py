@@ -511,7 +511,7 @@ def _state_tree(system: System) -> dict[str, tuple[int, int, int]]:
     """Names, modes and owners under the state directory (as root sees them from the host)."""
     base = system.box.root / "var/lib/syncd"
     out = {}
-    for p in sorted(base.rglob("*")):
+    for p in [base, *sorted(base.rglob("*"))]:
         st = p.lstat()
         out[str(p.relative_to(base))] = (st.st_mode, st.st_uid, st.st_gid)
     return out
@@ -540,6 +540,7 @@ def test_status_healthz_and_metrics_under_systemd(syncd: System) -> None:
         assert healthz.status_code == 200 and healthz.json()["state"] == "ok"
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         assert "syncd_last_pass_success 1.0" in metrics
+        # The container shares the host's network namespace: ss here sees the container's sockets.
         listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True)
         assert [line.split()[3] for line in listening.stdout.splitlines()] == [f"127.0.0.1:{port}"]
         prom = textdir / "syncd.prom"
@@ -552,7 +553,9 @@ def test_status_healthz_and_metrics_under_systemd(syncd: System) -> None:
         assert as_root.stdout.startswith(f"in sync at {commit[:7]} (")
         as_syncd = syncd.box.run("runuser", "-u", "syncd", "--", *status_cmd, "--json", check=False)
         assert as_syncd.returncode == 0, as_syncd.stdout + as_syncd.stderr
-        assert json.loads(as_syncd.stdout)["daemon"]["running"] is True
+        report = json.loads(as_syncd.stdout)
+        assert (report["state"], report["synced_commit"]) == ("ok", commit), report
+        assert report["daemon"]["running"] is True
         assert _state_tree(syncd) == before
 
         bad = {**syncd.asset("sick.bin", 3000, seed=9), "sha256": "0" * 64, "dest": "sick/sick.bin"}
@@ -566,8 +569,11 @@ def test_status_healthz_and_metrics_under_systemd(syncd: System) -> None:
         exposure = syncd.box.run("systemd-analyze", "security", "syncd", check=False).stdout
         level = re.search(r"Overall exposure level for syncd\.service: (\d+\.\d+)", exposure)
         assert level and float(level.group(1)) <= 2.0, exposure
+        gate = syncd.box.run("systemd-analyze", "security", "--threshold=20", "syncd", check=False)
+        assert gate.returncode == 0, gate.stdout + gate.stderr
     finally:
-        syncd.merge("sick.toml")
+        if (syncd.repo.work_path / "assets/sick.toml").exists():  # not there if the test failed before
+            syncd.merge("sick.toml")
         (syncd.box.root / MONITOR_DROPIN.lstrip("/")).unlink()
         syncd.write_config()
         syncd.systemctl("daemon-reload")
