@@ -516,3 +516,13 @@ def start_prometheus(
 def is_number(value: float) -> bool:
     """A predicate for :meth:`Prometheus.wait_for`: any finite value."""
     return math.isfinite(value)
+
+
+def samples(text: str) -> dict[str, float]:
+    """The samples of a Prometheus text exposition, as ``{'name{labels}': value}`` (comments skipped)."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out

@@ -14,6 +14,7 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prom import samples
 from syncd import events as ev
 from syncd.metrics import Metrics
 from syncd.systemd import StatusObserver, ago, status_line
@@ -197,15 +198,6 @@ CONTRACT = {
 }
 
 
-def _samples(text: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
-
-
 def test_metrics_follow_events_and_take_the_ledgers_totals() -> None:
     """Counters move with asset and git events during a pass, then equal the ledger's totals at its end;
     every contract name is present; no label carries a dest."""
@@ -214,7 +206,7 @@ def test_metrics_follow_events_and_take_the_ledgers_totals() -> None:
     m(ev.GitFetched(commit="c" * 40, branch="main"))
     m(ev.AssetPublished("a", "s", "0" * 64, 50, 1.0, 1.0, "m", "c", False))
     m(ev.AssetFailed("b", "s", "m", "0" * 64, "boom", 1, "c"))
-    s = _samples(m.render().decode())
+    s = samples(m.render().decode())
     assert s['syncd_downloads_total{result="ok"}'] == 11
     assert s['syncd_downloads_total{result="failed"}'] == 1
     assert s["syncd_downloaded_bytes_total"] == 1050
@@ -229,7 +221,7 @@ def test_metrics_follow_events_and_take_the_ledgers_totals() -> None:
     )
     m(done)
     text = m.render().decode()
-    s = _samples(text)
+    s = samples(text)
     assert s['syncd_git_fetch_total{result="ok"}'] == 7
     assert s["syncd_last_pass_success"] == 0
     assert s['syncd_assets{state="published"}'] == 5 and s['syncd_assets{state="pending"}'] == 2

@@ -11,20 +11,11 @@ import httpx
 import pytest
 
 from harness import World
-from prom import NodeExporter, promtool_check_metrics, start_node_exporter, start_prometheus
+from prom import NodeExporter, promtool_check_metrics, samples, start_node_exporter, start_prometheus
 from servers import free_port
 from test_daemon import Daemon
 
 pytestmark = pytest.mark.e2e
-
-
-def samples(text: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 def test_sync_writes_the_textfile_and_its_counters_survive_runs(world: World, tmp_path: Path) -> None:
