@@ -350,7 +350,7 @@ def test_a_bug_outside_any_asset_is_logged_without_its_text(
     world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """syncd sync turns an unexpected exception in the pass into internal_error (type, frames) and exit 1,
-    never a traceback or the exception's text."""
+    never a traceback or the exception's text; status then shows the failed pass in the same words."""
     from syncd import cli
 
     world.manifest("a.toml", {**world.asset("a.bin", 100, seed=1), "dest": "a.bin"})
@@ -366,3 +366,8 @@ def test_a_bug_outside_any_asset_is_logged_without_its_text(
     assert event["error"].startswith("internal error: ValueError at test_reconcile.py:")
     assert any("in run_pass" in f for f in event["frames"])
     assert SECRET not in err and "Traceback" not in err
+    # the pass is recorded as failed, in our words, for `syncd status`
+    assert cli.main(["status", "-c", str(world.config_path), "--json"]) == 1
+    shown = capsys.readouterr().out
+    assert json.loads(shown)["pass_error"].startswith("internal error: ValueError at ")
+    assert SECRET not in shown

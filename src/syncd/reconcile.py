@@ -138,6 +138,10 @@ class Reconciler:
             if pass_id is not None:
                 self._record_failed_pass(pass_id, exc, result)
             raise
+        except Exception as exc:  # a bug: recorded in our words (type and place), then the caller logs it
+            if pass_id is not None:
+                self._record_failed_pass(pass_id, internal_error(exc), result)
+            raise
         finished = self._finished(result, started_at, time.monotonic() - started)
         if pass_id is not None:
             self.ledger.pass_finished(
