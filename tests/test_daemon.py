@@ -452,3 +452,41 @@ def test_stop_is_bounded_when_a_pass_never_ends(tmp_path: Path, monkeypatch: pyt
     assert len(forced) == 1 and forced[0]["log_level"] == "warning"
     assert [e["forced"] for e in events if e["event"] == "daemon_stopped"] == [True]
     d.rec.close()
+
+
+def test_a_broken_log_pipe_never_stops_the_daemon(world: World, tmp_path: Path) -> None:
+    """stderr is a pipe whose reader goes away (the journal restarting, a dead `| logger`): the daemon
+    keeps answering SIGUSR1 and publishing, and still stops with exit 0."""
+    world.write_config(schedule={"interval": "1h"})
+    world.manifest("a.toml", {**world.asset("a.bin", 1000, seed=1), "dest": "a.bin"})
+    world.repo.commit("a")
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM")
+    }
+    proc = subprocess.Popen(
+        [syncd_command(), "run", "-c", str(world.config_path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if b'"pass_finished"' in line:
+                break
+        proc.stderr.close()  # the reader is gone: every later log write is EPIPE
+        world.manifest("b.toml", {**world.asset("b.bin", 2000, seed=2), "dest": "b.bin"})
+        world.repo.commit("b")
+        deadline = time.monotonic() + 20
+        while not (world.export / "b.bin").exists() and time.monotonic() < deadline:
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.5)
+        assert proc.poll() is None, "the daemon died of a broken log pipe"
+        assert (world.export / "b.bin").read_bytes() == (world.blobs / "b.bin").read_bytes()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)

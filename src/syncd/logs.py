@@ -14,6 +14,7 @@ instead of a compiled dependency. If a datagram cannot be sent, the line goes to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -75,6 +76,30 @@ def encode_journal(fields: dict[str, str]) -> bytes:
     return bytes(out)
 
 
+class _Tolerant:
+    """A log stream whose write failures are dropped: a closed pipe or a full disk under stderr (the
+    journal restarting, a `| logger` that died) must never stop a pass or the daemon."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except (OSError, ValueError):  # BrokenPipeError, ENOSPC; ValueError: the stream was closed
+            return 0
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.flush()
+
+    def isatty(self) -> bool:
+        try:
+            return self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+
 class JournalLogger:
     """A structlog logger that sends each event to journald, falling back to ``stream``."""
 
@@ -119,7 +144,7 @@ def configure(
     journal: bool | None = None,
 ) -> None:
     """Configure structlog for the process: journald if it is our stderr, else JSON unless a terminal."""
-    out = stream or sys.stderr
+    out: Any = _Tolerant(stream or sys.stderr)
     if journal is None:
         journal = stream is None and journal_is_stderr()
     if console is None:
