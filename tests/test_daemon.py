@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -490,3 +491,55 @@ def test_a_broken_log_pipe_never_stops_the_daemon(world: World, tmp_path: Path) 
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("moment", ["during the pass", "after the pass, before the job returns"])
+def test_a_pass_request_is_never_lost(tmp_path: Path, moment: str) -> None:
+    """A request (SIGUSR1, /trigger) made while a pass runs, or in the moment after it when the job has
+    not returned yet, gets exactly one more pass; never two at once."""
+    conf = tmp_path / "syncd.conf"
+    conf.write_text(
+        f'[source]\nurl = "{(tmp_path / "repo.git").as_uri()}"\n'
+        '[artifactory]\nurl = "http://127.0.0.1:1/a"\n'
+        f'[export]\nroot = "{tmp_path / "export"}"\n[schedule]\ninterval = "1h"\n'
+        f'[state]\ndirectory = "{tmp_path / "state"}"\n'
+    )
+    (tmp_path / "export").mkdir()
+    d = syncd_daemon.Daemon(conf, syncd_config.load(conf))
+    passes: list[float] = []
+    at, go = threading.Event(), threading.Event()
+    concurrent = threading.Lock()
+
+    def fake_pass() -> None:
+        assert concurrent.acquire(blocking=False), "two passes at once"
+        try:
+            passes.append(time.monotonic())
+            if len(passes) == 1 and moment == "during the pass":
+                at.set()
+                go.wait(5)
+        finally:
+            concurrent.release()
+
+    real_record = d._record_schedule
+
+    def slow_record() -> None:
+        real_record()
+        if len(passes) == 1 and moment != "during the pass":
+            at.set()
+            go.wait(5)
+
+    d.rec.run_pass = fake_pass  # type: ignore[method-assign]
+    d._record_schedule = slow_record  # type: ignore[method-assign]
+    d.scheduler.add_job(d._job, d._trigger(), id=syncd_daemon.JOB, next_run_time=datetime.now(UTC))
+    d.scheduler.start()
+    try:
+        assert at.wait(5)
+        d.pass_now()
+        go.set()
+        deadline = time.monotonic() + 5
+        while len(passes) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert len(passes) == 2, passes
+    finally:
+        d._stop()

@@ -70,7 +70,8 @@ class Daemon:
         self.listener: Listener | None = None
         self._pending: Config | None = None  # a reloaded config, applied between passes
         self._pass_lock = threading.Lock()
-        self._again = False
+        self._wanted = False  # a pass was requested (SIGUSR1, /trigger) and has not started yet
+        self._oneshot = False  # a one-shot job for it is pending
         self._running = False
         self._stopping = False
         self._first_started = threading.Event()
@@ -84,11 +85,19 @@ class Daemon:
         )
 
     # the pass -----------------------------------------------------------------------------------
-    def _job(self) -> None:
+    def _job(self, requested: bool = False) -> None:
+        """One pass, and one more while a pass was requested during it. ``requested``: the one-shot job
+        that :meth:`pass_now` adds; it does nothing if a pass began since it was requested."""
         with self._pass_lock:
+            if requested:
+                with self._trigger_lock:
+                    self._oneshot = False
+                    if not self._wanted:
+                        return
             while not self._stopping:
-                self._again = False
-                self._running = True
+                with self._trigger_lock:
+                    self._wanted = False
+                    self._running = True
                 self._first_started.set()
                 try:
                     self._apply_pending()
@@ -103,11 +112,11 @@ class Daemon:
                         "internal_error", error=str(err), error_type=type(exc).__name__, frames=frames(exc)
                     )
                     self.events.emit(ev.PassFailed(error=str(err), error_type=type(exc).__name__))
-                finally:
-                    self._running = False
                 self._record_schedule()
-                if not self._again:
-                    break
+                with self._trigger_lock:  # a request seen while _running is True is served here
+                    self._running = False
+                    if not self._wanted:
+                        break
 
     def _apply_pending(self) -> None:
         """Start a new Reconciler for a reloaded config (or to reopen the ledger). The old one is closed
@@ -163,14 +172,21 @@ class Daemon:
 
     def pass_now(self, by: str = "SIGUSR1") -> str:
         """SIGUSR1 or ``POST /trigger``: a pass now, or one more right after the running one (never two
-        at once); returns which."""
+        at once); returns which.
+
+        While a pass runs, the request is a flag its loop checks at the end. Otherwise a one-shot job is
+        added (at most one pending), never ``modify_job`` on the poll job: that is skipped without a word
+        by APScheduler when the poll job's last run has not quite returned (``max_instances=1``), which
+        lost a request made in that moment."""
         with self._trigger_lock:
+            self._wanted = True
             if self._running:
-                self._again = True
                 when = "after the running pass"
             else:
-                self.scheduler.modify_job(JOB, next_run_time=datetime.now(UTC))
                 when = "now"
+                if not self._oneshot:
+                    self._oneshot = True
+                    self.scheduler.add_job(self._job, kwargs={"requested": True}, name="requested pass")
         log.info("pass_requested", when=when, by=by)
         return when
 
