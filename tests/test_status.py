@@ -235,3 +235,48 @@ def test_trigger_starts_a_pass_with_a_good_signature_only(
     assert [e["by"] for e in requested] == ["POST /trigger", "POST /trigger"]
     assert "hook-s3cret" not in json.dumps(d.events)
     assert d.stop() == 0
+
+
+def _edit(path: Path, *sql: str) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    with db:
+        for statement in sql:
+            db.execute(statement)
+    db.close()
+
+
+@pytest.mark.parametrize(
+    ("damage", "code"),
+    [
+        ("empty file", 2),
+        ("garbage bytes", 2),
+        ("naive finished_at", 0),
+        ("summary of the wrong types", 0),
+        ("summary not JSON", 0),
+    ],
+)
+def test_a_damaged_ledger_is_a_clear_answer_never_a_traceback(world: World, damage: str, code: int) -> None:
+    """status on a damaged ledger says what it can (a time without a zone is UTC, odd summary values count
+    as nothing) or exits 2 with our words and, with --json, {"state": "unknown", "error": …}."""
+    two_good(world)
+    assert world.sync().code == 0
+    ledger = world.state / "ledger.sqlite3"
+    if damage == "empty file":
+        ledger.write_bytes(b"")
+    elif damage == "garbage bytes":
+        ledger.write_bytes(b"\x00not a database" * 100)
+    elif damage == "naive finished_at":
+        _edit(ledger, "UPDATE passes SET finished_at = strftime('%Y-%m-%dT%H:%M:%S', 'now')")
+    elif damage == "summary of the wrong types":
+        _edit(ledger, """UPDATE passes SET summary = '{"state": {"published": "x"}, "pending_dests": 5}'""")
+    else:
+        _edit(ledger, "UPDATE passes SET summary = '{not json'")
+    for args in ((), ("--json",)):
+        run = status(world, *args)
+        assert "Traceback" not in run.err and run.code == code, (damage, run.out, run.err)
+        if args and code == 2:
+            assert as_json(run)["state"] == "unknown" and str(ledger) in as_json(run)["error"]
+        elif args:
+            assert as_json(run)["state"] in ("ok", "degraded")

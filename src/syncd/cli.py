@@ -83,7 +83,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     from syncd import status
 
     cfg = config.load(config.config_path(args.config), secrets=False)
-    st = status.read(cfg)
+    try:
+        st = status.read(cfg)
+    except Exception as exc:  # status cannot tell: exit 2, never 1 (degraded) or a traceback
+        from syncd.errors import internal_error
+
+        why = str(exc) if isinstance(exc, SyncdError) else str(internal_error(exc))
+        if args.json:
+            print(json.dumps({"state": "unknown", "error": why}, indent=2))
+        print(f"syncd status: {why}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(st.to_json(), indent=2))
     else:

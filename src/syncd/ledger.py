@@ -201,6 +201,8 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
         if wal.exists():  # (its -shm exists too, unless someone deleted it: then SQLite recreates it)
             return sqlite3.connect(_uri(path, mode="ro"), uri=True, check_same_thread=False)
         data, stable = _snapshot(path, wal)
+        if stable and not data:
+            raise _Garbage(f"ledger {path} is empty (0 bytes)")
         if stable:
             db = sqlite3.connect(":memory:", check_same_thread=False)
             db.deserialize(_not_wal(data))

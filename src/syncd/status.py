@@ -62,13 +62,26 @@ class Status:
         return {"ok": 0, "degraded": 1}.get(self.state, 3)
 
 
-def _age(iso: str | None, now: datetime) -> float | None:
-    if not iso:
+def _age(iso: object, now: datetime) -> float | None:
+    """Seconds since ``iso`` (a ledger time; one without a zone is taken as UTC), None if unreadable."""
+    if not isinstance(iso, str) or not iso:
         return None
     try:
-        return (now - datetime.fromisoformat(iso)).total_seconds()
+        when = datetime.fromisoformat(iso)
     except ValueError:
         return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return (now - when).total_seconds()
+
+
+def _int(value: object) -> int:
+    """A count from a pass summary; anything that is not a whole number counts as 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _daemon(ledger: Ledger) -> dict[str, Any]:
@@ -130,15 +143,18 @@ def _from_ledger(ledger: Ledger, st: Status, now: datetime) -> Status:
     if running is not None:  # a pass row without an end: under way, or cut short by a crash or kill
         key = "pass_running_since" if st.daemon["running"] else "pass_interrupted_at"
         st.daemon[key] = running.started_at
+    # The summary is JSON the ledger holds: read it defensively (a hand edit or a damaged row must not
+    # turn status into a traceback).
     counts = summary.get("state")
     if isinstance(counts, dict):
-        st.counts = {k: int(counts.get(k, 0) or 0) for k in COUNTS}
-        st.published_bytes = int(counts.get("published_bytes", 0) or 0)
-    st.pending = [str(d) for d in summary.get("pending_dests", []) or []]
-    st.git_error = summary.get("git_error")
-    st.git_problem = summary.get("git_problem")
-    st.source_error = summary.get("source_error")
-    st.pass_error = summary.get("error")
+        st.counts = {k: _int(counts.get(k)) for k in COUNTS}
+        st.published_bytes = _int(counts.get("published_bytes"))
+    pending = summary.get("pending_dests")
+    st.pending = [str(d) for d in pending] if isinstance(pending, list) else []
+    st.git_error = _text(summary.get("git_error"))
+    st.git_problem = _text(summary.get("git_problem"))
+    st.source_error = _text(summary.get("source_error"))
+    st.pass_error = _text(summary.get("error"))
     sources = ledger.cached_sources()
     for f in sorted(ledger.failures().values(), key=lambda f: f.dest):
         item = {"dest": f.dest, "attempts": f.attempts, "error": f.last_error, "since": f.first_failed_at}
@@ -154,7 +170,9 @@ def _from_ledger(ledger: Ledger, st: Status, now: datetime) -> Status:
     ]
     age = _age(last.finished_at if last else None, now)
     if age is None:
-        st.stale_reason = "no pass has finished yet"
+        st.stale_reason = (
+            "no pass has finished yet" if last is None else "the last pass's end time is unreadable"
+        )
     elif age > st.stale_after_s:
         st.stale_reason = f"no pass finished for {ago(age).removesuffix(' ago')}"
     if st.stale_reason:
