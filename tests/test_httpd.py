@@ -491,7 +491,7 @@ def test_dripping_client_is_cut_off_at_the_deadline(make: MakeListener) -> None:
 
 
 def test_connections_beyond_the_bound_are_turned_away(make: MakeListener) -> None:
-    """With the bound's worth of idle connections open, one more gets a 503 (or a close) at once and the
+    """With the bound's worth of idle connections open, one more gets a 429 (or a close) at once and the
     server answers again as soon as a slot is free."""
     listener, _ = make(timeout=5.0, max_connections=4)
     idle = [socket.create_connection(listener.bound, timeout=5) for _ in range(4)]
@@ -504,7 +504,7 @@ def test_connections_beyond_the_bound_are_turned_away(make: MakeListener) -> Non
                 answer = read_all(extra)
             except ConnectionResetError:
                 answer = b""
-        assert answer == b"" or status_of(answer) == 503
+        assert answer == b"" or status_of(answer) == 429
         assert time.monotonic() - started < 1.0
     finally:
         for sock in idle:

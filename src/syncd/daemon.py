@@ -53,6 +53,7 @@ log = logs.get()
 JOB = "poll"
 STOP_GRACE = 10.0  # seconds past [download] timeout that a stop waits for the running pass
 REFRESH = 30.0  # seconds between refreshes of the STATUS line between passes
+HEALTH_CACHE = 1.0  # seconds a /healthz answer is reused
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 
@@ -77,6 +78,8 @@ class Daemon:
         self._first_started = threading.Event()
         self._last_refresh = 0.0
         self._trigger_lock = threading.Lock()
+        self._health_lock = threading.Lock()
+        self._health_cached: tuple[float, tuple[int, bytes]] | None = None
         self.forced = False  # the stop did not wait for a stuck pass: exit without joining its thread
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(1)},
@@ -152,9 +155,17 @@ class Daemon:
         self.status.refresh()
 
     def _health(self) -> tuple[int, bytes]:
-        """``GET /healthz``: the ``status --json`` object; 503 only when stale (a restart might help)."""
-        st = status.read(self.cfg)
-        return (503 if st.state == "stale" else 200), json.dumps(st.to_json()).encode()
+        """``GET /healthz``: the ``status --json`` object; 503 only when stale (a restart might help).
+
+        Read at most once per :data:`HEALTH_CACHE` seconds, by one request at a time: each read opens
+        the ledger and checks it, and unauthenticated requests must not be able to slow a pass."""
+        with self._health_lock:
+            now = time.monotonic()
+            if self._health_cached is None or now - self._health_cached[0] >= HEALTH_CACHE:
+                st = status.read(self.cfg)
+                answer = (503 if st.state == "stale" else 200), json.dumps(st.to_json()).encode()
+                self._health_cached = (time.monotonic(), answer)
+            return self._health_cached[1]
 
     def _seed(self) -> None:
         """Before the first pass: what the ledger already knows, for the metrics and the STATUS line."""

@@ -16,7 +16,9 @@ here, each in one place:
   client's pace (a per-read timeout alone lets a client dripping one byte a second hold a thread forever);
   writing the answer gets one more ``timeout``.
 - **Bounded load.** At most ``max_connections`` connections are served at once; one beyond that gets a
-  fixed 503 and is closed at once, never queued. Request line and header lines stay bounded by the
+  fixed 429 and is closed at once, never queued (not 503: on ``/healthz`` 503 means stale, and a
+  probe that restarts on 503 must not restart syncd because another client holds the slots).
+  Request line and header lines stay bounded by the
   stdlib (64 KiB, 100 headers), a trigger body by :data:`MAX_BODY` (checked on ``Content-Length`` before
   a byte is read; chunked bodies are refused with 411).
 - **Nothing quoted, nothing leaked.** Every answer, errors included, is a fixed body of syncd's own (the
@@ -66,7 +68,7 @@ _LINGER_BYTES = 4 * MAX_BODY  # and how many, at most
 _CLOSE_WAIT_SECONDS = 1.0  # how long close() waits for connection threads to finish
 _BUSY_BODY = b'{"error": "too many connections"}'
 _BUSY = (
-    b"HTTP/1.0 503 Service Unavailable\r\nServer: syncd\r\nContent-Type: application/json\r\n"
+    b"HTTP/1.0 429 Too Many Requests\r\nServer: syncd\r\nContent-Type: application/json\r\n"
     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
 )
 _BIND_FAILURES = {
@@ -346,7 +348,7 @@ class _Server(http.server.ThreadingHTTPServer):
 
     @staticmethod
     def _turn_away(request: socket.socket) -> None:
-        """One connection too many: a fixed 503 if the socket takes it at once, then close."""
+        """One connection too many: a fixed 429 if the socket takes it at once, then close."""
         try:
             request.setblocking(False)
             request.send(_BUSY)
