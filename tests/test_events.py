@@ -202,7 +202,7 @@ def test_metrics_follow_events_and_take_the_ledgers_totals() -> None:
     """Counters move with asset and git events during a pass, then equal the ledger's totals at its end;
     every contract name is present; no label carries a dest."""
     m = Metrics()
-    m.seed(None, {"downloads_ok": 10, "downloaded_bytes": 1000}, None, None)
+    m.seed({"downloads_ok": 10, "downloaded_bytes": 1000}, None, None)
     m(ev.GitFetched(commit="c" * 40, branch="main"))
     m(ev.AssetPublished("a", "s", "0" * 64, 50, 1.0, 1.0, "m", "c", False))
     m(ev.AssetFailed("b", "s", "m", "0" * 64, "boom", 1, "c"))

@@ -151,9 +151,6 @@ class Daemon:
             if nxt is not None:
                 self.rec.ledger.set("next_poll_at", nxt.astimezone(UTC).isoformat(timespec="seconds"))
 
-    def _update_status(self) -> None:
-        self.status.refresh()
-
     def _health(self) -> tuple[int, bytes]:
         """``GET /healthz``: the ``status --json`` object; 503 only when stale (a restart might help).
 
@@ -172,7 +169,7 @@ class Daemon:
         ledger = self.rec.ledger
         with contextlib.suppress(SyncdError, ValueError):
             last_success = ledger.get("last_success_at")
-            self.metrics.seed(None, ledger.totals(), last_success, ledger.get("synced_commit"))
+            self.metrics.seed(ledger.totals(), last_success, ledger.get("synced_commit"))
             if last_success:
                 self.status.last_success = datetime.fromisoformat(last_success)
             ledger.set("daemon_pid", str(os.getpid()))
@@ -209,7 +206,7 @@ class Daemon:
         except ConfigError as exc:
             log.error("config_reload_failed", config=str(self.path), error=str(exc), problems=exc.problems)
             self.notifier.ready()
-            self._update_status()
+            self.status.refresh()
             return
         if cfg.state_dir != self.cfg.state_dir:
             log.warning(
@@ -238,7 +235,7 @@ class Daemon:
             self.scheduler.reschedule_job(JOB, trigger=self._trigger())
         log.info("config_reloaded", config=str(self.path), interval_s=cfg.interval, jitter_s=cfg.jitter)
         self.notifier.ready()
-        self._update_status()
+        self.status.refresh()
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; return the exit code."""
@@ -317,7 +314,7 @@ class Daemon:
         grace = self.cfg.timeout + STOP_GRACE
         if self.scheduler.running:
             # Let the running pass end first: BaseScheduler.shutdown() holds its job-store lock while it
-            # waits for the executor, and a pass ends with _update_status() -> get_job(), which needs it.
+            # waits for the executor, and a pass ends with status.refresh() -> get_job(), which needs it.
             if self._pass_lock.acquire(timeout=grace):
                 self._pass_lock.release()
                 self.scheduler.shutdown(wait=True)

@@ -370,7 +370,6 @@ def summary(event: PassFinished) -> Mapping[str, Any]:
     """What the ledger keeps of a finished pass for ``syncd status``."""
     return {
         **event.fields(),
-        "git_problem": event.git_problem,
         "started_at": event.started_at,
         "head": event.head,
         "state": dataclasses.asdict(event.state),

@@ -59,16 +59,10 @@ class Metrics(Collector):
         self.totals: dict[str, int] = {}
         self._textfile_error = ""
 
-    def seed(
-        self,
-        last: ev.PassFinished | None,
-        totals: Mapping[str, int],
-        last_success_at: str | None,
-        synced_commit: str | None,
-    ) -> None:
+    def seed(self, totals: Mapping[str, int], last_success_at: str | None, synced_commit: str | None) -> None:
         """What the ledger knew at start-up, before this process's first pass."""
         with self._lock:
-            self.last, self.totals = last, dict(totals)
+            self.totals = dict(totals)
             self.last_success, self.synced_commit = _timestamp(last_success_at), synced_commit
 
     # the observer ---------------------------------------------------------------------------------------
