@@ -194,6 +194,8 @@ def toml_str(value: str) -> str:
 
 
 def toml_value(v: Any) -> str:
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int | float):

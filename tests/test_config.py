@@ -588,6 +588,7 @@ def test_loaded_config_never_shows_secrets(confdir: Path) -> None:
         "metrics_textfile": None,
         "http_listen": None,
         "trigger": False,
+        "notify": None,
     }
 
 

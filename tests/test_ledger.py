@@ -405,6 +405,9 @@ def test_schema_1_ledger_is_upgraded_in_place(synced: tuple[World, dict[str, byt
             "ALTER TABLE published DROP COLUMN checksum",
             "ALTER TABLE failures DROP COLUMN kind",
             "DROP TABLE passes",
+            "DROP TABLE notify_open",
+            "DROP TABLE notify_sent",
+            "DROP TABLE notify_outbox",
             "PRAGMA user_version = 1",
         ],
     )

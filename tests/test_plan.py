@@ -17,6 +17,10 @@ COMMIT = "abcdef0123456789abcdef0123456789abcdef01"
 MISSING = Observation(State.MISSING)
 
 
+# The refusal's stable name for each observation, the notifiers' dedup key.
+_CAUSES = {State.SYMLINK: "symlink", State.OTHER: "not_a_file", State.BLOCKED: "blocked_path"}
+
+
 def asset(dest: str = "d/file.bin", sha256: str = OLD, size: int = 100, **kw: object) -> Asset:
     """An Asset from manifest 'm.toml' (index 0 unless given)."""
     fields: dict[str, object] = {"source": f"src/{dest}", "manifest": "m.toml", "index": 0}
@@ -88,7 +92,11 @@ def test_published_file_with_changed_size_is_refused() -> None:
     """Ledger has the same sha256 but the file's size differs (changed by hand) → refuse, never overwrite."""
     a = asset()
     assert one(a, published(), Observation(State.FILE, size=99)) == Action(
-        Kind.REFUSE, a.dest, a, "file at dest was changed outside syncd (size 99, ledger says 100)"
+        Kind.REFUSE,
+        a.dest,
+        a,
+        "file at dest was changed outside syncd (size 99, ledger says 100)",
+        cause="changed_outside",
     )
 
 
@@ -102,6 +110,7 @@ def test_changed_sha_without_replace_is_refused(seen: Observation) -> None:
         a,
         f"dest was published with sha256 {OLD} (commit {COMMIT[:12]}); "
         "changing a published file needs replace = true in the manifest",
+        cause="sha256_changed",
     )
 
 
@@ -134,7 +143,9 @@ def test_symlink_other_or_blocked_dest_is_refused(seen: Observation, known: str 
     """A symlink, non-file or blocked path at dest is refused whatever the ledger says (even with replace)."""
     a = asset(replace=True)
     row = None if known is None else published(sha256=OLD if known == "same" else NEW)
-    assert one(a, row, seen) == Action(Kind.REFUSE, a.dest, a, f"{seen.detail}; refusing to write there")
+    assert one(a, row, seen) == Action(
+        Kind.REFUSE, a.dest, a, f"{seen.detail}; refusing to write there", cause=_CAUSES[seen.state]
+    )
 
 
 def test_conflicting_claims_are_refused_naming_every_manifest() -> None:
@@ -148,6 +159,7 @@ def test_conflicting_claims_are_refused_naming_every_manifest() -> None:
             a,
             "dest is claimed by more than one asset (teams/a.toml: asset[2], teams/b.toml: asset[0]); "
             "none is synced",
+            cause="conflict",
         )
     ]
 
@@ -212,7 +224,7 @@ def test_uninspectable_dest_is_refused_alone_whatever_the_ledger_says(known: str
     row = {} if known is None else {"locked/x": published("locked/x", sha256=OLD if known == "same" else NEW)}
     actions = plan({bad.dest: bad, good.dest: good}, {}, row, {bad.dest: seen, good.dest: MISSING})
     assert actions == [
-        Action(Kind.REFUSE, bad.dest, bad, f"{seen.detail}; left alone this pass"),
+        Action(Kind.REFUSE, bad.dest, bad, f"{seen.detail}; left alone this pass", cause="unreadable"),
         Action(Kind.DOWNLOAD, good.dest, good, "new"),
     ]
 
@@ -240,6 +252,7 @@ def test_dest_at_or_under_staging_is_refused(dest: str, refused: bool) -> None:
                 dest,
                 a,
                 "dest is syncd's staging directory (export.staging = stage) or lies under it; refused",
+                cause="in_staging",
             )
         ]
     else:

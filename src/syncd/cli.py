@@ -71,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="one JSON object (schema: docs/monitoring.md)")
     st.set_defaults(func=cmd_status)
 
+    n = sub.add_parser(
+        "notify",
+        help="check the [notify] channels: send a test message on each (exit 0 all accepted, 1 not)",
+    )
+    n.add_argument("-c", "--config", help=cfg_help)
+    n.add_argument("--test", action="store_true", required=True, help="send a test message on every channel")
+    n.set_defaults(func=cmd_notify)
+
     c = sub.add_parser("check-config", help="validate the configuration and report every problem")
     c.add_argument("-c", "--config", help=cfg_help)
     c.set_defaults(func=cmd_check_config)
@@ -122,18 +130,28 @@ def cmd_sync(args: argparse.Namespace) -> int:
         # A dry run beside a running daemon: plan against its last fetched commit, touching nothing.
         owner = str(exc)
     try:
+        bus = events.EventBus([events.LogObserver(), Metrics(None if args.dry_run else cfg.metrics_textfile)])
         rec = Reconciler(
             cfg,
             dry_run=args.dry_run,
             progress_stream=sys.stderr if sys.stderr.isatty() and not args.dry_run else None,
             fetch=not owner,
-            events=events.EventBus(
-                [events.LogObserver(), Metrics(None if args.dry_run else cfg.metrics_textfile)]
-            ),
+            events=bus,
         )
+        notifier = None
+        if cfg.notify is not None and not args.dry_run:
+            from syncd.notify import Announcer
+
+            notifier = Announcer(cfg.notify, lambda: (rec.ledger, rec.repo), export_root=str(cfg.export_root))
+            bus.add(notifier)
         try:
             result = rec.run_pass()
-        except SyncdError:
+            if notifier is not None:
+                notifier.flush()  # what this pass announces goes out before syncd sync exits
+        except SyncdError as exc:
+            if notifier is not None:
+                notifier.pass_failed(exc)
+                notifier.flush()
             raise
         except Exception as exc:  # a bug: our own words and its frames, never its text (may hold a secret)
             err = internal_error(exc)
@@ -149,6 +167,20 @@ def cmd_sync(args: argparse.Namespace) -> int:
             print(shown(f"(not fetched: {owner.split(';')[0]}; planned against the commit it fetched last)"))
     # A dry run's pending downloads are its plan, not a failure (its pass_finished still says ok: false).
     return 0 if result.ok or (args.dry_run and result.healthy) else 1
+
+
+def cmd_notify(args: argparse.Namespace) -> int:
+    from syncd.notify import send_test
+
+    cfg = config.load(config.config_path(args.config))
+    if cfg.notify is None:
+        print(f"{cfg.path}: no [notify] section: nothing to test", file=sys.stderr)
+        return 2
+    ok = True
+    for channel, error in send_test(cfg.notify):
+        print(f"{channel}: {'accepted' if not error else 'NOT sent: ' + error}")
+        ok = ok and not error
+    return 0 if ok else 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:

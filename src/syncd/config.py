@@ -288,6 +288,36 @@ class HttpSection(_Section):
     trigger_secret_file: str | None = None
 
 
+class SmtpSection(_Section):
+    host: str
+    port: int | None = Field(default=None, ge=1, le=65535)
+    security: str = "starttls"
+    username: str | None = None
+    password_file: str | None = None
+    from_: str = Field(alias="from")
+    to: list[str]
+    timeout: Duration = Field(default=30.0, strict=False)
+    ca_file: str | None = None
+
+
+class WebhookSection(_Section):
+    url: str
+    token_file: str | None = None
+    hmac_secret_file: str | None = None
+    timeout: Duration = Field(default=10.0, strict=False)
+    ca_file: str | None = None
+
+
+class NotifySection(_Section):
+    events: list[str] = Field(default_factory=lambda: ["problem", "recovery"])
+    repeat: ZeroOrDuration = Field(default=86400.0, strict=False)
+    min_failures: int = Field(default=1, ge=1, le=1000)
+    mail_authors: bool = False
+    author_domains: list[str] = Field(default_factory=list)
+    smtp: SmtpSection | None = None
+    webhook: WebhookSection | None = None
+
+
 # Every section of the file: its schema, and whether it must be present.
 _SECTIONS: dict[str, tuple[type[_Section], bool]] = {
     "source": (SourceSection, True),
@@ -299,7 +329,10 @@ _SECTIONS: dict[str, tuple[type[_Section], bool]] = {
     "status": (StatusSection, False),
     "metrics": (MetricsSection, False),
     "http": (HttpSection, False),
+    "notify": (NotifySection, False),
 }
+NOTIFY_EVENTS = ("problem", "recovery", "published")
+SMTP_SECURITY = {"starttls": 587, "tls": 465, "none": 25}  # the default port of each
 
 
 @dataclass(frozen=True)
@@ -328,6 +361,54 @@ class Artifactory:
 
 
 @dataclass(frozen=True)
+class Smtp:
+    """``[notify.smtp]``: the mail relay, and who gets the ops mail."""
+
+    host: str
+    port: int
+    security: str  # "starttls", "tls" (implicit) or "none"
+    username: str | None
+    password: Secret | None
+    sender: str  # the From: header ("from" in the file)
+    to: tuple[str, ...]
+    timeout: float
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """``[notify.webhook]``: one JSON POST per message. Its URL often holds a secret in its path or
+    query (Slack, Teams, Mattermost), so only :func:`webhook_origin` of it is ever logged."""
+
+    url: str
+    token: Secret | None
+    hmac_secret: Secret | None
+    timeout: float
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class Notify:
+    """``[notify]``: what is announced (``events``), how often, and on which channels."""
+
+    events: frozenset[str]
+    repeat: float  # seconds; 0 = a problem is announced once
+    min_failures: int
+    mail_authors: bool
+    author_domains: tuple[str, ...]
+    smtp: Smtp | None
+    webhook: Webhook | None
+
+
+def webhook_origin(url: str) -> str:
+    """What of a webhook URL may be shown: scheme, host and port (the path and query may be a secret)."""
+    parts = urlsplit(url)
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}"
+
+
+@dataclass(frozen=True)
 class Config:
     """The validated configuration: every path absolute, every secret read."""
 
@@ -349,6 +430,7 @@ class Config:
     metrics_textfile: Path | None = None
     http_listen: tuple[str, int] | None = None  # (IP address, port) that `syncd run` serves
     trigger_secret: Secret | None = None  # POST /trigger exists only with this
+    notify: Notify | None = None  # [notify]: mail and webhooks; None when the section is absent
     # Problems that do not stop syncd (plain http:// with credentials), each as "at 'section.key': …";
     # check-config prints them and a pass logs them as config_insecure.
     warnings: tuple[str, ...] = ()
@@ -391,7 +473,7 @@ def _validate_sections(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         if name not in raw:
             if required:
                 problems.append(f"at '{name}': required section is missing")
-            else:
+            elif name != "notify":  # no [notify]: nothing is announced
                 sections[name] = model()
             continue
         if not isinstance(raw[name], dict):
@@ -472,6 +554,7 @@ class _Resolver:
         self._check_durations(sections.get("download"), sections.get("schedule"))
         textfile = self._textfile(sections.get("metrics"))
         listen, trigger = self._http(sections.get("http"))
+        notify = self._notify(sections["notify"]) if sections.get("notify") is not None else None
         if self.problems:
             raise ConfigError(str(self.path), self.problems)
         assert source and art and export and root and staging
@@ -499,6 +582,7 @@ class _Resolver:
             metrics_textfile=textfile,
             http_listen=listen,
             trigger_secret=trigger,
+            notify=notify,
             warnings=tuple(self.warnings),
         )
 
@@ -581,6 +665,128 @@ class _Resolver:
         if h.trigger_secret_file is not None:
             trigger = self.read_secret("http.trigger_secret_file", h.trigger_secret_file)
         return listen, trigger
+
+    def _notify(self, n: NotifySection) -> Notify | None:
+        """``[notify]`` and its channels: at least one channel; every address and URL checked."""
+        for event in n.events:
+            if event not in NOTIFY_EVENTS:
+                self.problem("notify.events", f"unknown event {event!r} (one of: {', '.join(NOTIFY_EVENTS)})")
+        if not n.events:
+            self.problem("notify.events", 'is empty: list what to announce, such as ["problem", "recovery"]')
+        if n.smtp is None and n.webhook is None:
+            self.problem("notify", "configures no channel: add [notify.smtp] or [notify.webhook]")
+        for i, domain in enumerate(n.author_domains):
+            if why := host_problem(domain):
+                self.problem(f"notify.author_domains.{i}", f"{domain!r}: {why}")
+        if n.mail_authors and not n.author_domains:
+            self.problem(
+                "notify.author_domains",
+                "must list the mail domains of commit authors who may be mailed (mail_authors = true); "
+                "an author e-mail in git is whatever the author typed",
+            )
+        if n.mail_authors and n.smtp is None:
+            self.problem("notify.mail_authors", "needs [notify.smtp]")
+        smtp = self._smtp(n.smtp) if n.smtp is not None else None
+        webhook = self._webhook(n.webhook) if n.webhook is not None else None
+        return Notify(
+            events=frozenset(n.events),
+            repeat=n.repeat,
+            min_failures=n.min_failures,
+            mail_authors=n.mail_authors,
+            author_domains=tuple(d.lower().rstrip(".") for d in n.author_domains),
+            smtp=smtp,
+            webhook=webhook,
+        )
+
+    def _smtp(self, m: SmtpSection) -> Smtp:
+        if why := host_problem(m.host):
+            self.problem("notify.smtp.host", f"{m.host!r}: {why}")
+        if m.security not in SMTP_SECURITY:
+            self.problem(
+                "notify.smtp.security",
+                f"{m.security!r} is not one of: starttls, tls (implicit, port 465), none",
+            )
+        if m.timeout < MIN_TIMEOUT:
+            self.problem("notify.smtp.timeout", f"must be at least 1s (got {_seconds(m.timeout)})")
+        password = None
+        if (m.username is None) != (m.password_file is None):
+            missing = "password_file" if m.password_file is None else "username"
+            self.problem(f"notify.smtp.{missing}", "username and password_file go together")
+        elif m.password_file is not None:
+            password = self.read_secret("notify.smtp.password_file", m.password_file)
+            if m.security == "none" and not _loopback(m.host):
+                self.warnings.append(
+                    "at 'notify.smtp.security': \"none\" sends the SMTP password unencrypted; "
+                    'use "starttls" or "tls"'
+                )
+        if m.username is not None and not _basic_user_ok(m.username):
+            self.problem("notify.smtp.username", "must be printable ASCII without spaces or ':'")
+        if why := address_problem(m.from_, display=True):
+            self.problem("notify.smtp.from", why)
+        if not m.to:
+            self.problem("notify.smtp.to", "lists no recipient")
+        for i, to in enumerate(m.to):
+            if why := address_problem(to, display=True):
+                self.problem(f"notify.smtp.to.{i}", why)
+        return Smtp(
+            host=m.host,
+            port=m.port or SMTP_SECURITY.get(m.security, 25),
+            security=m.security,
+            username=m.username,
+            password=password,
+            sender=m.from_,
+            to=tuple(m.to),
+            timeout=m.timeout,
+            ca_file=self._ca_file("notify.smtp.ca_file", m.ca_file),
+        )
+
+    def _webhook(self, w: WebhookSection) -> Webhook:
+        where = "notify.webhook.url"  # never quoted: its path or query is often the secret
+        parts = _split_url(w.url)
+        if parts is None or parts.scheme not in ("https", "http") or not parts.hostname:
+            self.problem(where, "must be an http:// or https:// URL with a host (not shown)")
+        else:
+            if parts.username is not None or parts.password is not None:
+                self.problem(where, "must not carry credentials; use token_file")
+            if "#" in w.url:
+                self.problem(where, "must not have a fragment")
+            if not _port_ok(parts):
+                self.problem(where, "has an invalid port (a number from 1 to 65535)")
+            elif why := host_problem(parts.hostname):
+                self.problem(where, why)
+        if w.timeout < MIN_TIMEOUT:
+            self.problem("notify.webhook.timeout", f"must be at least 1s (got {_seconds(w.timeout)})")
+        token = self.read_secret("notify.webhook.token_file", w.token_file) if w.token_file else None
+        hmac_secret = (
+            self.read_secret("notify.webhook.hmac_secret_file", w.hmac_secret_file)
+            if w.hmac_secret_file
+            else None
+        )
+        if w.url.lower().startswith("http://") and parts is not None and not _loopback(parts.hostname or ""):
+            self.warnings.append(
+                "at 'notify.webhook.url': plain http:// sends the messages (and any token) unencrypted; "
+                "use https://"
+            )
+        return Webhook(
+            url=w.url,
+            token=token,
+            hmac_secret=hmac_secret,
+            timeout=w.timeout,
+            ca_file=self._ca_file("notify.webhook.ca_file", w.ca_file),
+        )
+
+    def _ca_file(self, where: str, value: str | None) -> Path | None:
+        """An extra CA bundle (PEM) to trust besides the system store, or None."""
+        if value is None:
+            return None
+        path = self.plain_path(value)
+        if not path.is_file():
+            self.problem(where, f"{path} does not exist")
+        elif not _pem_certificates_load(path):
+            self.problem(
+                where, f"{path} cannot be read or holds no PEM certificate (a CA bundle in PEM is expected)"
+            )
+        return path
 
     def plain_path(self, value: str) -> Path:
         return Path(os.path.normpath(self.base / value))
@@ -784,16 +990,7 @@ class _Resolver:
                 "at 'artifactory.url': plain http:// sends the Artifactory credentials unencrypted; "
                 "use https://"
             )
-        ca_file = None
-        if a.ca_file is not None:
-            ca_file = self.plain_path(a.ca_file)
-            if not ca_file.is_file():
-                self.problem("artifactory.ca_file", f"{ca_file} does not exist")
-            elif not _pem_certificates_load(ca_file):
-                self.problem(
-                    "artifactory.ca_file",
-                    f"{ca_file} cannot be read or holds no PEM certificate (a CA bundle in PEM is expected)",
-                )
+        ca_file = self._ca_file("artifactory.ca_file", a.ca_file)
         return Artifactory(
             url=a.url.rstrip("/"),
             token=token,
@@ -810,6 +1007,36 @@ def _pem_certificates_load(path: Path) -> bool:
     except (ssl.SSLError, OSError, ValueError):
         return False
     return True
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def address_problem(text: str, *, display: bool = False) -> str:
+    """Why ``text`` is not one mail address (``user@example.com``, with ``display`` also ``Name <…>``),
+    or "" when it is. Parsed as the header of an e-mail would be (``email.headerregistry``)."""
+    from email.policy import default
+
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text) or "," in text:
+        return f"{text!r} is not one mail address (a control character or a ',')"
+    example = '"syncd <syncd@nfs01.example.com>"' if display else '"ops@example.com"'
+    try:
+        header = default.header_factory("To", text)
+        addresses = header.addresses
+    except Exception:  # the header parser's own errors: any of them means "not an address"
+        return f"{text!r} is not a mail address such as {example}"
+    if header.defects or len(addresses) != 1:
+        return f"{text!r} is not a mail address such as {example}"
+    parsed = addresses[0]
+    if (parsed.display_name and not display) or not parsed.username or not parsed.domain:
+        return f"{text!r} is not a mail address such as {example}"
+    if why := host_problem(parsed.domain):
+        return f"{text!r}: its domain: {why}"
+    return ""
 
 
 def listen_address(text: str) -> tuple[str, int] | None:
@@ -852,7 +1079,19 @@ def describe(cfg: Config) -> Mapping[str, Any]:
         "metrics_textfile": str(cfg.metrics_textfile) if cfg.metrics_textfile else None,
         "http_listen": _shown_listen(cfg.http_listen),
         "trigger": cfg.trigger_secret is not None,
+        "notify": _shown_notify(cfg.notify),
     }
+
+
+def _shown_notify(n: Notify | None) -> str | None:
+    if n is None:
+        return None
+    channels = []
+    if n.smtp is not None:
+        channels.append(f"mail via {n.smtp.host}:{n.smtp.port} ({n.smtp.security}) to {len(n.smtp.to)}")
+    if n.webhook is not None:
+        channels.append(f"webhook to {webhook_origin(n.webhook.url)}")
+    return f"{', '.join(sorted(n.events))} by " + " and ".join(channels)
 
 
 def _shown_listen(listen: tuple[str, int] | None) -> str | None:

@@ -45,6 +45,7 @@ from syncd.config import Config
 from syncd.errors import ConfigError, LedgerError, SyncdError, frames, internal_error
 from syncd.httpd import Listener
 from syncd.metrics import Metrics
+from syncd.notify import Announcer
 from syncd.reconcile import Reconciler
 from syncd.statedir import StateLock
 from syncd.systemd import Notifier, StatusObserver
@@ -54,6 +55,7 @@ JOB = "poll"
 STOP_GRACE = 10.0  # seconds past [download] timeout that a stop waits for the running pass
 REFRESH = 30.0  # seconds between refreshes of the STATUS line between passes
 HEALTH_CACHE = 1.0  # seconds a /healthz answer is reused
+NOTIFY_GRACE = 5.0  # seconds a stop waits for a mail or webhook in flight
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 
@@ -66,8 +68,10 @@ class Daemon:
         self.notifier = Notifier()
         self.status = StatusObserver(self.notifier, self._next_poll)
         self.metrics = Metrics(cfg.metrics_textfile)
-        self.events = ev.EventBus([ev.LogObserver(), self.status, self.metrics])
+        self.notify = _NotifySlot()
+        self.events = ev.EventBus([ev.LogObserver(), self.status, self.metrics, self.notify])
         self.rec = Reconciler(cfg, events=self.events, respect_backoff=True)
+        self._set_notify(cfg)
         self.listener: Listener | None = None
         self._pending: Config | None = None  # a reloaded config, applied between passes
         self._pass_lock = threading.Lock()
@@ -136,6 +140,19 @@ class Daemon:
             self._pending = cfg
             raise
         self.cfg = cfg
+
+    def _set_notify(self, cfg: Config) -> None:
+        """Mail and webhooks for ``cfg`` (a reload that changes [notify] starts a new notifier)."""
+        old = self.notify.inner
+        if old is not None and old.notify == cfg.notify:
+            return
+        self.notify.inner = (
+            None
+            if cfg.notify is None
+            else Announcer(
+                cfg.notify, lambda: (self.rec.ledger, self.rec.repo), export_root=str(cfg.export_root)
+            )
+        )
 
     def _next_poll(self) -> datetime | None:
         job = self.scheduler.get_job(JOB) if self.scheduler.running else None
@@ -228,6 +245,7 @@ class Daemon:
                 cfg, http_listen=self.cfg.http_listen, trigger_secret=self.cfg.trigger_secret
             )
         self.metrics.textfile = cfg.metrics_textfile
+        self._set_notify(cfg)
         schedule_changed = (cfg.interval, cfg.jitter) != (self.cfg.interval, self.cfg.jitter)
         self._pending = cfg
         self.cfg = cfg
@@ -328,6 +346,8 @@ class Daemon:
                 )
                 self.scheduler.shutdown(wait=False)
         if not self.forced:
+            if self.notify.inner is not None:
+                self.notify.inner.flush(wait=NOTIFY_GRACE)  # record what was sent; a send in flight goes on
             self.rec.close()  # else the stuck pass still holds the ledger; the process exit closes it
         log.info("daemon_stopped", duration_s=round(time.monotonic() - started, 3), forced=self.forced)
 
@@ -336,6 +356,18 @@ def _warn_insecure(path: Path, cfg: Config) -> None:
     """One ``config_insecure`` warning per risky but accepted setting (e.g. credentials over http)."""
     for warning in cfg.warnings:
         log.warning("config_insecure", config=str(path), warning=warning)
+
+
+class _NotifySlot:
+    """The notifier's place on the event bus, so a reload can swap it (or switch it off)."""
+
+    def __init__(self) -> None:
+        self.inner: Announcer | None = None
+
+    def __call__(self, event: ev.Event) -> None:
+        inner = self.inner
+        if inner is not None:
+            inner(event)
 
 
 class _SkipNotice(logging.Filter):

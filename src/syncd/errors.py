@@ -14,12 +14,14 @@ into messages and exit codes::
     │   ├── VerifyError          size or sha256 differs from the manifest
     │   └── StopRequested        syncd is stopping; the download was interrupted
     ├── PublishError         the export refused a write, or a dest is unsafe
-    │   └── ExportMissingError   export root is missing (the mount is missing)
+    │   ├── ExportMissingError   export root is missing (the mount is missing)
+    │   └── ExportFullError      no space left on the export file system
     ├── LedgerError          the SQLite ledger could not be read or written
     │   └── LedgerRefusedError   newer schema, symlinked or unsafe state: exit 2
     ├── InternalError        a bug inside one asset's work or a pass (its type and frames, never its text)
     ├── LockHeldError        another syncd holds the state directory or publishes into the export
-    └── ListenError          the HTTP listener cannot bind its address (in use, not on this host)
+    ├── ListenError          the HTTP listener cannot bind its address (in use, not on this host)
+    └── NotifyError          a mail or webhook was not accepted (never fails a pass)
 
 Messages never contain secrets: credentials travel in headers and callbacks, never in URLs or text.
 """
@@ -103,6 +105,10 @@ class ExportMissingError(PublishError):
     """The export root does not exist: the NFS mount is missing. syncd never creates it."""
 
 
+class ExportFullError(PublishError):
+    """The export file system is full (ENOSPC): every download fails until space is freed."""
+
+
 class LedgerError(SyncdError):
     """The ledger (SQLite in the state directory) failed."""
 
@@ -127,8 +133,35 @@ class ListenError(SyncdError):
         super().__init__(message)
 
 
+class NotifyError(SyncdError):
+    """A notification (mail, webhook) was not accepted: logged as ``notify_failed``, sent again at the
+    next pass; it never fails a pass or the exit code of ``syncd sync``."""
+
+
 class InternalError(SyncdError):
     """An unexpected exception inside one asset's work (a bug): that asset fails, the pass goes on."""
+
+
+def error_class(exc: BaseException) -> str:
+    """A short, stable name for what kind of failure ``exc`` is (never its text, a size or a time): the
+    notifiers' dedup key uses it, so the same failure is announced once however its message varies."""
+    if isinstance(exc, VerifyError):
+        return "size_mismatch" if exc.expected.isdigit() else "checksum_mismatch"
+    if isinstance(exc, HTTPStatusError):
+        return f"http_{exc.status}"
+    if isinstance(exc, ExportFullError):
+        return "export_full"
+    if isinstance(exc, ExportMissingError):
+        return "export_missing"
+    if isinstance(exc, InternalError):
+        return "internal_error"
+    if isinstance(exc, PublishError):
+        return "publish_failed"
+    if isinstance(exc, FetchError):
+        return "download_failed"
+    if isinstance(exc, GitError):
+        return "git_failed"
+    return type(exc).__name__
 
 
 def frames(exc: BaseException) -> list[str]:

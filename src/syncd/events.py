@@ -264,6 +264,7 @@ class AssetFailed(Event):
     failed_passes: int
     commit: str
     retry: str = "next pass"
+    error_class: str = ""  # errors.error_class: checksum_mismatch, http_404, export_full, download_failed…
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,9 @@ class AssetRefused(Event):
     manifest: str
     error: str
     commit: str
+    cause: str = ""  # plan.REFUSALS: symlink, sha256_changed, foreign_file, conflict…
+    source: str = ""
+    sha256: str = ""
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,9 @@ import ssl
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -579,6 +581,67 @@ class ManifestRepo:
             return bytes(self._open_or_create()[blob_id].read_raw())
         except (KeyError, ValueError, pygit2.GitError) as exc:
             raise GitError(f"cannot read blob {blob_id}: {exc}") from None
+
+    # provenance -----------------------------------------------------------------------------------
+    def commit_info(self, commit_id: str) -> CommitInfo:
+        """Who made ``commit_id`` and when (the author), and its first message line."""
+        c = self._commit(commit_id)
+        when = datetime.fromtimestamp(c.author.time, timezone(timedelta(minutes=c.author.offset)))
+        return CommitInfo(
+            commit=str(c.id),
+            author_name=_text(c.author.raw_name),
+            author_email=_text(c.author.raw_email),
+            authored_at=when.isoformat(timespec="seconds"),
+            summary=_text(c.raw_message.split(b"\n", 1)[0])[:200],
+        )
+
+    def introduced(self, head: str, path: str, holds: Callable[[str], bool], limit: int = 5000) -> str:
+        """The commit that introduced what ``holds`` finds in file ``path`` at ``head``: from ``head``,
+        step to a parent whose ``path`` still holds it (the same blob, or ``holds(blob id)``), on any parent
+        path; the commit where no parent does is the one. Through a merge this follows the branch that
+        brought the change, so a pull request's own commit is found, not its merge. At most ``limit``
+        steps (then the oldest commit reached); raises :class:`GitError` when ``head`` cannot be read."""
+        current = self._commit(head)
+        seen: dict[str, bool] = {}
+        for _ in range(limit):
+            blob = _blob_at(current, path)
+            step = None
+            for parent in current.parents:
+                pblob = _blob_at(parent, path)
+                if pblob is None:
+                    continue
+                if pblob != blob and pblob not in seen:
+                    seen[pblob] = holds(pblob)
+                if pblob == blob or seen[pblob]:
+                    step = parent
+                    break
+            if step is None:
+                break
+            current = step
+        return str(current.id)
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    """A commit's author (name, e-mail, date) and first message line, as git records them."""
+
+    commit: str
+    author_name: str
+    author_email: str
+    authored_at: str
+    summary: str
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
+def _blob_at(commit: Any, path: str) -> str | None:
+    try:
+        entry = commit.tree[path]
+    except (KeyError, ValueError):
+        return None
+    return str(entry.id) if entry.type_str == "blob" else None
 
 
 class _Damaged(Exception):

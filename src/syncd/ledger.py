@@ -51,7 +51,7 @@ from syncd.manifest import Asset
 from syncd.statedir import check_state_dir, refuse_link
 
 log = logs.get()
-SCHEMA_VERSION = 3  # 2: published.checksum; 3: failures.kind, passes (see _MIGRATIONS)
+SCHEMA_VERSION = 4  # 2: published.checksum; 3: failures.kind, passes; 4: notify_* (see _MIGRATIONS)
 KEEP_PASSES = 100  # pass rows kept for `syncd status`
 
 
@@ -69,7 +69,8 @@ class Problem(StrEnum):
     REFUSED = "refused"  # syncd will not write this dest (a conflict, a foreign file, a symlink …)
 
 
-_SCHEMA = """
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS manifests (
     path TEXT PRIMARY KEY, blob TEXT NOT NULL, assets TEXT, problems TEXT);
@@ -84,6 +85,18 @@ CREATE TABLE IF NOT EXISTS passes (
     id INTEGER PRIMARY KEY, started_at TEXT NOT NULL, finished_at TEXT, ok INTEGER,
     commit_id TEXT, head_commit TEXT, summary TEXT);
 """
+    + """
+CREATE TABLE IF NOT EXISTS notify_open (
+    key TEXT PRIMARY KEY, first_seen TEXT NOT NULL, passes INTEGER NOT NULL, alert TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS notify_sent (
+    channel TEXT NOT NULL, key TEXT NOT NULL, announced_at TEXT NOT NULL, alert TEXT NOT NULL,
+    PRIMARY KEY (channel, key));
+CREATE TABLE IF NOT EXISTS notify_outbox (
+    channel TEXT NOT NULL, key TEXT NOT NULL, item TEXT NOT NULL, queued_at TEXT NOT NULL,
+    PRIMARY KEY (channel, key));
+"""
+)
+_NOTIFY_SCHEMA = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS notify_open") :]
 _COLUMNS = {
     "meta": ("key", "value"),
     "manifests": ("path", "blob", "assets", "problems"),
@@ -109,6 +122,9 @@ _COLUMNS = {
         "kind",
     ),
     "passes": ("id", "started_at", "finished_at", "ok", "commit_id", "head_commit", "summary"),
+    "notify_open": ("key", "first_seen", "passes", "alert"),
+    "notify_sent": ("channel", "key", "announced_at", "alert"),
+    "notify_outbox": ("channel", "key", "item", "queued_at"),
 }
 # The fields of a published row that its checksum covers (orphaned_at is not: it is updated in place,
 # and a damaged one only changes when an orphan was first reported).
@@ -277,17 +293,28 @@ def _add_failure_kind_and_passes(db: sqlite3.Connection) -> None:
     )
 
 
+def _add_notify_state(db: sqlite3.Connection) -> None:
+    """Schema 3 → 4: the notifiers' state (open problems, what each channel was told, its outbox)."""
+    for statement in _NOTIFY_SCHEMA.split(";"):
+        if statement.strip():
+            db.execute(statement.replace("IF NOT EXISTS ", ""))
+
+
 # Each step takes a ledger from schema N to N + 1, in the same transaction as the user_version bump.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _add_row_checksums,
     2: _add_failure_kind_and_passes,
+    3: _add_notify_state,
 }
 
 
 def _columns(version: int) -> dict[str, tuple[str, ...]]:
     """The tables and columns of a ledger at schema ``version`` (0: one that never set it)."""
-    if version in (1, 2):
-        old = {k: v for k, v in _COLUMNS.items() if k != "passes"}
+    if version in (1, 2, 3):
+        old = {k: v for k, v in _COLUMNS.items() if not k.startswith("notify_")}
+        if version == 3:
+            return old
+        del old["passes"]
         old["failures"] = _COLUMNS["failures"][:-1]
         if version == 1:
             old["published"] = _COLUMNS["published"][:-1]
@@ -799,3 +826,70 @@ class Ledger:
                 for a in json.loads(str(assets)):
                     out[str(a["dest"])] = str(a["source"])
         return out
+
+    # the notifiers' state (syncd.notify) ------------------------------------------------------
+    def notices_open(self) -> dict[str, tuple[str, int, str]]:
+        """key → (first seen, passes seen in a row, the problem as JSON) of every open problem."""
+        if self.version < 4:
+            return {}
+        rows = self._read("SELECT key, first_seen, passes, alert FROM notify_open")
+        return {str(k): (str(f), int(str(n)), str(a)) for k, f, n, a in rows}
+
+    def set_notices_open(self, rows: Mapping[str, tuple[str, int, str]]) -> None:
+        """Replace the open problems with ``rows`` (one transaction)."""
+        with self._write() as db:
+            db.execute("DELETE FROM notify_open")
+            db.executemany(
+                "INSERT INTO notify_open(key, first_seen, passes, alert) VALUES (?, ?, ?, ?)",
+                [(k, f, n, a) for k, (f, n, a) in rows.items()],
+            )
+
+    def notices_sent(self) -> dict[str, dict[str, tuple[str, str]]]:
+        """channel → key → (announced at, the problem as JSON): what each channel was told is open."""
+        out: dict[str, dict[str, tuple[str, str]]] = {}
+        if self.version < 4:
+            return out
+        for ch, key, at, alert in self._read("SELECT channel, key, announced_at, alert FROM notify_sent"):
+            out.setdefault(str(ch), {})[str(key)] = (str(at), str(alert))
+        return out
+
+    def outbox(self) -> dict[str, dict[str, str]]:
+        """channel → key → item (JSON) of what waits to be sent (the published digest)."""
+        out: dict[str, dict[str, str]] = {}
+        if self.version < 4:
+            return out
+        for ch, key, item in self._read("SELECT channel, key, item FROM notify_outbox ORDER BY queued_at"):
+            out.setdefault(str(ch), {})[str(key)] = str(item)
+        return out
+
+    def queue_notices(self, items: Mapping[str, Mapping[str, str]]) -> None:
+        """Add items (channel → key → JSON) to the outbox; a key already queued is replaced."""
+        t = now()
+        with self._write() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO notify_outbox(channel, key, item, queued_at) VALUES (?, ?, ?, ?)",
+                [(ch, k, v, t) for ch, kv in items.items() for k, v in kv.items()],
+            )
+
+    def notices_delivered(
+        self,
+        channel: str,
+        *,
+        announced: Mapping[str, str],
+        at: str,
+        recovered: Iterable[str],
+        sent: Iterable[str],
+    ) -> None:
+        """A message reached ``channel``: it now knows ``announced`` (key → JSON) as open since ``at``;
+        ``recovered`` keys are closed for it; ``sent`` outbox keys are gone. One transaction."""
+        with self._write() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO notify_sent(channel, key, announced_at, alert) VALUES (?, ?, ?, ?)",
+                [(channel, k, at, a) for k, a in announced.items()],
+            )
+            db.executemany(
+                "DELETE FROM notify_sent WHERE channel = ? AND key = ?", [(channel, k) for k in recovered]
+            )
+            db.executemany(
+                "DELETE FROM notify_outbox WHERE channel = ? AND key = ?", [(channel, k) for k in sent]
+            )

@@ -46,6 +46,21 @@ class Action:
     asset: Asset | None = None
     reason: str = ""
     replace: bool = False
+    cause: str = ""  # a refusal's stable name (REFUSALS): the notifiers' dedup key, never parsed from text
+
+
+# Why a dest is refused, as stable names (the reason text says it for people).
+REFUSALS = (
+    "symlink",  # a symlink at dest
+    "blocked_path",  # a symlink or non-directory on the dest's path
+    "not_a_file",  # a directory, FIFO or device at dest
+    "unreadable",  # the dest cannot be inspected (EACCES, ESTALE, EIO)
+    "sha256_changed",  # the manifest changed a published file's sha256 without replace = true
+    "changed_outside",  # the published file's size was changed by hand
+    "conflict",  # two entries claim the dest
+    "in_staging",  # the dest is syncd's staging directory
+    "foreign_file",  # a file syncd did not publish, with other content, is at dest
+)
 
 
 def plan(
@@ -73,7 +88,7 @@ def plan(
             for a in actions
         ]
     actions += [
-        Action(Kind.REFUSE, dest, claims[0], conflict_reason(dest, claims))
+        Action(Kind.REFUSE, dest, claims[0], conflict_reason(dest, claims), cause="conflict")
         for dest, claims in sorted(conflicts.items())
     ]
     actions += [
@@ -92,15 +107,17 @@ def _in_staging(asset: Asset, staging: str | None) -> Action | None:
         asset.dest,
         asset,
         f"dest is syncd's staging directory (export.staging = {staging}) or lies under it; refused",
+        cause="in_staging",
     )
 
 
 def _one(asset: Asset, known: Published | None, seen: Observation) -> Action:
     dest = asset.dest
     if seen.state in (State.SYMLINK, State.OTHER, State.BLOCKED):
-        return Action(Kind.REFUSE, dest, asset, f"{seen.detail}; refusing to write there")
+        cause = {State.SYMLINK: "symlink", State.BLOCKED: "blocked_path"}.get(seen.state, "not_a_file")
+        return Action(Kind.REFUSE, dest, asset, f"{seen.detail}; refusing to write there", cause=cause)
     if seen.state is State.UNREADABLE:
-        return Action(Kind.REFUSE, dest, asset, f"{seen.detail}; left alone this pass")
+        return Action(Kind.REFUSE, dest, asset, f"{seen.detail}; left alone this pass", cause="unreadable")
     if known is None:
         if seen.state is State.MISSING:
             return Action(Kind.DOWNLOAD, dest, asset, "new")
@@ -113,6 +130,7 @@ def _one(asset: Asset, known: Published | None, seen: Observation) -> Action:
                 asset,
                 f"dest was published with sha256 {known.sha256} (commit {known.commit[:12]}); "
                 "changing a published file needs replace = true in the manifest",
+                cause="sha256_changed",
             )
         return Action(Kind.DOWNLOAD, dest, asset, "replace = true: new content", replace=True)
     if seen.state is State.MISSING:
@@ -123,5 +141,6 @@ def _one(asset: Asset, known: Published | None, seen: Observation) -> Action:
             dest,
             asset,
             f"file at dest was changed outside syncd (size {seen.size}, ledger says {known.size})",
+            cause="changed_outside",
         )
     return Action(Kind.SKIP, dest, asset, "already published")

@@ -30,7 +30,7 @@ from syncd import events as ev
 from syncd import retry
 from syncd.config import Config
 from syncd.desired import Desired, load_desired
-from syncd.errors import FetchError, GitError, StopRequested, SyncdError, internal_error
+from syncd.errors import FetchError, GitError, StopRequested, SyncdError, error_class, internal_error
 from syncd.fetch import Fetcher
 from syncd.gitsource import ManifestRepo
 from syncd.ledger import How, Ledger, Problem, now
@@ -349,7 +349,7 @@ class Reconciler:
             if a.kind is Kind.SKIP:
                 result.skipped += 1
             elif a.kind is Kind.REFUSE:
-                self._refuse(a, a.reason, result)
+                self._refuse(a, a.reason, result, cause=a.cause)
             elif a.kind is Kind.DEFER:
                 result.deferred += 1
                 self.emit(ev.AssetDeferred(dest=a.dest, reason=a.reason, commit=result.commit))
@@ -470,7 +470,7 @@ class Reconciler:
         assert asset is not None
         commit = result.commit
         if isinstance(out.error, _Refusal):
-            self._refuse(a, str(out.error), result)
+            self._refuse(a, str(out.error), result, cause="foreign_file")
         elif isinstance(out.error, StopRequested):
             result.pending += 1  # not the asset's fault: no failure row, no backoff
             result.pending_dests.append(asset.dest)
@@ -487,6 +487,7 @@ class Reconciler:
                     error=str(out.error),
                     failed_passes=failed_passes,
                     commit=commit,
+                    error_class=error_class(out.error),
                 )
             )
         elif out.how is How.ADOPTED:
@@ -520,12 +521,22 @@ class Reconciler:
                 )
             )
 
-    def _refuse(self, a: Action, reason: str, result: PassResult) -> None:
+    def _refuse(self, a: Action, reason: str, result: PassResult, *, cause: str) -> None:
         asset = a.asset
         assert asset is not None
         result.refused += 1
         self.ledger.record_failure(a.dest, asset.sha256, reason, Problem.REFUSED)
-        self.emit(ev.AssetRefused(dest=a.dest, manifest=asset.manifest, error=reason, commit=result.commit))
+        self.emit(
+            ev.AssetRefused(
+                dest=a.dest,
+                manifest=asset.manifest,
+                error=reason,
+                commit=result.commit,
+                cause=cause,
+                source=asset.source,
+                sha256=asset.sha256,
+            )
+        )
 
     def _settle(self, desired: Desired, result: PassResult) -> None:
         orphans = [a.dest for a in result.planned if a.kind is Kind.ORPHAN]

@@ -39,7 +39,7 @@ import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from syncd.errors import ConfigError, LockHeldError, PublishError
+from syncd.errors import ConfigError, ExportFullError, LockHeldError, PublishError
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO or device planted where a file is expected must not block the open.
@@ -69,10 +69,9 @@ def staging_name(dest: str) -> str:
 
 def os_error(action: str, where: str, exc: OSError) -> PublishError:
     """A PublishError for ``exc``: the action, where, and the errno's text (never a library message)."""
-    reason = exc.strerror or type(exc).__name__
-    if exc.errno == errno.ENOSPC:
-        reason = "no space left on the export file system"
-    return PublishError(f"{action} {where}: {reason}")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ExportFullError(f"{action} {where}: no space left on the export file system")
+    return PublishError(f"{action} {where}: {exc.strerror or type(exc).__name__}")
 
 
 def _problem(staging: Path, problem: str) -> ConfigError:

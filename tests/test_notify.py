@@ -1,0 +1,329 @@
+"""Mail and webhooks end to end: ``syncd sync`` and ``syncd run`` (subprocesses) against a real SMTP
+server (aiosmtpd, with STARTTLS, AUTH and a test CA) and a real HTTP receiver, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import World, syncd_command
+from mailservers import HangingSmtp, Received, SmtpServer
+from servers import TestCA, free_port, make_test_ca
+from webhookserver import WebhookReceiver
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+PASSWORD = "smtp-Pa55-word-never-shown"
+TOKEN = "hook-token-never-shown"
+HMAC_KEY = "hmac-key-never-shown"
+HOOK_PATH = "/hooks/path-SECRET-never-shown"
+HOST = socket.gethostname().split(".")[0]
+SECRETS = (PASSWORD, TOKEN, HMAC_KEY, "path-SECRET")
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    return make_test_ca(Path(tmp_path_factory.mktemp("notify-ca")))
+
+
+@pytest.fixture
+def smtp(ca: TestCA) -> Iterator[SmtpServer]:
+    with SmtpServer(starttls=ca, auth={"syncd": PASSWORD}) as server:
+        yield server
+
+
+def _secret(world: World, name: str, value: str) -> str:
+    path = world.config_path.parent / name
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    return name
+
+
+def mail_config(world: World, server: SmtpServer, ca: TestCA, **notify: Any) -> dict[str, Any]:
+    return {
+        "notify": {"events": ["problem", "recovery"], **notify},
+        "notify.smtp": {
+            "host": "127.0.0.1",
+            "port": server.port,
+            "security": "starttls",
+            "username": "syncd",
+            "password_file": _secret(world, "smtp.password", PASSWORD),
+            "from": "syncd <syncd@nfs01.bank.example>",
+            "to": ["ml-platform-ops@bank.example"],
+            "timeout": "5s",
+            "ca_file": str(ca.cert),
+        },
+    }
+
+
+def _no_secrets(*texts: str) -> None:
+    for text in texts:
+        for secret in SECRETS:
+            assert secret not in text
+
+
+def _mail_text(m: Received) -> str:
+    return m.message.get_content()
+
+
+def test_one_mail_per_problem_then_one_recovery_and_nothing_after(
+    world: World, smtp: SmtpServer, ca: TestCA
+) -> None:
+    """A missing source fails pass after pass: one mail (STARTTLS, AUTH) naming the dest, source,
+    manifest, commit, author, error and what to do; every `syncd sync` is a new process, so nothing is
+    re-sent after a restart; the fix gives one recovery mail; then silence."""
+    world.write_config(**mail_config(world, smtp, ca))
+    good = world.asset("good.bin", 1000)
+    missing = {"source": f"{world.tag}/later.bin", "sha256": "a" * 64, "size": 10}
+    world.manifest("team.toml", {**good, "dest": "d/good.bin"}, {**missing, "dest": "d/later.bin"})
+    commit = world.repo.commit("add two assets")
+    runs = [world.sync() for _ in range(3)]
+    assert [r.code for r in runs] == [1, 1, 1]
+    (m,) = smtp.wait_for(1)
+    time.sleep(0.5)
+    assert len(smtp.messages) == 1
+    assert m.tls and m.auth_user == "syncd" and m.rcpt_tos == ["ml-platform-ops@bank.example"]
+    h = m.message
+    assert h["Subject"] == f"[syncd {HOST}] 1 new problem: d/later.bin: http 404"
+    assert h["Auto-Submitted"] == "auto-generated" and h["Message-ID"] and h["Date"]
+    assert h["From"] == "syncd <syncd@nfs01.bank.example>"
+    text = _mail_text(m)
+    for want in (
+        "dest: d/later.bin",
+        f"source: {world.tag}/later.bin",
+        "manifest: assets/team.toml",
+        f"commit: {commit[:12]}",
+        "author: Syncd Test <syncd-test@example.invalid>",
+        "error: ",
+        "what to do: Artifactory has no file at the source",
+        "syncd status",
+        "journalctl -u syncd",
+    ):
+        assert want in text, (want, text)
+    assert runs[0].one("notification_sent")["new"] == 1
+    assert not runs[1].named("notification_sent") and not runs[2].named("notification_sent")
+    # the fix: the file is uploaded under the manifest's sha256
+    sha = world.asset("later.bin", 10)
+    world.manifest("team.toml", {**good, "dest": "d/good.bin"}, {**sha, "dest": "d/later.bin"})
+    world.repo.commit("fix the sha256")
+    assert world.sync().code == 0
+    recovered = smtp.wait_for(2)[1]
+    assert recovered.message["Subject"] == f"[syncd {HOST}] 1 recovered: d/later.bin: http 404"
+    assert world.sync().code == 0 and world.sync().code == 0
+    time.sleep(0.5)
+    assert len(smtp.messages) == 2
+    _no_secrets(*(r.err for r in runs), *(x.data.decode() for x in smtp.messages))
+
+
+def test_a_reminder_after_repeat_and_min_failures(world: World, smtp: SmtpServer, ca: TestCA) -> None:
+    """min_failures = 2: nothing after the first failed pass, one mail after the second; repeat = 2s:
+    a reminder once that has passed, and no more before it passes again."""
+    world.write_config(**mail_config(world, smtp, ca, min_failures=2, repeat="2s"))
+    missing = {"source": f"{world.tag}/nope.bin", "sha256": "b" * 64, "size": 10}
+    world.manifest("m.toml", {**missing, "dest": "x/nope.bin"})
+    world.repo.commit("a missing asset")
+    assert world.sync().code == 1
+    time.sleep(0.3)
+    assert smtp.messages == []
+    assert world.sync().code == 1
+    (first,) = smtp.wait_for(1)
+    assert "1 new problem" in first.message["Subject"]
+    assert world.sync().code == 1
+    time.sleep(0.3)
+    assert len(smtp.messages) == 1
+    time.sleep(2.1)
+    assert world.sync().code == 1
+    second = smtp.wait_for(2)[1]
+    assert "1 problem still open: x/nope.bin" in second.message["Subject"]
+    assert "Still open (1):" in _mail_text(second)
+
+
+def test_a_digest_of_what_landed_and_mail_to_authors_inside_author_domains(
+    world: World, smtp: SmtpServer, ca: TestCA
+) -> None:
+    """events = ["published"]: one digest per pass listing each file; with mail_authors, the author of
+    the commit that added an asset gets one mail for the pass, and only inside author_domains."""
+    world.write_config(
+        **mail_config(
+            world,
+            smtp,
+            ca,
+            events=["problem", "published"],
+            mail_authors=True,
+            author_domains=["bank.example"],
+        )
+    )
+    a, b, c = (world.asset(f"{n}.bin", 100 + i, seed=i) for i, n in enumerate("abc"))
+    env = {"GIT_AUTHOR_NAME": "Ada Lovelace", "GIT_AUTHOR_EMAIL": "ada@ml.bank.example"}
+    world.manifest("ada.toml", {**a, "dest": "ada/a.bin"}, {**b, "dest": "ada/b.bin"})
+    world.repo.git("add", "--all")
+    subprocess.run(["git", "commit", "-q", "-m", "ada's assets"], cwd=world.repo.work_path,
+                   env={**world.repo.env, **env}, check=True)  # fmt: skip
+    world.manifest("eve.toml", {**c, "dest": "eve/c.bin"})
+    world.repo.git("add", "--all")
+    subprocess.run(["git", "commit", "-q", "-m", "eve's asset"], cwd=world.repo.work_path,
+                   env={**world.repo.env, "GIT_AUTHOR_NAME": "Eve", "GIT_AUTHOR_EMAIL": "eve@evil.example"},
+                   check=True)  # fmt: skip
+    world.repo.git("push", "--quiet", "origin", "HEAD:refs/heads/main")
+    run = world.sync()
+    assert run.code == 0, run.err
+    got = smtp.wait_for(2)
+    time.sleep(0.5)
+    assert len(smtp.messages) == 2
+    by = {tuple(m.rcpt_tos): m for m in smtp.messages}
+    ops, ada = by[("ml-platform-ops@bank.example",)], by[("ada@ml.bank.example",)]
+    assert ops.message["Subject"].startswith(f"[syncd {HOST}] 3 files published: ada/a.bin, ada/b.bin, …")
+    text = _mail_text(ops)
+    assert "* ada/a.bin (100 B, commit" in text and "by Ada Lovelace <ada@ml.bank.example>" in text
+    assert "by Eve <eve@evil.example>" in text
+    assert "eve" not in _mail_text(ada) and "ada/b.bin" in _mail_text(ada)
+    assert not any("eve@evil.example" in m.rcpt_tos for m in got)
+    assert world.sync().code == 0
+    time.sleep(0.5)
+    assert len(smtp.messages) == 2  # nothing new landed: no digest
+
+
+def test_webhook_body_signature_token_and_no_credential_on_a_redirect(world: World) -> None:
+    """The webhook gets one JSON POST per pass with the documented fields, a Bearer token and an HMAC of
+    the exact body; a redirect is not followed (the other server never sees the token), is logged once
+    as notify_failed, and the message is sent once the URL answers again."""
+    with WebhookReceiver() as hook, WebhookReceiver() as elsewhere:
+        world.write_config(
+            notify={"events": ["problem", "recovery", "published"]},
+            **{
+                "notify.webhook": {
+                    "url": hook.url(HOOK_PATH),
+                    "token_file": _secret(world, "hook.token", TOKEN),
+                    "hmac_secret_file": _secret(world, "hook.hmac", HMAC_KEY),
+                    "timeout": "5s",
+                }
+            },
+        )
+        good = world.asset("ok.bin", 500)
+        world.manifest("m.toml", {**good, "dest": "w/ok.bin"})
+        world.manifest("bad.toml", {"source": "x", "dest": "../escape", "sha256": "z", "size": -1})
+        world.repo.commit("one good, one invalid manifest")
+        hook.redirect_to = elsewhere.url("/catch")
+        first = world.sync()
+        assert first.code == 1
+        (failed,) = first.named("notify_failed")
+        assert "redirect" in failed["error"] and failed["channel"] == f"webhook http://127.0.0.1:{hook.port}"
+        assert elsewhere.hits == []
+        hook.redirect_to = None
+        hook.clear()
+        second = world.sync()
+        (hit,) = hook.wait_for(1)
+        assert hit.method == "POST" and hit.path == HOOK_PATH
+        assert hit.headers["authorization"] == f"Bearer {TOKEN}"
+        want = "sha256=" + hmac.new(HMAC_KEY.encode(), hit.body, hashlib.sha256).hexdigest()
+        assert hit.headers["x-syncd-signature"] == want
+        body = json.loads(hit.body)
+        assert body["host"] == HOST and body["kind"] == "problem" and body["schema"] == 1
+        (problem,) = body["problems"]
+        assert problem["kind"] == "manifest_invalid" and problem["manifest"] == "assets/bad.toml"
+        assert problem["author"] == "Syncd Test <syncd-test@example.invalid>" and problem["todo"]
+        (landed,) = body["published"]
+        assert landed["dest"] == "w/ok.bin" and landed["bytes"] == 500 and landed["sha256"] == good["sha256"]
+        assert body["recovered"] == []
+        assert second.one("notification_sent")["published"] == 1
+        _no_secrets(first.err, second.err)
+
+
+def test_smtp_down_or_hanging_never_holds_a_pass_and_the_mail_goes_out_later(
+    world: World, ca: TestCA
+) -> None:
+    """SMTP hanging (accepts, never greets) and then down: the pass publishes, exits 0 within the mail
+    timeout, logs notify_failed; once a server listens, the next pass sends the waiting digest."""
+    port = free_port()
+    good = world.asset("g.bin", 2000)
+    world.manifest("m.toml", {**good, "dest": "g.bin"})
+    world.repo.commit("one asset")
+
+    def config(p: int) -> None:
+        world.write_config(
+            notify={"events": ["problem", "recovery", "published"]},
+            **{
+                "notify.smtp": {
+                    "host": "127.0.0.1", "port": p, "security": "none", "from": "syncd@nfs01.bank.example",
+                    "to": ["ops@bank.example"], "timeout": "2s",
+                }
+            },
+        )  # fmt: skip
+
+    with HangingSmtp() as tarpit:
+        config(tarpit.port)
+        started = time.monotonic()
+        hung = world.sync()
+        took = time.monotonic() - started
+    assert hung.code == 0 and (world.export / "g.bin").exists()
+    assert took < 20, took
+    (failed,) = hung.named("notify_failed")
+    assert "timed out" in failed["error"] or "closed" in failed["error"]
+    config(port)
+    down = world.sync()
+    assert down.code == 0 and "connection refused" in down.one("notify_failed")["error"]
+    with SmtpServer(port=port) as server:
+        up = world.sync()
+        (m,) = server.wait_for(1)
+        assert up.code == 0 and "1 file published: g.bin" in m.message["Subject"]
+        assert world.sync().code == 0
+        time.sleep(0.3)
+        assert len(server.messages) == 1
+
+
+def test_notify_test_says_per_channel_whether_it_was_accepted(
+    world: World, smtp: SmtpServer, ca: TestCA
+) -> None:
+    """`syncd notify --test`: exit 0 and "accepted" when every channel took the test message; exit 1
+    naming why when one did not; never a secret in its output."""
+    with WebhookReceiver() as hook:
+        cfg = mail_config(world, smtp, ca)
+        cfg["notify.webhook"] = {"url": hook.url(HOOK_PATH), "token_file": _secret(world, "t", TOKEN)}
+        world.write_config(**cfg)
+        ok = world.run("notify", "--test", "-c", str(world.config_path))
+        assert ok.code == 0, ok.err
+        assert f"mail via 127.0.0.1:{smtp.port}: accepted" in ok.out
+        assert f"webhook http://127.0.0.1:{hook.port}: accepted" in ok.out
+        (m,) = smtp.wait_for(1)
+        assert m.message["Subject"] == f"[syncd {HOST}] test message"
+        assert json.loads(hook.wait_for(1)[0].body)["kind"] == "test"
+        hook.status = 500
+        cfg["notify.smtp"]["password_file"] = _secret(world, "wrong", "not-the-password")
+        world.write_config(**cfg)
+        bad = world.run("notify", "--test", "-c", str(world.config_path))
+        assert bad.code == 1
+        assert "NOT sent: mail to 127.0.0.1" in bad.out and "refused the user name or password" in bad.out
+        assert f"webhook http://127.0.0.1:{hook.port}: NOT sent: webhook at" in bad.out and "500" in bad.out
+        _no_secrets(ok.out, ok.err, bad.out, bad.err)
+
+
+def test_the_daemon_mails_one_problem_once_over_many_passes(
+    world: World, smtp: SmtpServer, ca: TestCA
+) -> None:
+    """`syncd run` with a 0.3 s interval and a failing asset: one mail over many passes."""
+    world.write_config(schedule={"interval": "300ms", "jitter": "0s"}, **mail_config(world, smtp, ca))
+    world.manifest(
+        "m.toml", {"source": f"{world.tag}/gone.bin", "sha256": "c" * 64, "size": 5, "dest": "gone"}
+    )
+    world.repo.commit("a missing asset")
+    proc = subprocess.Popen([syncd_command(), "run", "-c", str(world.config_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        smtp.wait_for(1)
+        time.sleep(3)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert len(smtp.messages) == 1
+    assert err.count('"pass_finished"') >= 5 and '"asset_deferred"' in err  # backoff: still open, no recovery
+    _no_secrets(err)
