@@ -935,3 +935,98 @@ def test_bad_monitoring_settings_name_the_key(confdir: Path, section: str, where
     """Each bad [metrics]/[http]/[status] value is one problem at its key."""
     found = problems(write(confdir, SSH_SOURCE, ARTIFACTORY, EXPORT, section))
     assert len(found) == 1 and found[0].startswith(f"at '{where}': ") and expected in found[0], found
+
+
+SMTP_HEAD = '[notify]\n[notify.smtp]\nhost = "m.example"\n'
+
+
+# [notify] ------------------------------------------------------------------------------------------
+NOTIFY = """\
+[notify]
+events = ["problem", "recovery", "published"]
+repeat = "12h"
+min_failures = 2
+mail_authors = true
+author_domains = ["bank.example"]
+
+[notify.smtp]
+host = "smtp.bank.example"
+username = "syncd"
+password_file = "smtp.password"
+from = "syncd <syncd@nfs01.bank.example>"
+to = ["ml-platform-ops@bank.example", "oncall@bank.example"]
+
+[notify.webhook]
+url = "https://chat.bank.example/hooks/SECRET-PATH?sig=SECRET-SIG"
+token_file = "hook.token"
+hmac_secret_file = "hook.hmac"
+timeout = "5s"
+"""
+
+
+def test_notify_loads_with_its_defaults_and_never_shows_the_webhook_path(confdir: Path) -> None:
+    for name in ("smtp.password", "hook.token", "hook.hmac"):
+        secret(confdir / name, f"{name}-{PASSWORD}\n")
+    cfg = load(write(confdir, SSH_SOURCE, ARTIFACTORY, EXPORT, NOTIFY))
+    n = cfg.notify
+    assert n is not None and n.smtp is not None and n.webhook is not None
+    assert n.events == {"problem", "recovery", "published"} and (n.repeat, n.min_failures) == (43200, 2)
+    assert (n.smtp.port, n.smtp.security, n.smtp.timeout) == (587, "starttls", 30.0)
+    assert n.smtp.password is not None and n.smtp.password.reveal() == f"smtp.password-{PASSWORD}"
+    assert n.webhook.timeout == 5.0 and n.author_domains == ("bank.example",)
+    shown = str(describe(cfg)) + repr(cfg)
+    assert "SECRET" not in shown and PASSWORD not in shown
+    assert "webhook to https://chat.bank.example" in str(describe(cfg)["notify"])
+
+
+def test_no_notify_section_means_no_notifications(confdir: Path) -> None:
+    assert load(write(confdir, SSH_SOURCE, ARTIFACTORY, EXPORT)).notify is None
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ('[notify]\nevents = ["problem"]\n', "at 'notify': configures no channel"),
+        ('[notify]\nevents = ["problems"]\n[notify.webhook]\nurl = "https://h.example/x"\n',
+         "at 'notify.events': unknown event 'problems'"),
+        ('[notify]\nevents = []\n[notify.webhook]\nurl = "https://h.example/x"\n',
+         "at 'notify.events': is empty"),
+        ('[notify]\nmail_authors = true\n[notify.webhook]\nurl = "https://h.example/x"\n',
+         "at 'notify.author_domains': must list"),
+        (SMTP_HEAD + 'from = "x"\nto = ["a@b.example"]\n',
+         "at 'notify.smtp.from': 'x' is not a mail address"),
+        (SMTP_HEAD + 'from = "a@b.example"\nto = []\n',
+         "at 'notify.smtp.to': lists no recipient"),
+        (SMTP_HEAD + 'from = "a@b.example"\nto = ["a@b.example, c@d.example"]\n',
+         "at 'notify.smtp.to.0': 'a@b.example, c@d.example' is not one mail address"),
+        (SMTP_HEAD + 'security = "ssl"\nfrom = "a@b.example"\nto = ["a@b.example"]\n',
+         "at 'notify.smtp.security': 'ssl' is not one of"),
+        (SMTP_HEAD + 'username = "u"\nfrom = "a@b.example"\nto = ["a@b.example"]\n',
+         "at 'notify.smtp.password_file': username and password_file go together"),
+        (SMTP_HEAD + 'from = "a@b.example"\nto = ["a@b.example"]\ntimeout = "10ms"\n',
+         "at 'notify.smtp.timeout': must be at least 1s"),
+        (SMTP_HEAD + 'from = "a@b.example"\n', "at 'notify.smtp.to': required"),
+        ('[notify]\n[notify.smtp]\nhots = "m.example"\n', "at 'notify.smtp.hots': unknown key"),
+        ('[notify]\n[notify.webhook]\nurl = "https://user:SECRET@h.example/x"\n',
+         "at 'notify.webhook.url': must not carry credentials"),
+        ('[notify]\n[notify.webhook]\nurl = "ftp://h.example/SECRET"\n',
+         "at 'notify.webhook.url': must be an http"),
+        ('[notify]\n[notify.webhook]\nurl = "https://h.example/x"\ntoken_file = "missing"\n',
+         "at 'notify.webhook.token_file': no such file"),
+        ('[notify]\n[notify.webhook]\nurl = "https://h.example/x"\nca_file = "nope.pem"\n',
+         "at 'notify.webhook.ca_file':"),
+    ],
+)  # fmt: skip
+def test_notify_problems_name_the_key(confdir: Path, section: str, expected: str) -> None:
+    found = problems(write(confdir, SSH_SOURCE, ARTIFACTORY, EXPORT, section))
+    assert any(p.startswith(expected) for p in found), found
+    assert not any("SECRET" in p for p in found)
+
+
+def test_a_password_over_plain_smtp_to_another_host_is_a_warning(confdir: Path) -> None:
+    secret(confdir / "smtp.password", PASSWORD)
+    smtp = 'security = "none"\nusername = "u"\npassword_file = "smtp.password"\n'
+    smtp += 'from = "a@b.example"\nto = ["a@b.example"]\n'
+    cfg = load(write(confdir, SSH_SOURCE, ARTIFACTORY, EXPORT, SMTP_HEAD + smtp))
+    assert cfg.notify is not None and cfg.notify.smtp is not None and cfg.notify.smtp.port == 25
+    assert any("notify.smtp.security" in w and "unencrypted" in w for w in cfg.warnings)

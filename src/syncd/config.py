@@ -27,7 +27,7 @@ import ssl
 import stat
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import SplitResult, urlsplit
@@ -378,9 +378,10 @@ class Smtp:
 @dataclass(frozen=True)
 class Webhook:
     """``[notify.webhook]``: one JSON POST per message. Its URL often holds a secret in its path or
-    query (Slack, Teams, Mattermost), so only :func:`webhook_origin` of it is ever logged."""
+    query (Slack, Teams, Mattermost), so only :func:`webhook_origin` of it is ever logged (or shown by
+    ``repr``)."""
 
-    url: str
+    url: str = field(repr=False)
     token: Secret | None
     hmac_secret: Secret | None
     timeout: float

@@ -1,0 +1,179 @@
+"""What to announce, without I/O (syncd.alerts): dedup keys, what a pass judges, the git threshold,
+reminders, recoveries and the words of a message. Table-driven and generated."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from syncd import alerts
+from syncd import events as ev
+from syncd.alerts import Collector, Open, Rules, compose, due, update_open
+
+pytestmark = pytest.mark.unit
+T0 = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+C = "c" * 40
+
+
+def failed(
+    dest: str = "d/x.bin", cls: str = "http_404", error: str = "404 from …", n: int = 1
+) -> ev.AssetFailed:
+    return ev.AssetFailed(dest=dest, source="r/x", manifest="m.toml", sha256="a" * 64, error=error,
+                          failed_passes=n, commit=C, error_class=cls)  # fmt: skip
+
+
+def finished(**kw: object) -> ev.PassFinished:
+    base: dict[str, object] = dict(
+        commit=C, ok=False, dry_run=False, published=0, adopted=0, skipped=0, refused=0, failed=0,
+        orphaned=0, deferred=0, pending=0, invalid_manifests=0, git_error=None, source_error=None, bytes=0,
+        duration_s=0.1, finished_at=T0.isoformat(),
+    )  # fmt: skip
+    base.update(kw)
+    return ev.PassFinished(**base)  # type: ignore[arg-type]
+
+
+def view(*events: ev.Event, end: ev.Event | None = None) -> alerts.PassView:
+    c = Collector("/export")
+    for e in (*events, end or finished()):
+        c.add(e)
+    return c.view
+
+
+@given(
+    error=st.text(max_size=200),
+    n=st.integers(1, 10_000),
+    commit=st.text("0123456789abcdef", min_size=40, max_size=40),
+)
+def test_a_failure_has_one_key_whatever_its_text_count_or_commit(error: str, n: int, commit: str) -> None:
+    """The dedup key is kind + dest + error class: never the message, a count or a commit."""
+    e = failed(error=error, n=n)
+    (alert,) = view(ev.AssetFailed(**{**e.__dict__, "commit": commit})).problems.values()
+    assert alert.key == "asset_failed:d/x.bin:http_404"
+
+
+def test_a_different_error_class_is_a_different_problem() -> None:
+    keys = set(view(failed(cls="http_404")).problems) | set(view(failed(cls="checksum_mismatch")).problems)
+    assert keys == {"asset_failed:d/x.bin:http_404", "asset_failed:d/x.bin:checksum_mismatch"}
+
+
+def test_a_problem_seen_again_is_counted_and_keeps_when_it_was_first_seen() -> None:
+    first = update_open({}, view(failed()), "t1")
+    second = update_open(first, view(failed()), "t2")
+    (p,) = second.values()
+    assert (p.first_seen, p.passes) == ("t1", 2)
+
+
+@pytest.mark.parametrize(
+    ("label", "later", "still_open"),
+    [
+        (
+            "the asset published",
+            view(
+                ev.AssetPublished(
+                    dest="d/x.bin",
+                    source="r/x",
+                    sha256="a" * 64,
+                    bytes=1,
+                    duration_s=0,
+                    mb_per_s=0,
+                    manifest="m.toml",
+                    commit=C,
+                    replaced=False,
+                )
+            ),
+            False,
+        ),
+        ("the entry was removed (a pass that saw nothing)", view(), False),
+        (
+            "the export was missing: nothing judged",
+            view(end=ev.PassFailed("no root", "ExportMissingError")),
+            True,
+        ),
+        ("git unreachable before a first fetch", view(end=ev.PassFailed("down", "GitError")), True),
+        ("[source] path missing: nothing planned", view(end=finished(source_error="gone")), True),
+        ("the commit was not in the clone", view(end=finished(git_problem="not_in_clone")), True),
+        ("the asset waited out its backoff", view(ev.AssetDeferred("d/x.bin", "backoff", C)), True),
+        ("a stop interrupted it", view(ev.AssetInterrupted("d/x.bin", "stopping", C)), True),
+    ],
+)
+def test_a_problem_recovers_only_when_a_pass_judged_it(
+    label: str, later: alerts.PassView, still_open: bool
+) -> None:
+    before = update_open({}, view(failed()), "t1")
+    after = update_open(before, later, "t2")
+    assert ("asset_failed:d/x.bin:http_404" in after) is still_open, label
+
+
+def test_a_full_export_is_one_problem_not_one_per_asset() -> None:
+    """Every asset failing with ENOSPC is one export_full problem; it recovers when something is
+    written, and stays open when nothing was attempted."""
+    full = view(*(failed(f"f{i}", "export_full") for i in range(50)))
+    assert list(full.problems) == ["export_full"]
+    (alert,) = full.problems.values()
+    assert "50 asset(s)" in alert.title and len(alert.dests) == 10 and "/export" in alert.todo
+    opened = update_open({}, full, "t1")
+    assert "export_full" in update_open(opened, view(), "t2")  # nothing attempted: unknown
+    other = view(failed("f1", "http_503"))
+    assert "export_full" not in update_open(opened, other, "t2")  # a write got as far as the server
+
+
+def _open(kind_event: ev.Event, passes: int, age: timedelta, end: ev.Event | None = None) -> Open:
+    (alert,) = view(kind_event, end=end).problems.values()
+    return Open(alert, (T0 - age).isoformat(), passes)
+
+
+@pytest.mark.parametrize(
+    ("passes", "minutes", "announce"),
+    [(1, 60, False), (2, 60, False), (3, 14, False), (3, 15, True), (10, 1, False), (10, 20, True)],
+)
+def test_git_unreachable_is_announced_after_3_passes_and_15_minutes(
+    passes: int, minutes: int, announce: bool
+) -> None:
+    p = _open(ev.GitFailed("unreachable", "ssh://git", C), passes, timedelta(minutes=minutes))
+    assert due(p, Rules(), T0) is announce
+
+
+@pytest.mark.parametrize(
+    ("failed_passes", "min_failures", "announce"), [(1, 1, True), (1, 2, False), (2, 2, True)]
+)
+def test_min_failures(failed_passes: int, min_failures: int, announce: bool) -> None:
+    p = _open(failed(n=failed_passes), 1, timedelta())
+    assert due(p, Rules(min_failures=min_failures), T0) is announce
+
+
+def test_compose_new_then_silence_then_a_reminder_then_a_recovery() -> None:
+    rules = Rules(repeat=3600)
+    opened = update_open({}, view(failed()), T0.isoformat())
+    first = compose("mail", {"problem", "recovery"}, opened, {}, [], rules, T0)
+    assert [a.key for a in first.new] == ["asset_failed:d/x.bin:http_404"] and first.kind == "problem"
+    told = {a.key: (T0.isoformat(), a) for a in first.new}
+    assert compose("mail", {"problem", "recovery"}, opened, told, [], rules, T0 + timedelta(minutes=59)).empty
+    later = compose("mail", {"problem", "recovery"}, opened, told, [], rules, T0 + timedelta(hours=1))
+    assert later.reminders and not later.new
+    never = compose("mail", {"problem"}, opened, told, [], Rules(repeat=0), T0 + timedelta(days=30))
+    assert never.empty
+    gone = compose("mail", {"problem", "recovery"}, {}, told, [], rules, T0)
+    assert [a.key for a in gone.recovered] == list(told) and gone.kind == "recovery"
+    quiet = compose("mail", {"problem"}, {}, told, [], rules, T0)  # no "recovery": forgotten silently
+    assert quiet.empty and quiet.forget == tuple(told)
+
+
+def test_subject_counts_and_names_the_problems() -> None:
+    problems = view(failed("a.tar", "checksum_mismatch"), failed("b.tar"), failed("c.tar")).problems
+    opened = update_open({}, alerts.PassView(problems=problems), T0.isoformat())
+    msg = compose("mail", {"problem"}, opened, {}, [], Rules(), T0)
+    assert alerts.subject("nfs01", msg) == (
+        "[syncd nfs01] 3 new problems: a.tar: checksum mismatch, b.tar: http 404, …"
+    )
+    body = alerts.body("nfs01", msg)
+    assert body.count("\n* ") == 3 and "what to do: the file in Artifactory is not the one reviewed" in body
+
+
+def test_an_alert_survives_its_json_and_a_damaged_one_is_dropped() -> None:
+    (a,) = view(failed()).problems.values()
+    assert alerts.Alert.from_json(a.to_json()) == a
+    assert alerts.Alert.from_json("{not json") is None
+    assert alerts.Alert.from_json('{"key": 1}') is None
