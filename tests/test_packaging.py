@@ -103,3 +103,36 @@ def test_sysusers_declares_the_user() -> None:
     """The sysusers file creates the syncd user the unit runs as."""
     text = (ROOT / "packaging" / "syncd.sysusers").read_text()
     assert re.search(r"^u syncd ", text, re.M)
+
+
+def test_example_notify_block_uncommented_passes(tmp_path: Path) -> None:
+    """The commented [notify] block of the example is a working configuration once uncommented (its
+    key names are the contract), with its secret files present."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    files = {"id_ed25519": SSH_KEY, "artifactory.token": "t\n", "smtp.password": "p\n",
+             "webhook.token": "w\n", "webhook.hmac": "h\n"}  # fmt: skip
+    for name, text in files.items():
+        (creds / name).write_text(text)
+        (creds / name).chmod(0o600)
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("git.example.com ssh-ed25519 AAAA\n")
+    text = EXAMPLE.read_text().replace("/etc/syncd/known_hosts", str(known_hosts))
+    head, block = text.split("# [notify]\n", 1)
+    lines = ["[notify]"]
+    for line in block.splitlines():
+        body = line.removeprefix("# ")
+        if body.startswith("[notify") or (" = " in body and not body.startswith(("ca_file", " "))):
+            lines.append(body)
+    conf = tmp_path / "syncd.conf"
+    conf.write_text(head + "\n".join(lines) + "\n")
+    out = subprocess.run(
+        [syncd_command(), "check-config", "-c", str(conf)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "CREDENTIALS_DIRECTORY": str(creds)},
+    )
+    assert out.returncode == 0, out.stderr + conf.read_text()
+    assert "notify = problem, recovery by mail via smtp.bank.example:587 (starttls) to 1 and webhook to " \
+        "https://chat.bank.example" in out.stdout  # fmt: skip
