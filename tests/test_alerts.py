@@ -177,3 +177,23 @@ def test_an_alert_survives_its_json_and_a_damaged_one_is_dropped() -> None:
     assert alerts.Alert.from_json(a.to_json()) == a
     assert alerts.Alert.from_json("{not json") is None
     assert alerts.Alert.from_json('{"key": 1}') is None
+
+
+@given(name=st.text(min_size=1, max_size=80))
+def test_repository_text_never_breaks_a_mail_header_or_a_body_line(name: str) -> None:
+    """A manifest path or dest with line breaks or control characters (git allows them in paths) becomes
+    one escaped subject line: the mail is always built, and no header can be injected."""
+    from syncd.config import Smtp
+    from syncd.mail import message
+
+    problem = ev.ManifestInvalid(
+        manifest=f"assets/{name}\r\nBcc: evil@example.com", commit=C, problems=("x",)
+    )
+    opened = update_open({}, view(problem), T0.isoformat())
+    msg = compose("mail", {"problem"}, opened, {}, [], Rules(), T0)
+    subject = alerts.subject("nfs01", msg)
+    assert "\n" not in subject and "\r" not in subject
+    smtp = Smtp("m.example", 25, "none", None, None, "syncd@x.example", ("ops@x.example",), 5.0)
+    mail = message(smtp, smtp.to, subject, alerts.body("nfs01", msg), "nfs01.example")
+    assert mail["Bcc"] is None and mail["Subject"] == subject
+    assert all(line.isprintable() for line in alerts.body("nfs01", msg).splitlines())

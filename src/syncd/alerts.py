@@ -22,10 +22,13 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 
 from syncd import events as ev
+from syncd.report import shown
 
 GIT_PASSES = 3  # git unreachable is announced after this many passes in a row …
 GIT_SECONDS = 15 * 60.0  # … and this long, whichever is later
 TITLE_CHARS = 120
+SUBJECT_CHARS = 400
+LINE_CHARS = 2000  # one line of a mail body (an error, a list of dests)
 
 
 @dataclass(frozen=True)
@@ -459,7 +462,7 @@ def subject(host: str, m: Message) -> str:
         parts.append(_counted(len(m.published), "file") + " published: " + _list(x.dest for x in m.published))
     if m.kind == "test":
         parts.append("test message")
-    return f"[syncd {host}] " + " · ".join(parts)
+    return shown(f"[syncd {host}] " + " · ".join(parts), SUBJECT_CHARS)  # one line: never a header break
 
 
 def _counted(n: int, what: str) -> str:
@@ -526,7 +529,7 @@ def body(host: str, m: Message, *, status_hint: bool = True) -> str:
             f"On {host}: syncd status   (what is wrong now)",
             "         journalctl -u syncd   (the details)",
         ]
-    return "\n".join(out).rstrip("\n") + "\n"
+    return "\n".join(shown(line, LINE_CHARS) for line in out).rstrip("\n") + "\n"
 
 
 def _size(n: int) -> str:

@@ -33,7 +33,8 @@ from syncd.ledger import Ledger
 
 log = logs.get()
 MAIL, WEBHOOK, AUTHOR = "mail", "webhook", "author:"
-MAX_LOOKUPS = 200  # provenance lookups per pass (a first sync of 10,000 files names no authors)
+MAX_LOOKUPS = 200  # provenance lookups per pass (a first sync of 10,000 files names no authors) …
+LOOKUP_SECONDS = 2.0  # … and the time they may take in all (a 4 MiB manifest takes ~1 s to parse)
 MAX_LISTED = 100  # files listed in one message; the rest are counted
 
 
@@ -338,6 +339,10 @@ def _open_from(rows: Mapping[str, tuple[str, int, str]]) -> dict[str, Open]:
     return out
 
 
+class _OutOfTime(Exception):
+    """The pass's time for provenance lookups is used up: the message names no author."""
+
+
 class _Lookups:
     """Who added an entry (from git), at most :data:`MAX_LOOKUPS` per pass; a failure names no one."""
 
@@ -345,11 +350,14 @@ class _Lookups:
         self.repo = repo
         self.head = head
         self.left = MAX_LOOKUPS
+        self.until = time.monotonic() + LOOKUP_SECONDS
         self._parsed: dict[tuple[str, str], frozenset[tuple[str, str]]] = {}
 
     def _entries(self, path: str, blob: str) -> frozenset[tuple[str, str]]:
         key = (path, blob)
         if key not in self._parsed:
+            if time.monotonic() > self.until:
+                raise _OutOfTime
             try:
                 found = frozenset((a.dest, a.sha256) for a in manifest.parse(path, self.repo.read(blob)))
             except (ManifestError, SyncdError):
@@ -358,7 +366,7 @@ class _Lookups:
         return self._parsed[key]
 
     def _who(self, path: str, dest: str, sha256: str, commit: str) -> tuple[str, str, str]:
-        if not path or not (commit or self.head) or self.left <= 0:
+        if not path or not (commit or self.head) or self.left <= 0 or time.monotonic() > self.until:
             return "", "", ""
         self.left -= 1
         head = commit or self.head
