@@ -13,6 +13,10 @@ One run of this script:
    ``--passes`` passes ran. Each pass fetches git, reads the ledger and lstat()s 100 dests;
 4. prints both, and writes JSON with ``--json PATH``.
 
+With ``--notify`` the configuration also has ``[notify]`` (problem, recovery and published) with mail to a
+real SMTP server (aiosmtpd, ``tests/mailservers.py``) on 127.0.0.1: every pass then decides what to announce
+(nothing, once in sync), which is the cost this measures.
+
 Both daemons are stopped with SIGTERM by PID.
 """
 
@@ -67,13 +71,20 @@ def setup(work: Path, assets: int) -> tuple[Path, Any]:
     return work, nginx
 
 
-def write_config(work: Path, nginx: Any, interval: str, jitter: str) -> Path:
+def write_config(work: Path, nginx: Any, interval: str, jitter: str, smtp_port: int | None = None) -> Path:
     conf = work / "syncd.conf"
+    notify = ""
+    if smtp_port is not None:
+        notify = (
+            '\n[notify]\nevents = ["problem", "recovery", "published"]\n\n[notify.smtp]\nhost = "127.0.0.1"\n'
+            f'port = {smtp_port}\nsecurity = "none"\nfrom = "syncd@bench.example"\n'
+            'to = ["ops@bench.example"]\n'
+        )
     conf.write_text(
         f'[source]\nurl = "{(work / "remote.git").as_uri()}"\npath = "assets"\n\n'
         f'[artifactory]\nurl = "{nginx.bearer_url()}"\ntoken_file = "token"\n\n'
         f'[export]\nroot = "{work / "export"}"\n\n[schedule]\ninterval = "{interval}"\n'
-        f'jitter = "{jitter}"\n\n[state]\ndirectory = "{work / "state"}"\n'
+        f'jitter = "{jitter}"\n\n[state]\ndirectory = "{work / "state"}"\n' + notify
     )
     return conf
 
@@ -117,11 +128,18 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=50, help="sample RSS every N passes")
     ap.add_argument("--assets", type=int, default=100)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--notify", action="store_true", help="with [notify] mail to a local SMTP server")
     args = ap.parse_args()
+    smtp = None
+    if args.notify:
+        from mailservers import SmtpServer
+
+        smtp = SmtpServer()
+    port = smtp.port if smtp is not None else None
     with tempfile.TemporaryDirectory(prefix="syncd-idle-") as tmp:
         work, nginx = setup(Path(tmp), args.assets)
         try:
-            idle = Run(write_config(work, nginx, "1h", "0"))
+            idle = Run(write_config(work, nginx, "1h", "0", port))
             idle.wait_passes(1)
             time.sleep(1.0)
             before = cpu_seconds(idle.proc.pid)
@@ -130,7 +148,7 @@ def main() -> int:
             idle_rss = rss_kib(idle.proc.pid)
             idle.stop()
 
-            busy = Run(write_config(work, nginx, "0.2s", "0"))
+            busy = Run(write_config(work, nginx, "0.2s", "0", port))
             samples: list[tuple[int, int]] = []
             for target in range(args.every, args.passes + 1, args.every):
                 busy.wait_passes(target)
@@ -139,6 +157,8 @@ def main() -> int:
             busy.stop()
         finally:
             nginx.stop()
+            if smtp is not None:
+                smtp.stop()
     first, last = samples[0][1], samples[-1][1]
     result = {
         "assets": args.assets,
@@ -149,6 +169,8 @@ def main() -> int:
         "rss_samples_mib": [(p, round(r / 1024, 1)) for p, r in samples],
         "rss_growth_mib": round((last - first) / 1024, 1),
         "cpu_per_pass_ms": round(1000 * cpu_total / samples[-1][0], 2),
+        "notify": args.notify,
+        "mails": len(smtp.messages) if smtp is not None else None,
     }
     print(
         f"idle: {result['idle_cpu_seconds']} s CPU in {args.idle:.0f} s ({result['idle_cpu_percent']} %), "

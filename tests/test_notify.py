@@ -327,3 +327,34 @@ def test_the_daemon_mails_one_problem_once_over_many_passes(
     assert len(smtp.messages) == 1
     assert err.count('"pass_finished"') >= 5 and '"asset_deferred"' in err  # backoff: still open, no recovery
     _no_secrets(err)
+
+
+def test_a_reload_adds_a_channel_which_hears_of_open_problems_once(
+    world: World, smtp: SmtpServer, ca: TestCA
+) -> None:
+    """Each channel keeps its own state: a daemon posting to a webhook is reloaded (SIGHUP) with mail
+    added; the mail channel is told of the open problem once, the webhook is not told again."""
+    import signal
+
+    with WebhookReceiver() as hook:
+        schedule = {"interval": "300ms", "jitter": "0s"}
+        webhook = {"notify.webhook": {"url": hook.url("/h"), "timeout": "5s"}}
+        world.write_config(schedule=schedule, notify={"events": ["problem", "recovery"]}, **webhook)
+        gone = {"source": f"{world.tag}/gone.bin", "sha256": "d" * 64, "size": 5, "dest": "gone"}
+        world.manifest("m.toml", gone)
+        world.repo.commit("a missing asset")
+        proc = subprocess.Popen([syncd_command(), "run", "-c", str(world.config_path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            hook.wait_for(1)
+            cfg = mail_config(world, smtp, ca)
+            world.write_config(schedule=schedule, **cfg, **webhook)
+            proc.send_signal(signal.SIGHUP)
+            (m,) = smtp.wait_for(1)
+            time.sleep(2)
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and '"config_reloaded"' in err
+    assert "1 new problem: gone: http 404" in m.message["Subject"]
+    assert len(hook.hits) == 1 and len(smtp.messages) == 1

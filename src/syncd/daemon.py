@@ -142,17 +142,16 @@ class Daemon:
         self.cfg = cfg
 
     def _set_notify(self, cfg: Config) -> None:
-        """Mail and webhooks for ``cfg`` (a reload that changes [notify] starts a new notifier)."""
-        old = self.notify.inner
-        if old is not None and old.notify == cfg.notify:
-            return
-        self.notify.inner = (
-            None
-            if cfg.notify is None
-            else Announcer(
+        """Mail and webhooks for ``cfg``: on a reload the notifier is reconfigured in place (its messages
+        in flight are kept), started, or switched off."""
+        if cfg.notify is None:
+            self.notify.inner = None
+        elif self.notify.inner is not None:
+            self.notify.inner.reconfigure(cfg.notify, str(cfg.export_root))
+        else:
+            self.notify.inner = Announcer(
                 cfg.notify, lambda: (self.rec.ledger, self.rec.repo), export_root=str(cfg.export_root)
             )
-        )
 
     def _next_poll(self) -> datetime | None:
         job = self.scheduler.get_job(JOB) if self.scheduler.running else None

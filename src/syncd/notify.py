@@ -160,6 +160,12 @@ class Announcer:
         self.rules = Rules(repeat=notify.repeat, min_failures=notify.min_failures)
         self._collector = alerts.Collector(export_root)
 
+    def reconfigure(self, notify: Notify, export_root: str) -> None:
+        """A reload: the new [notify] applies from the next decision; messages in flight are kept."""
+        self.notify, self.export_root = notify, export_root
+        self.sender.notify = notify
+        self.rules = Rules(repeat=notify.repeat, min_failures=notify.min_failures)
+
     def __call__(self, event: ev.Event) -> None:
         if isinstance(event, ev.PassStarted):
             self._collector = alerts.Collector(self.export_root)
