@@ -194,6 +194,19 @@ def test_repository_text_never_breaks_a_mail_header_or_a_body_line(name: str) ->
     subject = alerts.subject("nfs01", msg)
     assert "\n" not in subject and "\r" not in subject
     smtp = Smtp("m.example", 25, "none", None, None, "syncd@x.example", ("ops@x.example",), 5.0)
-    mail = message(smtp, smtp.to, subject, alerts.body("nfs01", msg), "nfs01.example")
+    mail = message(smtp, smtp.to, subject, alerts.body("nfs01", msg))
     assert mail["Bcc"] is None and mail["Subject"] == subject
     assert all(line.isprintable() for line in alerts.body("nfs01", msg).splitlines())
+
+
+@pytest.mark.parametrize("stamp", ["garbage", "", "2026-12-03T11:00:00", "2026-12-03T11:00:00+00:00"])
+def test_a_damaged_or_zoneless_time_in_the_ledger_never_stops_the_notifications(stamp: str) -> None:
+    """A time the ledger holds that does not parse counts as long ago (the reminder and the git
+    announcement are due); a zoneless one is UTC; nothing raises."""
+    (alert,) = view(failed()).problems.values()
+    opened = {alert.key: Open(alert, stamp, 5)}
+    told = {alert.key: (stamp, alert)}
+    msg = compose("mail", {"problem", "recovery"}, opened, told, [], Rules(repeat=600), T0)
+    assert [a.key for a in msg.reminders] == [alert.key]
+    git = _open(ev.GitFailed("down", "ssh://git", C), 3, timedelta())
+    assert due(Open(git.alert, stamp, 3), Rules(), T0)

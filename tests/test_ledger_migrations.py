@@ -1,5 +1,38 @@
-"""Ledger migrations, on a real old ledger: tests/fixtures/ledger-schema2.sqlite3 was written by
-`syncd sync` on main at 60da054 (see tests/fixtures/README.md)."""
+r"""Ledger migrations, on real old ledgers written by an earlier `main`:
+
+- tests/fixtures/ledger-schema2.sqlite3 was written by `syncd sync` on main at 60da054 (see
+  tests/fixtures/README.md).
+- tests/fixtures/ledger-schema3.sqlite3 (40 KiB) was written by `syncd sync` on main at 4c3d944 (schema 3,
+  the last before the notify_* tables), run twice, so: two pass rows; `weights/a.bin` (1000 bytes of "a")
+  and `weights/b.bin` (2000 bytes of "b") published; `weights/missing.bin` failing with an HTTP 404
+  (kind failed, 2 attempts); `foreign/c.bin` refused because a foreign file was at its dest (kind
+  refused); `assets/bad.toml` invalid (no sha256, size, dest); the manifest cache at commit 94bdbbbc. Made
+  with::
+
+      git -C /work/main worktree add /tmp/syncd-4c3d944 4c3d944
+      W=/tmp/mkfix3/w; mkdir -p $W/{blobs/open,export/foreign,state,etc}; chmod 700 $W/state
+      export GIT_AUTHOR_NAME="Syncd Fixture" GIT_AUTHOR_EMAIL=fixture@example.invalid \
+             GIT_COMMITTER_NAME="Syncd Fixture" GIT_COMMITTER_EMAIL=fixture@example.invalid \
+             GIT_AUTHOR_DATE=2026-12-01T12:00:00Z GIT_COMMITTER_DATE=2026-12-01T12:00:00Z \
+             GIT_CONFIG_GLOBAL=/dev/null GIT_CONFIG_NOSYSTEM=1
+      # blobs/open/a.bin, b.bin, c.bin: 1000 x "a", 2000 x "b", 300 x "c";
+      # export/foreign/c.bin: "not the reviewed file\n" (a foreign file at c.bin's dest)
+      git init -q --bare -b main $W/manifests.git; git clone -q $W/manifests.git $W/work
+      # $W/work/assets/: weights.toml (open/a.bin -> weights/a.bin, open/b.bin -> weights/b.bin),
+      # missing.toml (open/missing.bin, sha256 "e" * 64, size 10 -> weights/missing.bin),
+      # foreign.toml (open/c.bin -> foreign/c.bin), bad.toml ('[[asset]]\nsource = "x"\n');
+      # then git add -A, commit -m "fixture manifests", push origin HEAD:main
+      # $W/etc/syncd.conf: [source] url = "file://$W/manifests.git", branch = "main", path = "assets";
+      # [artifactory] url = "http://127.0.0.1:$PORT" (no credential: the "open" setup);
+      # [export] root = "$W/export"; [state] directory = "$W/state"
+      python -m http.server --bind 127.0.0.1 --directory $W/blobs $PORT &
+      cd /tmp; for i in 1 2; do PYTHONPATH=/tmp/syncd-4c3d944/src \
+          /work/main/.venv/bin/python -m syncd sync -c $W/etc/syncd.conf; done   # exit 1 both times
+      cp $W/state/ledger.sqlite3 tests/fixtures/ledger-schema3.sqlite3   # no -wal left: all in the file
+      git -C /work/main worktree remove --force /tmp/syncd-4c3d944
+
+The tests upgrade (or read) copies of them; never edit a fixture in place.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +43,33 @@ from pathlib import Path
 import pytest
 import structlog
 
+from syncd.desired import cache_key
 from syncd.errors import LedgerError, LedgerRefusedError
 from syncd.ledger import SCHEMA_VERSION, How, Ledger, Problem
 
 pytestmark = pytest.mark.unit
 FIXTURE = Path(__file__).parent / "fixtures" / "ledger-schema2.sqlite3"
+FIXTURE3 = Path(__file__).parent / "fixtures" / "ledger-schema3.sqlite3"
+COMMIT3 = "94bdbbbcdeb13b25e77b88809091182e683ab2e6"  # the manifests' commit in FIXTURE3
+NOTIFY_TABLES = ("notify_open", "notify_sent", "notify_outbox")
+
+
+def _copy(fixture: Path, tmp_path: Path) -> Path:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    path = state / "ledger.sqlite3"
+    shutil.copyfile(fixture, path)
+    return path
 
 
 @pytest.fixture
 def old(tmp_path: Path) -> Path:
-    state = tmp_path / "state"
-    state.mkdir(mode=0o700)
-    path = state / "ledger.sqlite3"
-    shutil.copyfile(FIXTURE, path)
-    return path
+    return _copy(FIXTURE, tmp_path)
+
+
+@pytest.fixture
+def old3(tmp_path: Path) -> Path:
+    return _copy(FIXTURE3, tmp_path)
 
 
 def test_schema_2_ledger_from_main_upgrades_to_the_current_schema(old: Path) -> None:
@@ -114,3 +160,99 @@ def test_a_failed_migration_leaves_the_old_ledger_intact(old: Path, monkeypatch:
         db.close()
     monkeypatch.setitem(ledger_module._MIGRATIONS, 2, real)
     Ledger(old).close()  # and the next start migrates it for real
+
+
+def _tables(path: Path) -> dict[str, int]:
+    """Every table of the ledger at ``path`` with its row count (read with the sqlite3 module)."""
+    db = sqlite3.connect(path)
+    try:
+        names = [str(r[0]) for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {n: int(db.execute(f"SELECT count(*) FROM {n}").fetchone()[0]) for n in names}  # noqa: S608
+    finally:
+        db.close()
+
+
+def test_schema_3_ledger_from_main_upgrades_to_the_current_schema(old3: Path) -> None:
+    """Opening the schema-3 ledger for writing migrates it once, in place (one ledger_migrated from 3):
+    every row stays (published with valid checksums, failures with their kinds, both passes, the totals,
+    the manifest cache whose digest still matches); the three notify_* tables exist and are empty and
+    take the notifiers' state; a second open does not migrate again."""
+    rows_before = _tables(old3)
+    assert rows_before == {"meta": 9, "manifests": 4, "published": 2, "failures": 2, "passes": 2}
+    with structlog.testing.capture_logs() as logs:
+        ledger = Ledger(old3)
+    try:
+        assert [(e["from_schema"], e["to_schema"]) for e in logs if e["event"] == "ledger_migrated"] == [
+            (3, SCHEMA_VERSION)
+        ]
+        assert ledger.version == SCHEMA_VERSION
+        published = ledger.published()
+        assert sorted(published) == ["weights/a.bin", "weights/b.bin"]
+        assert {p.how for p in published.values()} == {How.DOWNLOADED}
+        assert (published["weights/a.bin"].size, published["weights/a.bin"].commit) == (1000, COMMIT3)
+        failures = ledger.failures()
+        assert sorted(failures) == ["foreign/c.bin", "weights/missing.bin"]
+        assert failures["foreign/c.bin"].kind is Problem.REFUSED
+        assert failures["foreign/c.bin"].last_error.startswith("a different file is at dest")
+        assert failures["weights/missing.bin"].kind is Problem.FAILED
+        assert failures["weights/missing.bin"].attempts == 2
+        assert failures["weights/missing.bin"].last_error.startswith("HTTP 404")
+        passes = ledger.passes(10)
+        assert [(p.id, p.ok, p.commit) for p in passes] == [(2, False, COMMIT3), (1, False, COMMIT3)]
+        assert passes[1].summary["published"] == 2 and passes[0].summary["skipped"] == 2
+        assert ledger.totals() == {
+            "downloads_ok": 2,
+            "downloads_failed": 2,
+            "downloaded_bytes": 3000,
+            "git_fetch_ok": 2,
+            "git_fetch_failed": 0,
+        }
+        assert list(ledger.invalid_manifests()) == ["assets/bad.toml"]
+        commit, cached = ledger.manifest_cache(cache_key("assets"))
+        assert commit == COMMIT3
+        assert sorted(cached) == [
+            "assets/bad.toml",
+            "assets/foreign.toml",
+            "assets/missing.toml",
+            "assets/weights.toml",
+        ]
+        assert (ledger.notices_open(), ledger.notices_sent(), ledger.outbox()) == ({}, {}, {})
+        # the new tables take the notifiers' state
+        ledger.set_notices_open({"asset_failed:weights/missing.bin:http_404": ("t0", 3, "{}")})
+        ledger.queue_notices({"mail": {"weights/a.bin@x": "{}"}})
+        assert ledger.notices_open() == {"asset_failed:weights/missing.bin:http_404": ("t0", 3, "{}")}
+        assert ledger.outbox() == {"mail": {"weights/a.bin@x": "{}"}}
+        ledger.set_notices_open({})
+        ledger.notices_delivered("mail", announced={}, at="", recovered=(), sent=["weights/a.bin@x"])
+    finally:
+        ledger.close()
+    rows_after = _tables(old3)
+    assert rows_after == {**rows_before, **dict.fromkeys(NOTIFY_TABLES, 0)}
+    with structlog.testing.capture_logs() as logs:
+        Ledger(old3).close()
+    assert not [e for e in logs if e["event"] == "ledger_migrated"]
+    db = sqlite3.connect(old3)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        db.close()
+
+
+def test_a_reader_reads_the_schema_3_layout_without_changing_it(old3: Path) -> None:
+    """A read-only reader (status, a dry run) of the schema-3 ledger reads it as it is (no notify_*
+    tables: no open problems, nothing told, an empty outbox) and leaves the file byte for byte as it was,
+    with nothing created beside it."""
+    before = old3.read_bytes()
+    ledger = Ledger(old3, readonly=True)
+    try:
+        assert ledger.version == 3
+        assert sorted(ledger.published()) == ["weights/a.bin", "weights/b.bin"]
+        assert ledger.failures()["foreign/c.bin"].kind is Problem.REFUSED
+        assert [p.id for p in ledger.passes(10)] == [2, 1]
+        assert ledger.notices_open() == {}
+        assert ledger.notices_sent() == {}
+        assert ledger.outbox() == {}
+    finally:
+        ledger.close()
+    assert old3.read_bytes() == before
+    assert sorted(p.name for p in old3.parent.iterdir()) == ["ledger.sqlite3"]

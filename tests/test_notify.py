@@ -358,3 +358,112 @@ def test_a_reload_adds_a_channel_which_hears_of_open_problems_once(
     assert proc.returncode == 0 and '"config_reloaded"' in err
     assert "1 new problem: gone: http 404" in m.message["Subject"]
     assert len(hook.hits) == 1 and len(smtp.messages) == 1
+
+
+class SlowSmtp:
+    """A real (minimal) SMTP server on 127.0.0.1 that waits ``delay`` s before every reply: each step is
+    within a client's timeout, the whole session is not. Records the messages it accepted."""
+
+    def __init__(self, delay: float) -> None:
+        import socketserver
+        import threading
+
+        self.delay = delay
+        self.accepted: list[bytes] = []
+        outer = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def reply(self, text: str) -> None:
+                time.sleep(outer.delay)
+                self.wfile.write(text.encode() + b"\r\n")
+
+            def handle(self) -> None:
+                try:
+                    self.reply("220 slow.example ESMTP")
+                    while line := self.rfile.readline():
+                        verb = line[:4].upper()
+                        if verb in (b"EHLO", b"HELO"):
+                            self.reply("250 slow.example")
+                        elif verb == b"DATA":
+                            self.reply("354 go on")
+                            data = b""
+                            while (chunk := self.rfile.readline()) and chunk != b".\r\n":
+                                data += chunk
+                            self.reply("250 accepted")
+                            outer.accepted.append(data)
+                        elif verb == b"QUIT":
+                            self.reply("221 bye")
+                            return
+                        else:
+                            self.reply("250 ok")
+                except OSError:
+                    return
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_relay_slow_at_every_step_is_cut_at_the_timeout_and_never_delivers_late(world: World) -> None:
+    """Every reply 0.7 s late, timeout 1 s: the session is cut at the deadline (the socket shut down), so
+    the mail counted as failed is never accepted afterwards; once the relay is quick, it goes out once."""
+    slow = SlowSmtp(delay=0.7)
+    try:
+        world.write_config(
+            notify={"events": ["problem"]},
+            **{"notify.smtp": {"host": "127.0.0.1", "port": slow.port, "security": "none",
+                               "from": "syncd@nfs01.bank.example", "to": ["ops@bank.example"],
+                               "timeout": "1s"}},
+        )  # fmt: skip
+        world.manifest(
+            "m.toml", {"source": f"{world.tag}/no.bin", "sha256": "e" * 64, "size": 5, "dest": "no"}
+        )
+        world.repo.commit("a missing asset")
+        run = world.sync()
+        assert run.code == 1
+        assert "timed out" in run.one("notify_failed")["error"]
+        time.sleep(3)  # long enough for a session that was not really cut to finish
+        assert slow.accepted == []
+        slow.delay = 0.0
+        again = world.sync()
+        assert again.one("notification_sent")["new"] == 1 and len(slow.accepted) == 1
+        assert world.sync().named("notification_sent") == [] and len(slow.accepted) == 1
+    finally:
+        slow.stop()
+
+
+def test_the_daemon_records_a_send_at_once_not_at_the_next_pass(
+    world: World, smtp: SmtpServer, ca: TestCA
+) -> None:
+    """With a 1 h interval, the first pass's mail is recorded (notification_sent) right after the relay
+    accepted it, so a crash before the next pass cannot send it again."""
+    world.write_config(schedule={"interval": "1h", "jitter": "0s"}, **mail_config(world, smtp, ca))
+    world.manifest(
+        "m.toml", {"source": f"{world.tag}/gone.bin", "sha256": "f" * 64, "size": 5, "dest": "gone"}
+    )
+    world.repo.commit("a missing asset")
+    proc = subprocess.Popen([syncd_command(), "run", "-c", str(world.config_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stderr is not None
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            seen.append(line)
+            if '"notification_sent"' in line:
+                break
+        assert smtp.messages
+    finally:
+        proc.kill()  # a crash: no graceful stop, no flush
+        proc.communicate(timeout=30)
+    assert sum('"pass_finished"' in line for line in seen) == 1
+    assert any('"notification_sent"' in line for line in seen)
+    restarted = world.sync()
+    assert restarted.named("notification_sent") == [] and len(smtp.messages) == 1

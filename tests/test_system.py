@@ -41,7 +41,8 @@ from container import (
     user_ids,
 )
 from harness import manifest_text, to_toml
-from servers import GitRepo, Nginx, Sshd, free_port, make_asset
+from mailservers import SmtpServer
+from servers import GitRepo, Nginx, Sshd, free_port, make_asset, make_test_ca
 
 if _missing := missing_tools():
     pytest.skip(
@@ -586,3 +587,105 @@ def _get(url: str) -> httpx.Response | None:
         return httpx.get(url, timeout=5)
     except httpx.HTTPError:
         return None
+
+
+NOTIFY_DROPIN = "/etc/systemd/system/syncd.service.d/70-test-notify.conf"
+SMTP_PASSWORD = "smtp-Pa55-in-the-container-never-shown"
+
+
+def test_a_failing_asset_is_mailed_once_under_systemd(syncd: System, tmp_path: Path) -> None:
+    """The service with [notify.smtp] (STARTTLS, AUTH; the password a LoadCredential= of a drop-in, as
+    packaging/syncd.service shows) at an SMTP server on the host, and an asset whose source Artifactory does
+    not have: over four 2 s passes (the first fails it, the others wait out its 60 s backoff), exactly one
+    mail (its subject naming the new problem and the dest, Auto-Submitted: auto-generated), one
+    notification_sent in the journal, and no secret in the journal or the mail; after the fix, one recovery
+    mail."""
+    ca = make_test_ca(tmp_path / "ca")
+    root = syncd.box.root
+    dest = "notify/missing.bin"
+    missing = {"source": f"{syncd.tag}/missing.bin", "sha256": "d" * 64, "size": 10, "dest": dest}
+    with SmtpServer(starttls=ca, auth={"syncd": SMTP_PASSWORD}) as smtp:
+        try:
+            install_file(root, "/etc/syncd/smtp.password", SMTP_PASSWORD + "\n", mode=0o600)
+            install_file(root, "/etc/syncd/smtp-ca.pem", ca.cert.read_bytes())
+            install_file(
+                root, NOTIFY_DROPIN, "[Service]\nLoadCredential=smtp.password:/etc/syncd/smtp.password\n"
+            )
+            syncd.write_config(
+                interval="2s",
+                notify={"events": ["problem", "recovery"]},
+                **{
+                    "notify.smtp": {
+                        "host": "127.0.0.1",
+                        "port": smtp.port,
+                        "security": "starttls",
+                        "username": "syncd",
+                        "password_file": "smtp.password",
+                        "from": "syncd <syncd@nfs01.bank.example>",
+                        "to": ["ml-platform-ops@bank.example"],
+                        "timeout": "5s",
+                        "ca_file": "/etc/syncd/smtp-ca.pem",
+                    }
+                },
+            )
+            commit = syncd.merge("notify.toml", missing)
+            cursor = syncd.cursor()
+            syncd.systemctl("daemon-reload")
+            syncd.systemctl("restart", "syncd", timeout=150)
+            pid = str(syncd.main_pid())
+
+            def passes() -> list[dict[str, Any]]:
+                done = [e for e in syncd.since(cursor, "pass_finished") if e.get("_PID") == pid]
+                return done if len(done) >= 4 else []
+
+            # Four passes: what a third one sent (or recorded as sent) is in by the end of the fourth.
+            done = syncd.wait("four passes of the restarted syncd", passes, timeout=60)
+            # The first pass fails the download; later ones wait out its backoff (60 s): never synced.
+            assert done[0]["SYNCD_FAILED"] == "1"
+            assert all(int(e["SYNCD_FAILED"]) + int(e["SYNCD_DEFERRED"]) == 1 for e in done), done
+            (mail,) = smtp.wait_for(1, timeout=10)
+            sent = syncd.wait_events(cursor, "notification_sent")
+            assert len(smtp.messages) == 1, [m.message["Subject"] for m in smtp.messages]
+            assert len(sent) == 1 and sent[0]["_PID"] == pid
+            assert (sent[0]["SYNCD_KIND"], sent[0]["SYNCD_NEW"]) == ("problem", "1"), sent[0]
+            assert syncd.since(cursor, "notify_failed") == []
+            host = syncd.box.run("cat", "/proc/sys/kernel/hostname").stdout.strip().split(".")[0]
+            h = mail.message
+            assert h["Subject"].startswith(f"[syncd {host}] ") and f"1 new problem: {dest}: " in h["Subject"]
+            assert h["Auto-Submitted"] == "auto-generated" and h["Message-ID"] and h["Date"]
+            assert h["From"] == "syncd <syncd@nfs01.bank.example>"
+            assert (
+                mail.tls and mail.auth_user == "syncd" and mail.rcpt_tos == ["ml-platform-ops@bank.example"]
+            )
+            text = h.get_content()
+            for want in (
+                f"dest: {dest}",
+                f"source: {syncd.tag}/missing.bin",
+                "manifest: assets/notify.toml",
+                f"commit: {commit[:12]}",
+                "what to do: Artifactory has no file at the source",
+            ):
+                assert want in text, (want, text)
+            journal = syncd.box.run("journalctl", "--no-pager", "-u", "syncd", "-o", "json").stdout
+            for secret in (SMTP_PASSWORD, syncd.nginx.token):
+                assert secret not in journal
+                assert secret not in mail.data.decode("utf-8", "replace")
+
+            fixed = syncd.merge("notify.toml")
+            syncd.usr1()
+            recovered = smtp.wait_for(2, timeout=30)[1]
+            assert recovered.message["Subject"].startswith(f"[syncd {host}] 1 recovered: {dest}: ")
+            syncd.wait(
+                "a 'synced' status after the fix",
+                lambda: syncd.status().startswith(f"in sync at {fixed[:7]} "),
+            )
+            assert len(smtp.messages) == 2
+        finally:
+            if (syncd.repo.work_path / "assets/notify.toml").exists():  # not there if the test failed late
+                syncd.merge("notify.toml")
+            for path in (NOTIFY_DROPIN, "/etc/syncd/smtp.password", "/etc/syncd/smtp-ca.pem"):
+                (root / path.lstrip("/")).unlink(missing_ok=True)
+            syncd.write_config()
+            syncd.systemctl("daemon-reload")
+            syncd.systemctl("restart", "syncd", timeout=150)
+            syncd.wait("an 'in sync' status", lambda: SYNCED.match(syncd.status()))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from datetime import datetime
+from datetime import UTC, datetime
 
 from syncd import events as ev
 from syncd.report import shown
@@ -381,10 +381,21 @@ class Rules:
     min_failures: int = 1
 
 
+def when(text: str) -> datetime | None:
+    """A time the ledger holds, as an aware datetime (a zoneless one is UTC); None if it does not parse
+    (a damaged row must never stop the notifications)."""
+    try:
+        t = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
 def due(p: Open, rules: Rules, now: datetime) -> bool:
-    """Whether an open problem is ready to be announced."""
+    """Whether an open problem is ready to be announced (an unreadable first-seen time counts as old)."""
     if p.alert.kind == "git_unreachable":
-        age = (now - datetime.fromisoformat(p.first_seen)).total_seconds()
+        first = when(p.first_seen)
+        age = (now - first).total_seconds() if first is not None else GIT_SECONDS
         return p.passes >= GIT_PASSES and age >= GIT_SECONDS
     if p.alert.kind == "asset_failed":
         return p.alert.failed_passes >= rules.min_failures
@@ -429,8 +440,8 @@ def compose(
                 if due(p, rules, now):
                     new.append(p.alert)
             elif rules.repeat > 0:
-                at = datetime.fromisoformat(told[key][0])
-                if (now - at).total_seconds() >= rules.repeat:
+                at = when(told[key][0])
+                if at is None or (now - at).total_seconds() >= rules.repeat:
                     reminders.append(p.alert)
     gone = sorted(k for k in told if k not in mine)
     recovered: list[Alert] = []

@@ -143,15 +143,28 @@ class Daemon:
 
     def _set_notify(self, cfg: Config) -> None:
         """Mail and webhooks for ``cfg``: on a reload the notifier is reconfigured in place (its messages
-        in flight are kept), started, or switched off."""
-        if cfg.notify is None:
-            self.notify.inner = None
-        elif self.notify.inner is not None:
+        in flight are kept and recorded), started, or stopped."""
+        if self.notify.inner is not None:
             self.notify.inner.reconfigure(cfg.notify, str(cfg.export_root))
-        else:
+        elif cfg.notify is not None:
             self.notify.inner = Announcer(
-                cfg.notify, lambda: (self.rec.ledger, self.rec.repo), export_root=str(cfg.export_root)
+                cfg.notify,
+                lambda: (self.rec.ledger, self.rec.repo),
+                export_root=str(cfg.export_root),
+                on_sent=self._notices_sent,
             )
+
+    def _notices_sent(self) -> None:
+        """A mail or webhook send ended (on its thread): record it soon, on the pass's thread (the
+        scheduler's one worker), not at the next pass, so a crash in between re-sends nothing."""
+        if self.scheduler.running and not self._stopping:
+            with contextlib.suppress(Exception):
+                self.scheduler.add_job(self._record_notices, id="record-notices", replace_existing=True)
+
+    def _record_notices(self) -> None:
+        with self._pass_lock:
+            if self.notify.inner is not None:
+                self.notify.inner.record()
 
     def _next_poll(self) -> datetime | None:
         job = self.scheduler.get_job(JOB) if self.scheduler.running else None

@@ -9,9 +9,12 @@ what it means, never the server's text or the password.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import smtplib
 import socket
 import ssl
+import threading
 from collections.abc import Sequence
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
@@ -29,14 +32,39 @@ def tls_context(ca_file: object) -> ssl.SSLContext:
     return ctx
 
 
-def message(smtp: Smtp, to: Sequence[str], subject: str, body: str, host: str) -> EmailMessage:
-    """A plain-text mail with the headers a mail system expects of an automatic one (RFC 3834)."""
+class Cancel:
+    """Ends a mail session from another thread: :meth:`fire` shuts its socket down (a watchdog at the
+    deadline), and a session not yet connected will not start."""
+
+    def __init__(self) -> None:
+        self.fired = False
+        self._lock = threading.Lock()
+        self._client: smtplib.SMTP | None = None
+
+    def attach(self, client: smtplib.SMTP) -> None:
+        with self._lock:
+            self._client = client
+            if self.fired:
+                raise NotifyError("the send's time ran out before it started")
+
+    def fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            sock = getattr(self._client, "sock", None) if self._client is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+def message(smtp: Smtp, to: Sequence[str], subject: str, body: str) -> EmailMessage:
+    """A plain-text mail with the headers a mail system expects of an automatic one (RFC 3834). The
+    Message-ID's domain is the sender's (``make_msgid`` would otherwise look up this host's FQDN)."""
     msg = EmailMessage()
     msg["From"] = smtp.sender
     msg["To"] = ", ".join(to)
     msg["Subject"] = subject
     msg["Date"] = formatdate(localtime=True)
-    msg["Message-ID"] = make_msgid("syncd", domain=host or None)
+    msg["Message-ID"] = make_msgid("syncd", domain=_addr(smtp.sender).rsplit("@", 1)[-1])
     msg["Auto-Submitted"] = "auto-generated"
     msg["X-Auto-Response-Suppress"] = "All"  # Exchange: no out-of-office replies
     msg["X-Mailer"] = f"syncd {__version__}"
@@ -44,16 +72,22 @@ def message(smtp: Smtp, to: Sequence[str], subject: str, body: str, host: str) -
     return msg
 
 
-def send(smtp: Smtp, msg: EmailMessage, to: Sequence[str]) -> None:
-    """Deliver ``msg`` to ``to`` through the relay; raise :class:`NotifyError` in our words."""
+def send(smtp: Smtp, msg: EmailMessage, to: Sequence[str], cancel: Cancel | None = None) -> None:
+    """Deliver ``msg`` to ``to`` through the relay; raise :class:`NotifyError` in our words. ``cancel``
+    lets a watchdog end the session at its deadline."""
     where = f"{smtp.host}:{smtp.port}"
     try:
         ctx = tls_context(smtp.ca_file) if smtp.security != "none" else None
         client: smtplib.SMTP
+        name = _ehlo_name()
         if smtp.security == "tls":
-            client = smtplib.SMTP_SSL(smtp.host, smtp.port, timeout=smtp.timeout, context=ctx)
+            client = smtplib.SMTP_SSL(local_hostname=name, timeout=smtp.timeout, context=ctx)
         else:
-            client = smtplib.SMTP(smtp.host, smtp.port, timeout=smtp.timeout)
+            client = smtplib.SMTP(local_hostname=name, timeout=smtp.timeout)
+        client._host = smtp.host  # type: ignore[attr-defined]  # the TLS server name (connect() does not set it)
+        if cancel is not None:
+            cancel.attach(client)
+        client.connect(smtp.host, smtp.port)
         with client:
             client.ehlo()
             if smtp.security == "starttls":
@@ -72,6 +106,13 @@ def send(smtp: Smtp, msg: EmailMessage, to: Sequence[str]) -> None:
         raise
     except Exception as exc:
         raise NotifyError(f"mail to {where} failed: {_why(exc)}") from None
+
+
+@functools.cache
+def _ehlo_name() -> str:
+    """This host's name for EHLO: its FQDN (looked up once per process, on a send's thread)."""
+    fqdn = socket.getfqdn()
+    return fqdn if "." in fqdn else socket.gethostname() or "localhost"
 
 
 def _addr(text: str) -> str:

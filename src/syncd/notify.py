@@ -27,7 +27,7 @@ from syncd import alerts, logs, mail, manifest, webhook
 from syncd import events as ev
 from syncd.alerts import Alert, Landed, Message, Open, Rules
 from syncd.config import Notify, webhook_origin
-from syncd.errors import ManifestError, NotifyError, SyncdError, internal_error
+from syncd.errors import ManifestError, NotifyError, SyncdError, frames, internal_error
 from syncd.gitsource import ManifestRepo
 from syncd.ledger import Ledger
 
@@ -51,11 +51,18 @@ class Outcome:
 
 
 class Sender:
-    """Sends messages on their own threads, at most one per channel at a time, each bounded in time."""
+    """Sends messages on their own threads, at most one per channel at a time.
 
-    def __init__(self, notify: Notify, host: str) -> None:
+    A send is bounded by its channel's ``timeout``: each network step by the client's own timeout, and the
+    whole mail session by a watchdog that shuts its socket down at the deadline (a relay answering every
+    command just in time cannot hold it). The channel stays busy, and the outcome unrecorded, until the
+    send has really ended, so an abandoned send can never be delivered after being counted as failed.
+    ``on_done`` is called (on the send's thread) when an outcome is ready to be recorded."""
+
+    def __init__(self, notify: Notify, host: str, on_done: Callable[[], None] | None = None) -> None:
         self.notify = notify
         self.host = host
+        self.on_done = on_done
         self._lock = threading.Lock()
         self._busy: dict[str, threading.Thread] = {}
         self._done: list[Outcome] = []
@@ -74,26 +81,29 @@ class Sender:
         t.start()
 
     def _run(self, msg: Message, at: str) -> None:
-        error = ""
-        box: list[str] = []
-        worker = threading.Thread(target=self._deliver, args=(msg, at, box), daemon=True)
-        worker.start()
-        worker.join(self.timeout(msg.channel) + 1.0)
-        if worker.is_alive():
-            error = f"{msg.channel}: timed out after {self.timeout(msg.channel):g} s; abandoned"
-        elif box:
-            error = box[0]
+        error = self.attempt(msg, at)
         with self._lock:
             self._done.append(Outcome(msg, at, error))
             self._busy.pop(msg.channel, None)
+        if self.on_done is not None:
+            with contextlib.suppress(Exception):
+                self.on_done()
 
-    def _deliver(self, msg: Message, at: str, box: list[str]) -> None:
+    def attempt(self, msg: Message, at: str) -> str:
+        """Send ``msg`` now; return "" when it was accepted, else why not (our words)."""
+        cancel = mail.Cancel()
+        watchdog = threading.Timer(self.timeout(msg.channel), cancel.fire)
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            self.deliver(msg, at)
+            self.deliver(msg, at, cancel)
         except NotifyError as exc:
-            box.append(str(exc))
+            return str(exc) + (f" (timed out after {self.timeout(msg.channel):g} s)" if cancel.fired else "")
         except Exception as exc:  # a bug: our words, never the text
-            box.append(str(internal_error(exc)))
+            return str(internal_error(exc))
+        finally:
+            watchdog.cancel()
+        return ""
 
     def timeout(self, channel: str) -> float:
         n = self.notify
@@ -101,23 +111,25 @@ class Sender:
             return n.webhook.timeout
         return n.smtp.timeout if n.smtp is not None else 30.0
 
-    def deliver(self, msg: Message, at: str) -> None:
+    def deliver(self, msg: Message, at: str, cancel: mail.Cancel | None = None) -> None:
         """Send ``msg`` now on its channel; raise :class:`NotifyError` if it was not accepted."""
         n, host = self.notify, self.host
         listed = _listed(msg)
         if msg.channel == WEBHOOK:
-            assert n.webhook is not None
+            if n.webhook is None:
+                raise NotifyError("no [notify.webhook] any more; dropped")
             payload = alerts.payload(host, listed, at)
             payload["published_count"] = len(msg.published)
             webhook.post(n.webhook, payload)
             return
-        assert n.smtp is not None
+        if n.smtp is None:
+            raise NotifyError("no [notify.smtp] any more; dropped")
         to = n.smtp.to if msg.channel == MAIL else (msg.channel.removeprefix(AUTHOR),)
         text = alerts.body(host, listed)
         if len(listed.published) < len(msg.published):
             text += f"\n(and {len(msg.published) - len(listed.published)} more files: syncd status)\n"
         subject = alerts.subject(host, msg)
-        mail.send(n.smtp, mail.message(n.smtp, to, subject, text, socket.getfqdn()), to)
+        mail.send(n.smtp, mail.message(n.smtp, to, subject, text), to, cancel)
 
     def results(self) -> list[Outcome]:
         with self._lock:
@@ -151,20 +163,33 @@ class Announcer:
         *,
         export_root: str = "",
         host: str | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> None:
+        """``on_sent`` is called from a send's thread when an outcome waits to be recorded: the daemon
+        then runs :meth:`record` on the pass's thread between passes."""
         self.notify = notify
         self.engine = engine
         self.export_root = export_root
         self.host = host or host_name()
-        self.sender = Sender(notify, self.host)
+        self.active = True  # False after a reload removed [notify]: only outcomes are still recorded
+        self.sender = Sender(notify, self.host, on_done=on_sent)
         self.rules = Rules(repeat=notify.repeat, min_failures=notify.min_failures)
         self._collector = alerts.Collector(export_root)
 
-    def reconfigure(self, notify: Notify, export_root: str) -> None:
-        """A reload: the new [notify] applies from the next decision; messages in flight are kept."""
+    def reconfigure(self, notify: Notify | None, export_root: str) -> None:
+        """A reload: the new [notify] applies from the next decision; messages in flight are kept and
+        recorded. ``None`` (the section removed) stops announcing."""
+        self.active = notify is not None
+        if notify is None:
+            return
         self.notify, self.export_root = notify, export_root
         self.sender.notify = notify
         self.rules = Rules(repeat=notify.repeat, min_failures=notify.min_failures)
+
+    def record(self) -> None:
+        """Record the outcome of the sends that ended (call it on the ledger's thread)."""
+        with contextlib.suppress(SyncdError):
+            self._record(self.engine()[0])
 
     def __call__(self, event: ev.Event) -> None:
         if isinstance(event, ev.PassStarted):
@@ -172,6 +197,10 @@ class Announcer:
             return
         if isinstance(event, ev.AssetRetry | ev.PassProgress):
             return  # from download threads, and nothing to announce
+        if not self.active:
+            if isinstance(event, ev.PassFinished | ev.PassFailed):
+                self.record()
+            return
         self._collector.add(event)
         if isinstance(event, ev.PassFinished | ev.PassFailed):
             view, self._collector = self._collector.view, alerts.Collector(self.export_root)
@@ -198,6 +227,13 @@ class Announcer:
             self._dispatch(ledger, after, now)
         except SyncdError as exc:  # the ledger is unusable: the pass reports that itself
             log.error("notify_failed", channel="*", error=f"nothing announced this pass: {exc}")
+        except Exception as exc:  # a bug (or a damaged row): said at every pass, never silent
+            log.error(
+                "notify_failed",
+                channel="*",
+                error=f"nothing announced this pass: {internal_error(exc)}",
+                frames=frames(exc),
+            )
 
     def _queue(self, ledger: Ledger, landed: list[Landed]) -> None:
         items: dict[str, dict[str, str]] = {}
@@ -238,6 +274,13 @@ class Announcer:
         for channel in channels:
             if self.sender.busy(channel):
                 continue  # its last message is still in flight: this pass's news goes with the next one
+            if channel.startswith(AUTHOR) and not self._author_ok(channel.removeprefix(AUTHOR)):
+                # mail_authors off, or the domain no longer listed: its state goes, unsent
+                ledger.notices_delivered(
+                    channel, announced={}, at="", recovered=list(told_all.get(channel, {})),
+                    sent=list(outbox_all.get(channel, {})),
+                )  # fmt: skip
+                continue
             told = {k: (at, Alert.from_json(a)) for k, (at, a) in told_all.get(channel, {}).items()}
             outbox = [x for x in map(Landed.from_json, outbox_all.get(channel, {}).values()) if x is not None]
             if channel.startswith(AUTHOR):
@@ -301,8 +344,7 @@ class Announcer:
         timeout allows) and record their outcome."""
         longest = max(self.sender.timeout(c) for c in (MAIL, WEBHOOK)) + 2.0
         self.sender.wait(longest if wait is None else wait)
-        with contextlib.suppress(SyncdError):
-            self._record(self.engine()[0])
+        self.record()
 
 
 def send_test(notify: Notify, host: str | None = None) -> list[tuple[str, str]]:
@@ -311,15 +353,8 @@ def send_test(notify: Notify, host: str | None = None) -> list[tuple[str, str]]:
     sender = Sender(notify, host)
     shown = Announcer(notify, _no_engine, host=host)._shown
     at = datetime.now(UTC).isoformat(timespec="seconds")
-    out = []
-    for channel in ([MAIL] if notify.smtp else []) + ([WEBHOOK] if notify.webhook else []):
-        box: list[str] = []
-        worker = threading.Thread(target=sender._deliver, args=(Message(channel, kind="test"), at, box))
-        worker.start()
-        worker.join(sender.timeout(channel) + 1.0)
-        error = "timed out" if worker.is_alive() else (box[0] if box else "")
-        out.append((shown(channel), error))
-    return out
+    channels = ([MAIL] if notify.smtp else []) + ([WEBHOOK] if notify.webhook else [])
+    return [(shown(c), sender.attempt(Message(c, kind="test"), at)) for c in channels]
 
 
 def _no_engine() -> tuple[Ledger, ManifestRepo]:
