@@ -467,3 +467,46 @@ def test_the_daemon_records_a_send_at_once_not_at_the_next_pass(
     assert any('"notification_sent"' in line for line in seen)
     restarted = world.sync()
     assert restarted.named("notification_sent") == [] and len(smtp.messages) == 1
+
+
+UNTRUSTED = "NOT sent: mail to 127.0.0.1:{port} failed: the server's TLS certificate"
+
+
+@pytest.mark.parametrize(
+    ("server", "security", "trust", "expected"),
+    [
+        ("implicit", "tls", True, "accepted"),
+        ("implicit", "tls", False, UNTRUSTED + " is not trusted"),
+        ("starttls", "starttls", False, UNTRUSTED),
+        ("plain", "starttls", True, "NOT sent: mail server 127.0.0.1:{port} does not offer STARTTLS; "
+         "not sending in the clear"),
+        ("implicit", "starttls", True, "NOT sent: mail to 127.0.0.1:{port} failed:"),
+    ],
+    ids=["implicit-tls", "untrusted-implicit", "untrusted-starttls", "no-starttls-offered", "wrong-security"],
+)  # fmt: skip
+def test_mail_tls_is_verified_and_never_downgraded(
+    world: World, ca: TestCA, server: str, security: str, trust: bool, expected: str
+) -> None:
+    """Implicit TLS works with the CA trusted; an untrusted certificate is refused (STARTTLS or implicit),
+    and a server that does not offer STARTTLS is never used in the clear."""
+    kwargs: dict[str, Any] = {"auth": {"syncd": PASSWORD}}
+    if server == "implicit":
+        kwargs["implicit_tls"] = ca
+    elif server == "starttls":
+        kwargs["starttls"] = ca
+    else:
+        kwargs["auth_require_tls"] = False
+    with SmtpServer(**kwargs) as smtp:
+        smtp_cfg: dict[str, Any] = {
+            "host": "127.0.0.1", "port": smtp.port, "security": security, "username": "syncd",
+            "password_file": _secret(world, "smtp.password", PASSWORD), "from": "syncd@nfs01.bank.example",
+            "to": ["ops@bank.example"], "timeout": "3s",
+        }  # fmt: skip
+        if trust:
+            smtp_cfg["ca_file"] = str(ca.cert)
+        world.write_config(notify={}, **{"notify.smtp": smtp_cfg})
+        run = world.run("notify", "--test", "-c", str(world.config_path))
+        assert f"mail via 127.0.0.1:{smtp.port}: " + expected.format(port=smtp.port) in run.out, run.out
+        assert run.code == (0 if expected == "accepted" else 1)
+        assert len(smtp.messages) == (1 if expected == "accepted" else 0)
+        _no_secrets(run.out, run.err)
