@@ -210,3 +210,38 @@ def test_a_damaged_or_zoneless_time_in_the_ledger_never_stops_the_notifications(
     assert [a.key for a in msg.reminders] == [alert.key]
     git = _open(ev.GitFailed("down", "ssh://git", C), 3, timedelta())
     assert due(Open(git.alert, stamp, 3), Rules(), T0)
+
+
+@pytest.mark.parametrize(
+    ("classes", "keys"),
+    [
+        (["http_502", "http_503", "download_failed", "http_429", "http_408"], 1),
+        (["http_503", "http_404"], 2),
+        (["http_404", "checksum_mismatch", "size_mismatch"], 3),
+    ],
+)
+def test_transient_failures_are_one_problem_however_they_flap(classes: list[str], keys: int) -> None:
+    """A load balancer answering 502, then 503, then timing out is one open problem (counted pass after
+    pass), not a new problem and a false recovery at every pass; what needs a person keeps its class."""
+    opened: dict[str, Open] = {}
+    for i, cls in enumerate(classes):
+        opened = update_open(opened, view(failed(cls=cls, n=i + 1)), f"t{i}")
+    seen = {alerts.stable_class(c) for c in classes}
+    assert len(seen) == keys
+    if keys == 1:
+        (p,) = opened.values()
+        assert p.passes == len(classes) and p.alert.key == "asset_failed:d/x.bin:unavailable"
+
+
+def test_a_huge_digest_is_capped_and_counted() -> None:
+    """20,000 failing assets: one message, whose body lists 100 of them and counts the rest."""
+    from syncd.notify import _listed, _more
+
+    problems = view(*(failed(f"d/{i:05}.bin") for i in range(20_000))).problems
+    opened = update_open({}, alerts.PassView(problems=problems), T0.isoformat())
+    msg = compose("mail", {"problem"}, opened, {}, [], Rules(), T0)
+    listed = _listed(msg)
+    text = alerts.body("nfs01", listed) + _more(msg, listed)
+    assert len(msg.new) == 20_000 and len(listed.new) == 100
+    assert "and 19900 more new problems" in text and len(text) < 100_000
+    assert alerts.subject("nfs01", msg).startswith("[syncd nfs01] 20000 new problems: d/00000.bin")

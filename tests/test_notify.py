@@ -510,3 +510,114 @@ def test_mail_tls_is_verified_and_never_downgraded(
         assert run.code == (0 if expected == "accepted" else 1)
         assert len(smtp.messages) == (1 if expected == "accepted" else 0)
         _no_secrets(run.out, run.err)
+
+
+class RawHttp:
+    """A real TCP server on 127.0.0.1 that answers every connection with ``answer(conn)``: for answers
+    no well-behaved HTTP server gives (a body of many GiB, a status line dripped a byte at a time)."""
+
+    def __init__(self, answer: Any) -> None:
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.stopped = threading.Event()
+
+        def serve() -> None:
+            while not self.stopped.is_set():
+                try:
+                    conn, _ = self.sock.accept()
+                except OSError:
+                    return
+                self.connections += 1
+                threading.Thread(target=self._one, args=(conn, answer), daemon=True).start()
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    def _one(self, conn: socket.socket, answer: Any) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                answer(conn, self.stopped)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.sock.close()
+
+
+def _huge(conn: socket.socket, stopped: Any) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6442450944\r\n\r\n")
+    chunk = b"\0" * 65536
+    end = time.monotonic() + 20
+    while not stopped.is_set() and time.monotonic() < end:
+        conn.sendall(chunk)
+
+
+def _drip(conn: socket.socket, stopped: Any) -> None:
+    for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n":
+        if stopped.wait(0.9):
+            return
+        conn.sendall(bytes([byte]))
+
+
+@pytest.mark.parametrize(("answer", "accepted"), [(_huge, True), (_drip, False)], ids=["6-GiB-body", "drip"])
+def test_a_hostile_webhook_answer_costs_neither_memory_nor_time(
+    world: World, answer: Any, accepted: bool
+) -> None:
+    """A 200 with a 6 GiB body is accepted from its status line (the body is never read); a status line
+    dripped a byte every 0.9 s (each read within the timeout) is cut at the 2 s deadline."""
+    server = RawHttp(answer)
+    try:
+        world.write_config(
+            notify={"events": ["problem"]},
+            **{"notify.webhook": {"url": f"http://127.0.0.1:{server.port}{HOOK_PATH}", "timeout": "2s"}},
+        )
+        world.manifest(
+            "m.toml", {"source": f"{world.tag}/no.bin", "sha256": "9" * 64, "size": 5, "dest": "no"}
+        )
+        world.repo.commit("a missing asset")
+        started = time.monotonic()
+        run = world.sync()
+        took = time.monotonic() - started
+    finally:
+        server.stop()
+    assert run.code == 1 and took < 15, took
+    if accepted:
+        assert run.one("notification_sent")["new"] == 1 and not run.named("notify_failed")
+    else:
+        assert "timed out" in run.one("notify_failed")["error"] and not run.named("notification_sent")
+    _no_secrets(run.err)
+
+
+def test_damaged_notify_rows_are_dropped_and_the_next_problem_is_still_announced(
+    world: World, smtp: SmtpServer, ca: TestCA
+) -> None:
+    """Hand-edited or damaged rows in the ledger's notify tables (a JSON list for an object, a word for a
+    count, wrong field types) are dropped; they never silence the channel."""
+    import sqlite3
+
+    world.write_config(**mail_config(world, smtp, ca, events=["problem", "recovery", "published"]))
+    world.manifest("m.toml", {"source": f"{world.tag}/a.bin", "sha256": "8" * 64, "size": 5, "dest": "a"})
+    world.repo.commit("first")
+    assert world.sync().code == 1
+    smtp.wait_for(1)
+    db = sqlite3.connect(world.state / "ledger.sqlite3")
+    with db:
+        db.execute("UPDATE notify_open SET alert = '[]'")
+        db.execute("INSERT INTO notify_open VALUES ('k2', 'x', 'many', '{}')")
+        db.execute("UPDATE notify_sent SET alert = '[1, 2]'")
+        db.execute("INSERT INTO notify_outbox VALUES ('mail', 'k', '[1]', 'x')")
+        db.execute("""INSERT INTO notify_outbox VALUES ('mail', 'k3', '{"dest": 1, "bytes": "x"}', 'x')""")
+    db.close()
+    good = world.asset("b.bin", 50)
+    world.manifest("m.toml", {"source": f"{world.tag}/a.bin", "sha256": "8" * 64, "size": 5, "dest": "a"},
+                   {**good, "dest": "b"}, {"source": f"{world.tag}/c.bin", "sha256": "7" * 64, "size": 5,
+                                           "dest": "c"})  # fmt: skip
+    world.repo.commit("second")
+    run = world.sync()
+    assert not run.named("notify_failed") and run.one("notification_sent")["new"] >= 1
+    m = smtp.wait_for(2)[1]
+    assert "c: http 404" in m.message["Subject"] and "1 file published: b" in m.message["Subject"]

@@ -20,6 +20,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from syncd import events as ev
 from syncd.report import shown
@@ -58,13 +59,7 @@ class Alert:
     @classmethod
     def from_json(cls, text: str) -> Alert | None:
         """The alert stored as ``text``, or None when it does not decode (a damaged row is dropped)."""
-        try:
-            raw = json.loads(text)
-            names = {f.name for f in fields(cls)}
-            raw = {k: (tuple(v) if k == "dests" else v) for k, v in raw.items() if k in names}
-            return cls(**raw)
-        except (ValueError, TypeError):
-            return None
+        return _load(cls, text)
 
     def fields(self) -> dict[str, object]:
         """The message fields (mail body and webhook JSON): the empty ones left out."""
@@ -97,15 +92,41 @@ class Landed:
 
     @classmethod
     def from_json(cls, text: str) -> Landed | None:
-        try:
-            raw = json.loads(text)
-            names = {f.name for f in fields(cls)}
-            return cls(**{k: v for k, v in raw.items() if k in names})
-        except (ValueError, TypeError):
-            return None
+        return _load(cls, text)
 
     def fields(self) -> dict[str, object]:
         return {k: v for k, v in asdict(self).items() if v not in ("", None)}
+
+
+_T = TypeVar("_T", Alert, Landed)
+_TYPES = {"str": str, "int": int}
+
+
+def _load(cls: type[_T], text: str) -> _T | None:
+    """``cls`` from its stored JSON, or None unless every field has the type syncd writes: a damaged or
+    hand-edited row is dropped, never a reason to stop announcing."""
+    try:
+        raw = json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in raw:
+            continue
+        v = raw[f.name]
+        if f.type == "tuple[str, ...]":
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                return None
+            v = tuple(v)
+        elif type(v) is not _TYPES.get(str(f.type), object):
+            return None
+        values[f.name] = v
+    try:
+        return cls(**values)
+    except TypeError:  # a required field is missing
+        return None
 
 
 # --------------------------------------------------------------------------------------- one pass
@@ -137,6 +158,20 @@ _DEFAULT_TODO = "syncd retries at every pass; if it persists, check Artifactory 
 
 def _todo(cls: str, manifest: str) -> str:
     return _TODO.get(cls, _DEFAULT_TODO).format(manifest=manifest or "the manifest")
+
+
+def stable_class(cls: str) -> str:
+    """The error class a key uses: the transient ones (a 5xx, 408 or 429, a timeout, a reset) are one
+    class, ``unavailable``, so a load balancer answering 502 then 503 then timing out is one problem, not
+    a new one and a false recovery at every pass. What needs a person (404, 401, 403, a checksum or size
+    mismatch, a full export) keeps its own class."""
+    if (
+        cls == "download_failed"
+        or cls in ("http_408", "http_429")
+        or (cls.startswith("http_5") and len(cls) == 8)
+    ):
+        return "unavailable"
+    return cls
 
 
 def _title(where: str, what: str) -> str:
@@ -184,7 +219,7 @@ class Collector:
             cls = e.error_class or "download_failed"
             self._add(
                 Alert(
-                    key=f"asset_failed:{e.dest}:{cls}",
+                    key=f"asset_failed:{e.dest}:{stable_class(cls)}",
                     kind="asset_failed",
                     scope="assets",
                     title=_title(e.dest, _said(cls)),

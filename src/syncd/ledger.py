@@ -833,7 +833,8 @@ class Ledger:
         if self.version < 4:
             return {}
         rows = self._read("SELECT key, first_seen, passes, alert FROM notify_open")
-        return {str(k): (str(f), int(str(n)), str(a)) for k, f, n, a in rows}
+        # a damaged row (a hand edit, a flipped byte) is dropped: it must never stop the notifications
+        return {str(k): (str(f), n, str(a)) for k, f, n, a in rows if isinstance(n, int) and n > 0}
 
     def set_notices_open(self, rows: Mapping[str, tuple[str, int, str]]) -> None:
         """Replace the open problems with ``rows`` (one transaction)."""

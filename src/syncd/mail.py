@@ -33,24 +33,28 @@ def tls_context(ca_file: object) -> ssl.SSLContext:
 
 
 class Cancel:
-    """Ends a mail session from another thread: :meth:`fire` shuts its socket down (a watchdog at the
-    deadline), and a session not yet connected will not start."""
+    """Ends a connection (an ``smtplib.SMTP`` or an ``http.client`` connection: anything with a
+    ``sock``) from another thread: :meth:`fire` (a watchdog at the deadline) shuts its socket down, and
+    :meth:`check` after the connect refuses to go on once it has fired."""
 
     def __init__(self) -> None:
         self.fired = False
         self._lock = threading.Lock()
-        self._client: smtplib.SMTP | None = None
+        self._conn: object | None = None
 
-    def attach(self, client: smtplib.SMTP) -> None:
+    def attach(self, conn: object) -> None:
         with self._lock:
-            self._client = client
-            if self.fired:
-                raise NotifyError("the send's time ran out before it started")
+            self._conn = conn
+        self.check()
+
+    def check(self) -> None:
+        if self.fired:
+            raise NotifyError("the send's time ran out")
 
     def fire(self) -> None:
         with self._lock:
             self.fired = True
-            sock = getattr(self._client, "sock", None) if self._client is not None else None
+            sock = getattr(self._conn, "sock", None)
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -88,6 +92,8 @@ def send(smtp: Smtp, msg: EmailMessage, to: Sequence[str], cancel: Cancel | None
         if cancel is not None:
             cancel.attach(client)
         client.connect(smtp.host, smtp.port)
+        if cancel is not None:
+            cancel.check()  # the deadline passed while connecting: the watchdog found no socket yet
         with client:
             client.ehlo()
             if smtp.security == "starttls":

@@ -119,15 +119,16 @@ class Sender:
             if n.webhook is None:
                 raise NotifyError("no [notify.webhook] any more; dropped")
             payload = alerts.payload(host, listed, at)
+            payload["summary"] = alerts.subject(host, msg)
+            payload["problem_count"] = len(msg.new) + len(msg.reminders)
+            payload["recovered_count"] = len(msg.recovered)
             payload["published_count"] = len(msg.published)
-            webhook.post(n.webhook, payload)
+            webhook.post(n.webhook, payload, cancel)
             return
         if n.smtp is None:
             raise NotifyError("no [notify.smtp] any more; dropped")
         to = n.smtp.to if msg.channel == MAIL else (msg.channel.removeprefix(AUTHOR),)
-        text = alerts.body(host, listed)
-        if len(listed.published) < len(msg.published):
-            text += f"\n(and {len(msg.published) - len(listed.published)} more files: syncd status)\n"
+        text = alerts.body(host, listed) + _more(msg, listed)
         subject = alerts.subject(host, msg)
         mail.send(n.smtp, mail.message(n.smtp, to, subject, text), to, cancel)
 
@@ -148,7 +149,25 @@ class Sender:
 
 
 def _listed(msg: Message) -> Message:
-    return replace(msg, published=msg.published[:MAX_LISTED]) if len(msg.published) > MAX_LISTED else msg
+    """``msg`` with at most :data:`MAX_LISTED` items in each list (the subject and the counts tell the
+    rest): 20,000 failing assets must not become a 10 MB mail that the relay refuses at every pass."""
+    return replace(
+        msg,
+        new=msg.new[:MAX_LISTED],
+        reminders=msg.reminders[:MAX_LISTED],
+        recovered=msg.recovered[:MAX_LISTED],
+        published=msg.published[:MAX_LISTED],
+    )
+
+
+def _more(msg: Message, listed: Message) -> str:
+    cut = [
+        (len(getattr(msg, name)) - len(getattr(listed, name)), what)
+        for name, what in (("new", "new problems"), ("reminders", "open problems"),
+                           ("recovered", "recovered"), ("published", "files published"))
+    ]  # fmt: skip
+    shown = [f"{n} more {what}" for n, what in cut if n > 0]
+    return f"\n(and {', '.join(shown)}: syncd status lists them)\n" if shown else ""
 
 
 class Announcer:
@@ -342,7 +361,7 @@ class Announcer:
     def flush(self, wait: float | None = None) -> None:
         """Wait for the messages in flight (at most ``wait`` s; by default as long as the longest channel
         timeout allows) and record their outcome."""
-        longest = max(self.sender.timeout(c) for c in (MAIL, WEBHOOK)) + 2.0
+        longest = max((self.sender.timeout(c) for c in self._channels()), default=0.0) + 2.0
         self.sender.wait(longest if wait is None else wait)
         self.record()
 
