@@ -621,3 +621,47 @@ def test_damaged_notify_rows_are_dropped_and_the_next_problem_is_still_announced
     assert not run.named("notify_failed") and run.one("notification_sent")["new"] >= 1
     m = smtp.wait_for(2)[1]
     assert "c: http 404" in m.message["Subject"] and "1 file published: b" in m.message["Subject"]
+
+
+def test_a_missing_export_is_announced_once_and_its_recovery_when_mounted_again(
+    world: World, smtp: SmtpServer, ca: TestCA
+) -> None:
+    """The export root gone (the NFS mount down): `syncd sync` fails the pass and mails "export: missing"
+    once; the asset problems it could not judge are neither re-announced nor recovered; back: one
+    recovery."""
+    world.write_config(**mail_config(world, smtp, ca))
+    good = world.asset("g.bin", 100)
+    world.manifest("m.toml", {**good, "dest": "g.bin"})
+    world.repo.commit("one asset")
+    assert world.sync().code == 0
+    moved = world.base / "unmounted"
+    world.export.rename(moved)
+    runs = [world.sync() for _ in range(2)]
+    assert [r.code for r in runs] == [1, 1]
+    (m,) = smtp.wait_for(1)
+    assert m.message["Subject"] == f"[syncd {HOST}] 1 new problem: export: missing"
+    assert "what to do: mount the export" in _mail_text(m)
+    moved.rename(world.export)
+    assert world.sync().code == 0
+    assert smtp.wait_for(2)[1].message["Subject"] == f"[syncd {HOST}] 1 recovered: export: missing"
+
+
+def test_a_rewritten_branch_is_announced_once(world: World, smtp: SmtpServer, ca: TestCA) -> None:
+    """A force-push that rewrites the branch (not followed): one mail naming it and what to do."""
+    world.write_config(**mail_config(world, smtp, ca))
+    good = world.asset("g.bin", 100)
+    world.manifest("m.toml", {**good, "dest": "g.bin"})
+    first = world.repo.commit("one asset")
+    world.repo.commit("two")
+    assert world.sync().code == 0
+    world.repo.git("checkout", "--quiet", "--orphan", "rewritten")
+    world.manifest("m.toml", {**good, "dest": "g.bin"})
+    world.repo.git("add", "--all")
+    world.repo.git("commit", "--quiet", "-m", "history rewritten")
+    world.repo.git("push", "--quiet", "--force", "origin", "HEAD:refs/heads/main")
+    assert [world.sync().code for _ in range(2)] == [1, 1]
+    (m,) = smtp.wait_for(1)
+    assert (
+        m.message["Subject"] == f"[syncd {HOST}] 1 new problem: git: branch history rewritten, not followed"
+    )
+    assert "allow_force_push" in _mail_text(m) and first[:12] not in m.message["Subject"]
