@@ -33,7 +33,7 @@ from syncd.ledger import Ledger
 
 log = logs.get()
 MAIL, WEBHOOK, AUTHOR = "mail", "webhook", "author:"
-MAX_LOOKUPS = 200  # provenance lookups per pass (a first sync of 10,000 files names no authors) …
+MAX_LOOKUPS = 10_000  # provenance lookups per pass …
 LOOKUP_SECONDS = 2.0  # … and the time they may take in all (a 4 MiB manifest takes ~1 s to parse)
 MAX_LISTED = 100  # files listed in one message; the rest are counted
 
@@ -194,6 +194,7 @@ class Announcer:
         self.sender = Sender(notify, self.host, on_done=on_sent)
         self.rules = Rules(repeat=notify.repeat, min_failures=notify.min_failures)
         self._collector = alerts.Collector(export_root)
+        self._valid: dict[str, bool] = {}  # author address → whether it is one valid address
 
     def reconfigure(self, notify: Notify | None, export_root: str) -> None:
         """A reload: the new [notify] applies from the next decision; messages in flight are kept and
@@ -271,13 +272,19 @@ class Announcer:
         return ([MAIL] if n.smtp is not None else []) + ([WEBHOOK] if n.webhook is not None else [])
 
     def _author_ok(self, email: str) -> bool:
+        """Whether ``email`` may get author mail: ``mail_authors`` on, a valid address, and its domain
+        one of ``author_domains`` or below one (``x@bank.example.evil.com`` is not)."""
         n = self.notify
         if not (n.mail_authors and n.smtp is not None and email and "@" in email):
             return False
         domain = email.rsplit("@", 1)[1].lower().rstrip(".")
-        return any(domain == d or domain.endswith("." + d) for d in n.author_domains) and not (
-            mail_problem(email)
-        )
+        if not any(domain == d or domain.endswith("." + d) for d in n.author_domains):
+            return False
+        if email not in self._valid:  # parsing an address is slow; 20,000 problems name a few authors
+            if len(self._valid) > 10_000:
+                self._valid.clear()
+            self._valid[email] = not mail_problem(email)
+        return self._valid[email]
 
     def _dispatch(self, ledger: Ledger, open_: Mapping[str, Open], now: datetime) -> None:
         told_all = ledger.notices_sent()
@@ -301,7 +308,11 @@ class Announcer:
                 )  # fmt: skip
                 continue
             told = {k: (at, Alert.from_json(a)) for k, (at, a) in told_all.get(channel, {}).items()}
-            outbox = [x for x in map(Landed.from_json, outbox_all.get(channel, {}).values()) if x is not None]
+            queued = {k: Landed.from_json(v) for k, v in outbox_all.get(channel, {}).items()}
+            outbox = [x for x in queued.values() if x is not None]
+            damaged = [k for k, x in queued.items() if x is None or x.key != k]
+            if damaged:  # rows that do not decode are dropped, not kept for ever
+                ledger.notices_delivered(channel, announced={}, at="", recovered=(), sent=damaged)
             if channel.startswith(AUTHOR):
                 email = channel.removeprefix(AUTHOR)
                 wants: Iterable[str] = ("problem", "published")
