@@ -665,3 +665,37 @@ def test_a_rewritten_branch_is_announced_once(world: World, smtp: SmtpServer, ca
         m.message["Subject"] == f"[syncd {HOST}] 1 new problem: git: branch history rewritten, not followed"
     )
     assert "allow_force_push" in _mail_text(m) and first[:12] not in m.message["Subject"]
+
+
+def test_the_author_named_is_the_pull_requests_own_commit_not_the_merge(
+    world: World, smtp: SmtpServer, ca: TestCA
+) -> None:
+    """A manifest entry added on a branch by Ada and merged (--no-ff) by Mo: the published digest names
+    Ada and her commit; an unrelated later edit of the same file does not change who added the entry."""
+    world.write_config(**mail_config(world, smtp, ca, events=["published"]))
+    a, b = world.asset("a.bin", 10), world.asset("b.bin", 20, seed=1)
+    world.manifest("m.toml", {**b, "dest": "b.bin"})
+    world.repo.commit("base")
+    repo = world.repo
+
+    def git_as(name: str, email: str, *args: str) -> None:
+        env = {**repo.env, "GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email,
+               "GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email}  # fmt: skip
+        subprocess.run(["git", *args], cwd=repo.work_path, env=env, check=True, capture_output=True)
+
+    repo.git("checkout", "--quiet", "-b", "pr")
+    world.manifest("m.toml", {**b, "dest": "b.bin"}, {**a, "dest": "a.bin"})
+    git_as("Ada", "ada@bank.example", "commit", "-qam", "add a.bin")
+    ada = repo.head()
+    repo.git("checkout", "--quiet", "main")
+    world.repo.write("README.md", "an unrelated change on main\n")
+    git_as("Eve", "eve@bank.example", "add", "--all")
+    git_as("Eve", "eve@bank.example", "commit", "-qm", "meanwhile on main")
+    git_as("Mo", "mo@bank.example", "merge", "--no-ff", "-q", "-m", "Merge pull request #7 from ada/pr", "pr")
+    repo.git("push", "--quiet", "origin", "HEAD:refs/heads/main")
+    assert world.sync().code == 0
+    (m,) = smtp.wait_for(1)
+    text = _mail_text(m)
+    assert f"* a.bin (10 B, commit {repo.head()[:12]}, added in {ada[:12]} by Ada <ada@bank.example>)" in text
+    assert "by Syncd Test" in text.split("* b.bin")[1]
+    assert not [line for line in text.splitlines() if "Mo <" in line or "Eve" in line]

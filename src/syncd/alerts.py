@@ -567,7 +567,7 @@ def body(host: str, m: Message, *, status_hint: bool = True) -> str:
     if m.published:
         out.append(f"Published ({len(m.published)}):")
         for x in m.published:
-            who = f", by {x.author}" if x.author else ""
+            who = f", added in {x.introduced_by[:12]} by {x.author}" if x.author else ""
             out.append(f"* {x.dest} ({_size(x.bytes)}, commit {x.commit[:12]}{who})")
         out.append("")
     if status_hint:
