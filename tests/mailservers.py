@@ -19,16 +19,14 @@ import logging
 import socket
 import ssl
 import threading
-import time
 from dataclasses import dataclass
 from email.message import EmailMessage
-from types import TracebackType
 from typing import Any, Literal
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from servers import STOP_TIMEOUT, TestCA, free_port
+from servers import STOP_TIMEOUT, Stoppable, TestCA, free_port, wait_for_count
 
 __all__ = ["HangingSmtp", "Received", "SmtpServer"]
 
@@ -121,7 +119,7 @@ class _Controller(Controller):
         return smtp
 
 
-class SmtpServer:
+class SmtpServer(Stoppable):
     """aiosmtpd on 127.0.0.1 in a thread, recording accepted mail in :attr:`messages`.
 
     ``starttls=ca`` advertises STARTTLS (the CA's server certificate) and refuses MAIL/AUTH etc. before
@@ -203,18 +201,15 @@ class SmtpServer:
 
     def wait_for(self, n: int = 1, timeout: float = 10) -> list[Received]:
         """Wait until at least ``n`` messages arrived and return them; AssertionError after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            got = self.messages
-            if len(got) >= n:
-                return got
-            if time.monotonic() >= deadline:
-                summary = [(r.mail_from, r.rcpt_tos, r.message.get("Subject")) for r in got]
-                raise AssertionError(
-                    f"SMTP 127.0.0.1:{self.port}: expected {n} message(s) within {timeout}s, "
-                    f"got {len(got)}: {summary}"
-                )
-            time.sleep(POLL)
+        return wait_for_count(
+            lambda: self.messages,
+            n,
+            timeout,
+            lambda got: (
+                f"SMTP 127.0.0.1:{self.port}: "
+                f"{[(r.mail_from, r.rcpt_tos, r.message.get('Subject')) for r in got]}"
+            ),
+        )
 
     def clear(self) -> None:
         """Forget the recorded messages."""
@@ -227,17 +222,6 @@ class SmtpServer:
             return
         self._stopped = True
         self._controller.stop()
-
-    def __enter__(self) -> SmtpServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- internals (called on the server's event-loop thread)
     def _record(self, received: Received) -> None:
@@ -263,7 +247,7 @@ class SmtpServer:
         return AuthResult(success=True, auth_data=user)
 
 
-class HangingSmtp:
+class HangingSmtp(Stoppable):
     """A TCP listener on 127.0.0.1 that accepts connections and then never answers.
 
     ``mode="silent"`` never sends the 220 greeting. ``mode="greet_then_hang"`` sends the greeting,
@@ -312,17 +296,6 @@ class HangingSmtp:
         for thread in threads:
             thread.join(timeout=STOP_TIMEOUT)
         self._listener.close()
-
-    def __enter__(self) -> HangingSmtp:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- internals
     def _accept_loop(self) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 __all__ = [
@@ -474,6 +474,43 @@ def start_nginx(workdir: Path) -> Nginx:
 # --------------------------------------------------------------------------- fault server
 
 
+_S = TypeVar("_S", bound="Stoppable")
+_T = TypeVar("_T")
+
+
+class Stoppable:
+    """A test server used as ``with Server() as s:``; its ``stop`` runs at the end of the block."""
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _S) -> _S:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def wait_for_count(
+    get: Callable[[], list[_T]], n: int, timeout: float, describe: Callable[[list[_T]], str]
+) -> list[_T]:
+    """Poll ``get()`` until it holds at least ``n`` items and return them; AssertionError naming what
+    arrived (``describe``) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = get()
+        if len(got) >= n:
+            return got
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"expected {n} within {timeout}s, got {len(got)}: {describe(got)}")
+        time.sleep(0.02)
+
+
 @dataclass(frozen=True)
 class _Route:
     status: int
@@ -488,7 +525,7 @@ class _Route:
     faults: list[tuple[int, dict[str, str]]] = field(default_factory=list)
 
 
-class FaultServer:
+class FaultServer(Stoppable):
     """A ThreadingHTTPServer on 127.0.0.1 answering registered routes, for faults nginx can't make.
 
     Only GET and HEAD are routed (other methods get 405); unknown paths get 404.
@@ -572,17 +609,6 @@ class FaultServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=STOP_TIMEOUT)
-
-    def __enter__(self) -> FaultServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- internals
     def _record(self, method: str, path: str, headers: dict[str, str]) -> None:

@@ -9,13 +9,11 @@ import contextlib
 import json
 import ssl
 import threading
-import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any
 
-from servers import STOP_TIMEOUT, TestCA
+from servers import STOP_TIMEOUT, Stoppable, TestCA, wait_for_count
 
 __all__ = ["Hit", "WebhookReceiver"]
 
@@ -45,7 +43,7 @@ class _Server(ThreadingHTTPServer):
         pass
 
 
-class WebhookReceiver:
+class WebhookReceiver(Stoppable):
     """ThreadingHTTPServer on 127.0.0.1 (in a thread) recording every request in :attr:`hits`.
 
     Every method and path is answered: ``status`` (default 200, with a small JSON body), or 307 with
@@ -101,18 +99,12 @@ class WebhookReceiver:
 
     def wait_for(self, n: int = 1, timeout: float = 10) -> list[Hit]:
         """Wait until at least ``n`` requests arrived and return them; AssertionError after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            got = self.hits
-            if len(got) >= n:
-                return got
-            if time.monotonic() >= deadline:
-                summary = [(h.method, h.path, h.body[:200]) for h in got]
-                raise AssertionError(
-                    f"webhook {self.url('')}: expected {n} request(s) within {timeout}s, "
-                    f"got {len(got)}: {summary}"
-                )
-            time.sleep(POLL)
+        return wait_for_count(
+            lambda: self.hits,
+            n,
+            timeout,
+            lambda got: f"webhook {self.url('')}: {[(h.method, h.path, h.body[:200]) for h in got]}",
+        )
 
     def clear(self) -> None:
         """Forget the recorded requests."""
@@ -128,17 +120,6 @@ class WebhookReceiver:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=STOP_TIMEOUT)
-
-    def __enter__(self) -> WebhookReceiver:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- internals
     def _record(self, hit: Hit) -> None:
