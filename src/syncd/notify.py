@@ -358,11 +358,7 @@ class Announcer:
             )
 
     def _shown(self, channel: str) -> str:
-        if channel == WEBHOOK and self.notify.webhook is not None:
-            return f"webhook {webhook_origin(self.notify.webhook.url)}"
-        if channel == MAIL and self.notify.smtp is not None:
-            return f"mail via {self.notify.smtp.host}:{self.notify.smtp.port}"
-        return channel
+        return shown_channel(self.notify, channel)
 
     # from the caller ------------------------------------------------------------------------------
     def pass_failed(self, exc: SyncdError) -> None:
@@ -381,14 +377,18 @@ def send_test(notify: Notify, host: str | None = None) -> list[tuple[str, str]]:
     """``syncd notify --test``: a test message on every channel, now; (channel as shown, error or "")."""
     host = host or host_name()
     sender = Sender(notify, host)
-    shown = Announcer(notify, _no_engine, host=host)._shown
     at = datetime.now(UTC).isoformat(timespec="seconds")
     channels = ([MAIL] if notify.smtp else []) + ([WEBHOOK] if notify.webhook else [])
-    return [(shown(c), sender.attempt(Message(c, kind="test"), at)) for c in channels]
+    return [(shown_channel(notify, c), sender.attempt(Message(c, kind="test"), at)) for c in channels]
 
 
-def _no_engine() -> tuple[Ledger, ManifestRepo]:
-    raise SyncdError("no ledger for a test message")
+def shown_channel(notify: Notify, channel: str) -> str:
+    """A channel as logs and ``notify --test`` name it: never the webhook's path or query."""
+    if channel == WEBHOOK and notify.webhook is not None:
+        return f"webhook {webhook_origin(notify.webhook.url)}"
+    if channel == MAIL and notify.smtp is not None:
+        return f"mail via {notify.smtp.host}:{notify.smtp.port}"
+    return channel
 
 
 def _by(email: str) -> Callable[[Alert], bool]:
