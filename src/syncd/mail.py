@@ -111,7 +111,8 @@ def send(smtp: Smtp, msg: EmailMessage, to: Sequence[str], cancel: Cancel | None
     except NotifyError:
         raise
     except Exception as exc:
-        raise NotifyError(f"mail to {where} failed: {_why(exc)}") from None
+        why = "timed out (cut at the timeout)" if cancel is not None and cancel.fired else _why(exc)
+        raise NotifyError(f"mail to {where} failed: {why}") from None
 
 
 @functools.cache

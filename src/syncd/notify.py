@@ -98,7 +98,7 @@ class Sender:
         try:
             self.deliver(msg, at, cancel)
         except NotifyError as exc:
-            return str(exc) + (f" (timed out after {self.timeout(msg.channel):g} s)" if cancel.fired else "")
+            return str(exc)
         except Exception as exc:  # a bug: our words, never the text
             return str(internal_error(exc))
         finally:

@@ -74,7 +74,8 @@ def post(hook: Webhook, payload: dict[str, object], cancel: Cancel | None = None
     except NotifyError:
         raise
     except Exception as exc:
-        raise NotifyError(f"webhook to {where} failed: {_why(exc)}") from None
+        why = "timed out (cut at the timeout)" if cancel is not None and cancel.fired else _why(exc)
+        raise NotifyError(f"webhook to {where} failed: {why}") from None
     if 300 <= status < 400:
         raise NotifyError(
             f"webhook at {where} answered a redirect ({status}), which syncd does not follow "
