@@ -699,3 +699,25 @@ def test_the_author_named_is_the_pull_requests_own_commit_not_the_merge(
     assert f"* a.bin (10 B, commit {repo.head()[:12]}, added in {ada[:12]} by Ada <ada@bank.example>)" in text
     assert "by Syncd Test" in text.split("* b.bin")[1]
     assert not [line for line in text.splitlines() if "Mo <" in line or "Eve" in line]
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["ca_file", "untrusted"])
+def test_an_https_webhook_is_verified(world: World, ca: TestCA, trusted: bool) -> None:
+    """An https:// webhook is verified against the system store plus ca_file: accepted with the test CA,
+    refused (nothing sent) without it."""
+    with WebhookReceiver(tls=ca) as hook:
+        cfg: dict[str, Any] = {"url": hook.url(HOOK_PATH), "token_file": _secret(world, "t", TOKEN)}
+        if trusted:
+            cfg["ca_file"] = str(ca.cert)
+        world.write_config(notify={}, **{"notify.webhook": cfg})
+        run = world.run("notify", "--test", "-c", str(world.config_path))
+        origin = f"webhook https://127.0.0.1:{hook.port}"
+        if trusted:
+            assert run.code == 0 and f"{origin}: accepted" in run.out, run.out
+            (hit,) = hook.wait_for(1)
+            assert hit.headers["authorization"] == f"Bearer {TOKEN}" and hit.path == HOOK_PATH
+            assert hit.headers["host"] == f"127.0.0.1:{hook.port}"
+        else:
+            assert run.code == 1 and "TLS certificate is not trusted" in run.out, run.out
+            assert hook.hits == []
+        _no_secrets(run.out, run.err)
