@@ -474,6 +474,14 @@ def start_nginx(workdir: Path) -> Nginx:
 # --------------------------------------------------------------------------- fault server
 
 
+def nonblocking_accept(server: Any) -> None:
+    """Make a socketserver's listening socket non-blocking. Its loop select()s, then accept()s: when the
+    pending connection is gone by then (the client gave up), a blocking accept() waits for the next one,
+    and shutdown() waits for it forever (seen in CI: a test hung 300 s). Non-blocking, that accept()
+    raises, the loop goes on, and shutdown() returns. Accepted sockets are still blocking."""
+    server.socket.setblocking(False)
+
+
 _S = TypeVar("_S", bound="Stoppable")
 _T = TypeVar("_T")
 
@@ -542,6 +550,7 @@ class FaultServer(Stoppable):
         self._cuts: dict[str, int] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
+        nonblocking_accept(self._server)
         self.port: int = int(self._server.server_address[1])
         self.url: str = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(

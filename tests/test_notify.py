@@ -17,7 +17,7 @@ import pytest
 
 from harness import World, syncd_command
 from mailservers import HangingSmtp, Received, SmtpServer
-from servers import TestCA, free_port, make_test_ca
+from servers import TestCA, free_port, make_test_ca, nonblocking_accept
 from webhookserver import WebhookReceiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -401,6 +401,7 @@ class SlowSmtp:
 
         self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        nonblocking_accept(self.server)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()

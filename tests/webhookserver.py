@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from servers import STOP_TIMEOUT, Stoppable, TestCA, wait_for_count
+from servers import STOP_TIMEOUT, Stoppable, TestCA, nonblocking_accept, wait_for_count
 
 __all__ = ["Hit", "WebhookReceiver"]
 
@@ -69,6 +69,7 @@ class WebhookReceiver(Stoppable):
         self._stop = threading.Event()
         self._stopped = False
         self._server = _Server(("127.0.0.1", 0), self._handler_class())
+        nonblocking_accept(self._server)
         if tls is not None:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(str(tls.server_cert), str(tls.server_key))
