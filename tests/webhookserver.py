@@ -17,7 +17,6 @@ from servers import STOP_TIMEOUT, Stoppable, TestCA, nonblocking_accept, wait_fo
 
 __all__ = ["Hit", "WebhookReceiver"]
 
-POLL = 0.02
 MAX_BODY = 16 * 1024 * 1024
 
 
