@@ -263,3 +263,19 @@ def test_no_staging_inside_the_export_refuses_nothing() -> None:
     """staging=None (staging outside the export) changes no action."""
     a = asset("stage/x.bin")
     assert plan({a.dest: a}, {}, {}, {a.dest: MISSING}, staging=None)[0].kind is Kind.DOWNLOAD
+
+
+def test_every_refusal_cause_is_a_documented_stable_name() -> None:
+    """The causes the engine gives refusals (plan and reconcile) are exactly plan.REFUSALS, and each is
+    listed in docs/notifications.md (they are the notifiers' dedup keys)."""
+    import re
+    from pathlib import Path
+
+    from syncd.plan import REFUSALS
+
+    root = Path(__file__).resolve().parent.parent
+    src = (root / "src/syncd/plan.py").read_text() + (root / "src/syncd/reconcile.py").read_text()
+    used = set(re.findall(r'"(\w+)"', "\n".join(re.findall(r"cause=.*|State\.\w+: \"\w+\".*", src))))
+    assert used == set(REFUSALS)
+    docs = (root / "docs/notifications.md").read_text()
+    assert all(f"`{cause}`" in docs for cause in REFUSALS)

@@ -187,9 +187,7 @@ def _said(cls: str) -> str:
 class PassView:
     """What one pass said, gathered from its events (:class:`Collector`)."""
 
-    finished: bool = False  # a PassFinished (else a PassFailed: nothing was planned)
     dry_run: bool = False
-    at: str = ""
     commit: str = ""
     problems: dict[str, Alert] = field(default_factory=dict)
     published: list[Landed] = field(default_factory=list)
@@ -327,7 +325,7 @@ class Collector:
 
     def _finish(self, e: ev.PassFinished) -> None:
         v = self.view
-        v.finished, v.dry_run, v.at, v.commit = True, e.dry_run, e.finished_at, e.commit
+        v.dry_run, v.commit = e.dry_run, e.commit
         v.judged |= {"pass", "source", "git"}
         if not e.source_error and e.git_problem != "not_in_clone":
             v.judged.add("assets")
@@ -350,7 +348,6 @@ class Collector:
 
     def _failed(self, e: ev.PassFailed) -> None:
         v = self.view
-        v.at = e.at
         v.judged.add("pass")
         if e.error_type == "GitError":
             v.judged.add("git")

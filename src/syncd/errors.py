@@ -151,16 +151,12 @@ def error_class(exc: BaseException) -> str:
         return f"http_{exc.status}"
     if isinstance(exc, ExportFullError):
         return "export_full"
-    if isinstance(exc, ExportMissingError):
-        return "export_missing"
     if isinstance(exc, InternalError):
         return "internal_error"
     if isinstance(exc, PublishError):
         return "publish_failed"
     if isinstance(exc, FetchError):
         return "download_failed"
-    if isinstance(exc, GitError):
-        return "git_failed"
     return type(exc).__name__
 
 

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from syncd import alerts, logs, mail, manifest, webhook
 from syncd import events as ev
 from syncd.alerts import Alert, Landed, Message, Open, Rules
-from syncd.config import Notify, webhook_origin
+from syncd.config import Notify, address_problem, webhook_origin
 from syncd.errors import ManifestError, NotifyError, SyncdError, frames, internal_error
 from syncd.gitsource import ManifestRepo
 from syncd.ledger import Ledger
@@ -283,7 +283,7 @@ class Announcer:
         if email not in self._valid:  # parsing an address is slow; 20,000 problems name a few authors
             if len(self._valid) > 10_000:
                 self._valid.clear()
-            self._valid[email] = not mail_problem(email)
+            self._valid[email] = not address_problem(email)
         return self._valid[email]
 
     def _dispatch(self, ledger: Ledger, open_: Mapping[str, Open], now: datetime) -> None:
@@ -393,12 +393,6 @@ def shown_channel(notify: Notify, channel: str) -> str:
 
 def _by(email: str) -> Callable[[Alert], bool]:
     return lambda a: a.author_email.lower() == email
-
-
-def mail_problem(address: str) -> str:
-    from syncd.config import address_problem
-
-    return address_problem(address)
 
 
 def _open_from(rows: Mapping[str, tuple[str, int, str]]) -> dict[str, Open]:
