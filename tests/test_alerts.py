@@ -245,3 +245,18 @@ def test_a_huge_digest_is_capped_and_counted() -> None:
     assert len(msg.new) == 20_000 and len(listed.new) == 100
     assert "and 19900 more new problems" in text and len(text) < 100_000
     assert alerts.subject("nfs01", msg).startswith("[syncd nfs01] 20000 new problems: d/00000.bin")
+
+
+def test_a_refused_signature_is_one_problem_per_status_and_unjudged_assets_stay_open() -> None:
+    """signature_refused is a git-scope problem keyed by its status (not its commit, so a new unsigned
+    head is the same problem); when no verified commit exists nothing was planned, so an asset problem
+    open before neither recovers nor is judged."""
+    refused = ev.SignatureRefused(commit="e" * 40, author="Eve <e@x>", status="unsigned", error="unsigned")
+    again = ev.SignatureRefused(commit="f" * 40, author="Eve <e@x>", status="unsigned", error="unsigned")
+    v = view(refused, end=finished(git_problem="signature_refused", git_error="refused"))
+    (alert,) = v.problems.values()
+    assert alert.key == "signature_refused:unsigned" and "allowed_signers" in alert.todo
+    assert set(view(again).problems) == {"signature_refused:unsigned"}
+    before = update_open({}, view(failed()), "t1")
+    nothing = view(refused, end=finished(git_problem="no_verified_commit", git_error="refused"))
+    assert "asset_failed:d/x.bin:http_404" in update_open(before, nothing, "t2")

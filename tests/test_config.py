@@ -589,6 +589,8 @@ def test_loaded_config_never_shows_secrets(confdir: Path) -> None:
         "http_listen": None,
         "trigger": False,
         "notify": None,
+        "verify_signatures": "off",
+        "verify_interval_s": None,
     }
 
 

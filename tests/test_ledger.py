@@ -402,6 +402,9 @@ def test_schema_1_ledger_is_upgraded_in_place(synced: tuple[World, dict[str, byt
     _sql(
         ledger,
         [
+            "ALTER TABLE published DROP COLUMN provenance",
+            "ALTER TABLE published DROP COLUMN damaged",
+            "ALTER TABLE published DROP COLUMN identity",
             "ALTER TABLE published DROP COLUMN checksum",
             "ALTER TABLE failures DROP COLUMN kind",
             "DROP TABLE passes",

@@ -256,3 +256,61 @@ def test_a_reader_reads_the_schema_3_layout_without_changing_it(old3: Path) -> N
         ledger.close()
     assert old3.read_bytes() == before
     assert sorted(p.name for p in old3.parent.iterdir()) == ["ledger.sqlite3"]
+
+
+FIXTURE4 = Path(__file__).parent / "fixtures" / "ledger-schema4.sqlite3"
+
+
+@pytest.fixture
+def old4(tmp_path: Path) -> Path:
+    return _copy(FIXTURE4, tmp_path)
+
+
+def test_schema_4_ledger_from_main_upgrades_to_schema_5(old4: Path) -> None:
+    """The schema-4 ledger written by main at 9cf94c5 gains identity, damaged and provenance columns in
+    one migration: every row stays with a valid checksum; old rows have no identity (recorded by the next
+    pass without a hash) and no provenance ("not recorded"); new rows take both."""
+    rows_before = _tables(old4)
+    assert rows_before["published"] == 2 and rows_before["failures"] == 2 and rows_before["passes"] == 2
+    with structlog.testing.capture_logs() as logs:
+        ledger = Ledger(old4)
+    try:
+        assert [(e["from_schema"], e["to_schema"]) for e in logs if e["event"] == "ledger_migrated"] == [
+            (4, 5)
+        ]
+        published = ledger.published()
+        assert sorted(published) == ["weights/a.bin", "weights/b.bin"]
+        a = published["weights/a.bin"]
+        assert (a.size, a.commit, a.how, a.identity, a.damaged, a.provenance) == (
+            1000, COMMIT3, How.DOWNLOADED, "", None, {},
+        )  # fmt: skip
+        assert ledger.failures()["weights/missing.bin"].attempts == 2
+        ledger.set_identities({"weights/a.bin": "1:2:3:444"})
+        ledger.mark_damaged("weights/b.bin", "9:9:9:644", "re-hashed: bad")
+        b = ledger.published()["weights/b.bin"]
+        assert (b.identity, b.damaged) == ("9:9:9:644", "re-hashed: bad")
+        assert ledger.published()["weights/a.bin"].identity == "1:2:3:444"
+    finally:
+        ledger.close()
+    assert _tables(old4) == rows_before
+    Ledger(old4).close()  # the checksums still hold after the in-place updates; no second migration
+    db = sqlite3.connect(old4)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        cols = [r[1] for r in db.execute("PRAGMA table_info(published)")]
+        assert cols[-3:] == ["identity", "damaged", "provenance"]
+    finally:
+        db.close()
+
+
+def test_a_reader_reads_the_schema_4_layout_without_changing_it(old4: Path) -> None:
+    before = old4.read_bytes()
+    ledger = Ledger(old4, readonly=True)
+    try:
+        assert ledger.version == 4
+        rows = ledger.published()
+        assert sorted(rows) == ["weights/a.bin", "weights/b.bin"] and rows["weights/a.bin"].identity == ""
+    finally:
+        ledger.close()
+    assert old4.read_bytes() == before
+    assert sorted(p.name for p in old4.parent.iterdir()) == ["ledger.sqlite3"]

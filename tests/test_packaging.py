@@ -136,3 +136,37 @@ def test_example_notify_block_uncommented_passes(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr + conf.read_text()
     assert "notify = problem, recovery by mail via smtp.bank.example:587 (starttls) to 1 and webhook to " \
         "https://chat.bank.example" in out.stdout  # fmt: skip
+
+
+def test_example_signature_and_verify_keys_uncommented_pass(tmp_path: Path) -> None:
+    """The commented signature keys and [verify] block of the example are valid once uncommented, with a
+    real allowed-signers file in place."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    for name, text in (("id_ed25519", SSH_KEY), ("artifactory.token", "t\n")):
+        (creds / name).write_text(text)
+        (creds / name).chmod(0o600)
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("git.example.com ssh-ed25519 AAAA\n")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True)
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text(f'alice@bank.example namespaces="git" {(tmp_path / "k.pub").read_text()}')
+    text = EXAMPLE.read_text().replace("/etc/syncd/known_hosts", str(known_hosts))
+    text = text.replace("/etc/syncd/allowed_signers", str(allowed))
+    for line in ('# verify_signatures = "ssh"', f'# allowed_signers = "{allowed}"', "# [verify]",
+                 '# interval = "7d"', "# max_rate = 100"):  # fmt: skip
+        assert line in text, line
+        text = text.replace(line, line.removeprefix("# "))
+    conf = tmp_path / "syncd.conf"
+    conf.write_text(text)
+    out = subprocess.run(
+        [syncd_command(), "check-config", "-c", str(conf)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "CREDENTIALS_DIRECTORY": str(creds)},
+    )
+    assert out.returncode == 0, out.stderr
+    assert (
+        f"verify_signatures = ssh ({allowed})" in out.stdout and "verify_interval_s = 604800.0" in out.stdout
+    )

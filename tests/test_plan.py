@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harness import examples
 from syncd.ledger import Published
 from syncd.manifest import Asset
-from syncd.plan import Action, Kind, plan
+from syncd.plan import Action, Kind, plan, signature_gate, verify_slice
 from syncd.publish import Observation, State
 
 pytestmark = pytest.mark.unit
@@ -279,3 +284,85 @@ def test_every_refusal_cause_is_a_documented_stable_name() -> None:
     assert used == set(REFUSALS)
     docs = (root / "docs/notifications.md").read_text()
     assert all(f"`{cause}`" in docs for cause in REFUSALS)
+
+
+# identities: the per-pass check that a published file is still the one syncd recorded -----------------
+ID = "11:1000:2000:444"
+
+
+def file_seen(identity: str = ID, size: int = 100, mode: int = 0o444) -> Observation:
+    return Observation(State.FILE, size=size, identity=identity, mode=mode)
+
+
+@pytest.mark.parametrize(
+    ("recorded", "damaged", "seen", "recheck", "kind"),
+    [
+        (ID, None, ID, False, Kind.SKIP),  # nothing changed: no re-hash (a pass stays a stat walk)
+        ("", None, ID, False, Kind.SKIP),  # recorded before identities (schema 4): trusted, recorded
+        (ID, None, "11:1000:2001:444", False, Kind.RECHECK),  # ctime moved: an in-place edit, a chmod
+        (ID, None, "12:1000:2000:444", False, Kind.RECHECK),  # another inode: a swapped file
+        (ID, None, "11:1000:2000:644", False, Kind.RECHECK),  # mode
+        (ID, None, ID, True, Kind.RECHECK),  # the periodic verification's slice
+        (ID, "re-hashed: bad", ID, False, Kind.REFUSE),  # found damaged, unchanged since: refused
+        (ID, "re-hashed: bad", ID, True, Kind.REFUSE),  # … without hashing it again
+        (ID, "re-hashed: bad", "11:1000:2009:444", False, Kind.RECHECK),  # touched since: hash again
+    ],
+)
+def test_identity_decides_between_skip_recheck_and_refuse(
+    recorded: str, damaged: str | None, seen: str, recheck: bool, kind: Kind
+) -> None:
+    a = asset()
+    known = dataclasses.replace(published(), identity=recorded, damaged=damaged)
+    actions = plan(
+        {a.dest: a},
+        {},
+        {a.dest: known},
+        {a.dest: file_seen(seen)},
+        recheck=frozenset({a.dest} if recheck else ()),
+    )
+    assert actions[0].kind is kind
+    if kind is Kind.REFUSE:
+        assert actions[0].cause == "changed_outside" and "syncd verify --repair" in actions[0].reason
+
+
+def test_size_change_is_refused_before_any_rehash() -> None:
+    """A size change needs no hash: refused as changed_outside whatever the identity says."""
+    a = asset()
+    known = dataclasses.replace(published(), identity=ID)
+    act = one(a, known, file_seen("99:1:2:444", size=101))
+    assert (act.kind, act.cause) == (Kind.REFUSE, "changed_outside")
+
+
+@pytest.mark.parametrize(
+    ("head_ok", "last", "last_ok", "served"),
+    [
+        (True, "b" * 40, False, "a" * 40),  # a good head is served, whatever came before
+        (True, None, False, "a" * 40),
+        (False, "b" * 40, True, "b" * 40),  # refused: the last verified commit is still served
+        (False, "b" * 40, False, None),  # … unless it does not verify either: nothing is planned
+        (False, None, False, None),  # first pass, unsigned head: nothing
+        (False, "a" * 40, True, None),  # the last one is the head itself: no fallback
+    ],
+)
+def test_signature_gate(head_ok: bool, last: str | None, last_ok: bool, served: str | None) -> None:
+    assert signature_gate("a" * 40, head_ok, last, last_ok) == served
+
+
+@given(
+    st.dictionaries(st.text("abc/", min_size=1, max_size=6), st.integers(0, 10**6), max_size=30),
+    st.floats(0.001, 1.0),
+)
+@settings(max_examples=examples(200), deadline=None)
+def test_verify_slices_cover_every_file_once_per_round(sizes: dict[str, int], share: float) -> None:
+    """Passes of slices, each starting after the last one's cursor, visit every dest within about
+    1/share passes and never take more than the share (beyond a first file) per pass."""
+    cursor, seen, passes = "", set(), 0
+    total = sum(sizes.values())
+    while len(seen) < len(sizes) and passes < 10_000:
+        picked, new = verify_slice(sizes, cursor, share, cap=float("inf"))
+        assert picked and new == picked[-1]
+        assert sum(sizes[d] for d in picked[1:]) <= total * share + 1e-6
+        seen |= set(picked)
+        cursor, passes = new, passes + 1
+    assert seen == set(sizes)
+    assert verify_slice({}, "", share, 1.0) == ([], None)

@@ -70,7 +70,9 @@ def test_new_commit_parses_only_changed_files(world: World, monkeypatch: pytest.
     world.repo.commit("change m1, drop m2")
     calls = count_parses(monkeypatch)
     result = one_pass(world)
-    assert calls == ["assets/m1.toml"]
+    # m1 at the head, and its previous version once: the provenance lookup of the new entry (1b.bin was
+    # not in it, so the new commit introduced it). m0 and the removed m2 are never read.
+    assert calls == ["assets/m1.toml", "assets/m1.toml"]
     assert result.published == 1 and result.orphaned == 2
 
 
@@ -371,3 +373,50 @@ def test_a_bug_outside_any_asset_is_logged_without_its_text(
     shown = capsys.readouterr().out
     assert json.loads(shown)["pass_error"].startswith("internal error: ValueError at ")
     assert SECRET not in shown
+
+
+def test_periodic_verification_rehashes_a_slice_and_catches_what_the_stat_check_cannot(world: World) -> None:
+    """``[verify] interval`` in ``syncd run``: each pass re-hashes about interval/verify-interval of the
+    bytes (at least one file), cycling through every dest; a file whose bytes changed with its recorded
+    identity unchanged (bit rot, or a tamperer who also rewrote the ledger's identity) is found by its
+    slice and refused as changed_outside."""
+    from syncd import events as ev
+
+    for i in range(4):
+        world.manifest(f"m{i}.toml", {**world.asset(f"{i}.bin", 1000, seed=i), "dest": f"{i}.bin"})
+    world.repo.commit("four")
+    world.write_config(schedule={"interval": "15m"}, verify={"interval": "1h"})  # a quarter per pass
+    cfg = config.load(world.config_path)
+    seen: list[ev.Event] = []
+    rec = Reconciler(cfg, events=ev.EventBus([seen.append]), periodic_verify=True)
+    try:
+        assert rec.run_pass().ok
+        rechecked: list[str] = []
+        for _ in range(4):
+            seen.clear()
+            assert rec.run_pass().ok
+            rechecked += [e.dest for e in seen if isinstance(e, ev.AssetRechecked)]
+        assert sorted(rechecked) == ["0.bin", "1.bin", "2.bin", "3.bin"]  # each once in four passes
+        target = world.export / "2.bin"
+        os.chmod(target, 0o644)
+        with open(target, "r+b") as fh:
+            fh.write(b"!")
+        os.chmod(target, 0o444)
+        rec.ledger.set_identities({"2.bin": _identity(target)})  # the stat check is blind now
+        refused: list[str] = []
+        for _ in range(4):
+            seen.clear()
+            rec.run_pass()
+            refused += [
+                e.dest for e in seen if isinstance(e, ev.AssetRefused) and e.cause == "changed_outside"
+            ]
+        assert refused and set(refused) == {"2.bin"}
+        assert rec.ledger.published()["2.bin"].damaged
+    finally:
+        rec.close()
+
+
+def _identity(path: Path) -> str:
+    from syncd.staging import identity
+
+    return identity(os.stat(path))

@@ -284,6 +284,26 @@ class Collector:
                     commit=e.serving_commit or e.previous,
                 )
             )
+        elif isinstance(e, ev.SignatureRefused):
+            self._add(
+                Alert(
+                    key=f"signature_refused:{e.status}",
+                    kind="signature_refused",
+                    scope="git",
+                    title=_title("git", f"commit {e.commit[:12]} refused: {e.status.replace('_', ' ')}"),
+                    error=e.error,
+                    todo="the branch head must be signed by a key in [source] allowed_signers (or "
+                    "gpg_keyring): sign the merge (or add the platform's key), or revert the unsigned "
+                    "commit; syncd "
+                    + (
+                        f"serves the last verified commit {e.serving_commit[:12]}"
+                        if e.serving_commit
+                        else "has no verified commit to serve"
+                    ),
+                    commit=e.commit,
+                    author=e.author,
+                )
+            )
         elif isinstance(e, ev.SourcePathMissing):
             self._add(
                 Alert(
@@ -327,7 +347,7 @@ class Collector:
         v = self.view
         v.dry_run, v.commit = e.dry_run, e.commit
         v.judged |= {"pass", "source", "git"}
-        if not e.source_error and e.git_problem != "not_in_clone":
+        if not e.source_error and e.git_problem not in ("not_in_clone", "no_verified_commit"):
             v.judged.add("assets")
         if self._full:
             self._add(

@@ -9,6 +9,7 @@ stale (a Nagios/Icinga check). This is the one place that maps
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +50,14 @@ def _parser() -> argparse.ArgumentParser:
         help="also fail (exit 1) on warnings, such as dests that differ only by letter case",
     )
     v.add_argument(
+        "--verify-signatures",
+        action="store_true",
+        help="also check that the commit checked out (HEAD: the merge result) is signed by a trusted key",
+    )
+    trust = v.add_mutually_exclusive_group()
+    trust.add_argument("--allowed-signers", metavar="FILE", type=Path, help="ssh: git's allowed-signers file")
+    trust.add_argument("--gpg-keyring", metavar="FILE", type=Path, help="gpg: a keyring of trusted keys")
+    v.add_argument(
         "paths",
         nargs="+",
         type=Path,
@@ -79,6 +88,51 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--test", action="store_true", required=True, help="send a test message on every channel")
     n.set_defaults(func=cmd_notify)
 
+    pv = sub.add_parser(
+        "provenance",
+        help="who put these files on the export: commit, author, merger, pull request, signer",
+        description="For each DEST, what the ledger recorded when syncd published it (read-only, no lock). "
+        "Exit 1 when a dest is not known to syncd.",
+    )
+    pv.add_argument("-c", "--config", help=cfg_help)
+    pv.add_argument("--json", action="store_true", help="a JSON list, one object per dest")
+    pv.add_argument("dests", nargs="+", metavar="DEST", help="a dest, as the manifests name it")
+    pv.set_defaults(func=cmd_provenance)
+
+    vf = sub.add_parser(
+        "verify",
+        help="re-hash the published files against the ledger (exit 0 clean, 1 findings)",
+        description="Re-hash every published file (or those under DEST_PREFIX) and report missing files, "
+        "size or sha256 mismatches, changed modes, and files replaced by symlinks or directories. "
+        "Read-only and safe beside a running daemon; --repair needs the daemon stopped.",
+    )
+    vf.add_argument("-c", "--config", help=cfg_help)
+    vf.add_argument("--max-rate", type=float, metavar="MB/s", help="read at most this many MB per second")
+    vf.add_argument("--json", action="store_true", help="one JSON object with every finding")
+    vf.add_argument(
+        "--repair",
+        action="store_true",
+        help="quarantine each bad file in <root>/.syncd-quarantine/<time>/ and restore the reviewed one "
+        "(exit 0 when every finding was repaired)",
+    )
+    vf.add_argument("prefixes", nargs="*", metavar="DEST_PREFIX", help="check only dests under these")
+    vf.set_defaults(func=cmd_verify)
+
+    au = sub.add_parser(
+        "audit",
+        help="print the audit log (every change to the export, every trust decision); --verify its chain",
+        description="Print the records of the hash-chained audit log in the state directory (read-only, no "
+        "lock); --verify checks the whole chain and names the first broken record (exit 1).",
+    )
+    au.add_argument("-c", "--config", help=cfg_help)
+    au.add_argument(
+        "--since", metavar="DATE", help="records at or after DATE (2026-12-01 or an ISO 8601 time)"
+    )
+    au.add_argument("--dest", metavar="PREFIX", help="records of dests under PREFIX")
+    au.add_argument("--json", action="store_true", help="the records as stored: JSON lines (for a SIEM)")
+    au.add_argument("--verify", action="store_true", help="check the hash chain; exit 1 when it is broken")
+    au.set_defaults(func=cmd_audit)
+
     c = sub.add_parser("check-config", help="validate the configuration and report every problem")
     c.add_argument("-c", "--config", help=cfg_help)
     c.set_defaults(func=cmd_check_config)
@@ -86,7 +140,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    import json
 
     from syncd import status
 
@@ -146,6 +199,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
             bus.add(notifier)
         try:
             result = rec.run_pass()
+            audited = rec.audit is None or rec.audit.healthy  # its records are on disk, fsynced
             if notifier is not None:
                 notifier.flush()  # what this pass announces goes out before syncd sync exits
         except SyncdError as exc:
@@ -166,7 +220,233 @@ def cmd_sync(args: argparse.Namespace) -> int:
         if owner:
             print(shown(f"(not fetched: {owner.split(';')[0]}; planned against the commit it fetched last)"))
     # A dry run's pending downloads are its plan, not a failure (its pass_finished still says ok: false).
+    if not audited:
+        return 1  # the export may be right, but the audit log does not say so yet (audit_failed)
     return 0 if result.ok or (args.dry_run and result.healthy) else 1
+
+
+def cmd_provenance(args: argparse.Namespace) -> int:
+
+    from syncd.ledger import Ledger
+    from syncd.report import shown
+
+    cfg = config.load(config.config_path(args.config), secrets=False)
+    ledger = Ledger.in_state_dir(cfg.state_dir, readonly=True)
+    try:
+        published = ledger.published()
+    finally:
+        ledger.close()
+    found: list[object] = []
+    unknown: list[str] = []
+    for dest in args.dests:
+        row = published.get(dest.strip("/"))
+        if row is None:
+            unknown.append(dest)
+        else:
+            found.append(row)
+    if args.json:
+        print(json.dumps([_provenance_json(r) for r in found], indent=2))
+    else:
+        print("\n\n".join(shown(_provenance_text(r)) for r in found))
+    for dest in unknown:
+        print(
+            shown(f"syncd provenance: {dest}: not a file syncd published (not in the ledger)"),
+            file=sys.stderr,
+        )
+    return 1 if unknown else 0
+
+
+def _provenance_json(row: object) -> dict[str, object]:
+    from syncd.ledger import Published
+    from syncd.provenance import Provenance
+
+    assert isinstance(row, Published)
+    return {
+        "dest": row.dest,
+        "sha256": row.sha256,
+        "size": row.size,
+        "source": row.source,
+        "manifest": row.manifest,
+        "commit": row.commit,
+        "published_at": row.published_at,
+        "how": str(row.how),
+        "orphaned_at": row.orphaned_at,
+        "damaged": row.damaged,
+        "provenance": Provenance.from_json(row.provenance).to_json() if row.provenance else None,
+    }
+
+
+def _provenance_text(row: object) -> str:
+    from syncd.ledger import Published
+    from syncd.progress import human
+    from syncd.provenance import Provenance
+
+    assert isinstance(row, Published)
+    lines = [
+        row.dest,
+        f"  sha256      {row.sha256}",
+        f"  size        {row.size} bytes ({human(row.size)})",
+        f"  source      {row.source}",
+        f"  manifest    {row.manifest}",
+        f"  published   {row.published_at} ({row.how}) at commit {row.commit[:12]}",
+    ]
+    if row.orphaned_at:
+        lines.append(f"  orphaned    {row.orphaned_at} (no manifest lists it any more)")
+    if row.damaged:
+        lines.append(f"  damaged     {row.damaged} (syncd verify --repair restores it)")
+    if not row.provenance:
+        lines.append("  provenance  not recorded (published before syncd kept provenance)")
+        return "\n".join(lines)
+    p = Provenance.from_json(row.provenance)
+    if p.unknown:
+        lines.append(f"  provenance  unknown: {p.unknown}")
+    else:
+        lines.append(f"  introduced  {p.introduced_commit} by {p.author} on {p.authored_at}")
+        if p.merge_commit == p.introduced_commit:
+            lines.append("  merged      committed straight onto the branch")
+        else:
+            lines.append(f"  merged      {p.merge_commit} by {p.merger} on {p.merged_at}")
+        if p.pr_number is not None:
+            lines.append(f"  request     {p.pr_ref} (number {p.pr_number})")
+    sig = f"good, signed by {p.signer} ({p.signer_key})" if p.signature == "good" else "not verified (off)"
+    lines.append(f"  signature   {sig}")
+    return "\n".join(lines)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from syncd import verify
+    from syncd.ledger import Ledger
+    from syncd.publish import Export
+    from syncd.report import shown
+
+    if args.max_rate is not None and args.max_rate <= 0:
+        print("syncd verify: --max-rate must be a positive number of MB/s", file=sys.stderr)
+        return 2
+    cfg = config.load(config.config_path(args.config), secrets=args.repair)
+    ledger = Ledger.in_state_dir(cfg.state_dir, readonly=True)
+    try:
+        published = ledger.published()
+    finally:
+        ledger.close()
+    export = Export(cfg.export_root, cfg.staging)
+    export.open(create_staging=False)  # read-only: no lock, nothing created
+
+    def show(f: verify.Finding) -> None:
+        if not args.json:
+            print(shown(f"{f.kind:<10}  {f.dest}: {f.detail}"), flush=True)
+
+    try:
+        report = verify.run(
+            export,
+            published,
+            args.prefixes,
+            max_rate=args.max_rate,
+            on_finding=show,
+            stream=None if args.json else sys.stderr,
+        )
+    finally:
+        export.close()
+    unrepaired = len({f.dest for f in report.findings})
+    if args.repair and report.findings:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        unrepaired = _repair(cfg, report.findings, stamp)
+    if args.json:
+        out = {
+            "files": report.files,
+            "bytes": report.bytes,
+            "seconds": round(report.seconds, 3),
+            "findings": [f.to_json() for f in report.findings],
+            "interrupted": report.interrupted,
+        }
+        if args.repair:
+            out["unrepaired"] = unrepaired
+        print(json.dumps(out, indent=2))
+    from syncd.progress import human
+
+    rate = report.bytes / report.seconds / 1e6 if report.seconds > 0 else 0.0
+    summary = (
+        f"syncd verify: {report.files} file(s), {human(report.bytes)} checked in {report.seconds:.1f} s "
+        f"({rate:.0f} MB/s): {len(report.findings)} finding(s)"
+    )
+    if args.repair and report.findings:
+        summary += f", {unrepaired} dest(s) not repaired"
+    print(summary + (" (interrupted)" if report.interrupted else ""), file=sys.stderr)
+    if report.interrupted:
+        return 130
+    if args.repair:
+        return 1 if unrepaired else 0
+    return 1 if report.findings else 0
+
+
+def _repair(cfg: config.Config, findings: Sequence[object], stamp: str) -> int:
+    from syncd import events
+    from syncd.reconcile import Reconciler
+    from syncd.statedir import StateLock
+    from syncd.verify import Finding
+
+    lock = StateLock(cfg.state_dir)
+    try:
+        lock.acquire()
+    except LockHeldError as exc:
+        raise LockHeldError(
+            f"{exc}; --repair writes the export: stop the daemon first (systemctl stop syncd), "
+            "then start it again after the repair"
+        ) from None
+    try:
+        rec = Reconciler(cfg, events=events.EventBus([events.LogObserver()]))
+        try:
+            failed = rec.repair([f for f in findings if isinstance(f, Finding)], stamp)
+        finally:
+            rec.close()
+    finally:
+        lock.release()
+    return failed
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from syncd import audit
+    from syncd.ledger import Ledger
+    from syncd.report import escape_unencodable, shown
+
+    cfg = config.load(config.config_path(args.config), secrets=False)
+    path = cfg.state_dir / audit.FILE_NAME
+    if args.verify:
+        anchor = None
+        if (cfg.state_dir / "ledger.sqlite3").exists():
+            ledger = Ledger.in_state_dir(cfg.state_dir, readonly=True)
+            try:
+                seq, _, digest = (ledger.get("audit_head") or "").partition(":")
+            finally:
+                ledger.close()
+            anchor = (int(seq), digest) if seq.isdigit() and digest else None
+        result = audit.verify(path, anchor)
+        if result.ok:
+            print(f"syncd audit: {path}: {result.records} record(s), the chain is intact")
+            return 0
+        print(shown(f"syncd audit: {path}: BROKEN: {result.why}"))
+        return 1
+    since = None
+    if args.since:
+        try:
+            since = datetime.fromisoformat(args.since)
+        except ValueError:
+            print(
+                f"syncd audit: --since {args.since!r} is not a date (2026-12-01 or 2026-12-01T08:00Z)",
+                file=sys.stderr,
+            )
+            return 2
+        since = since if since.tzinfo else since.replace(tzinfo=UTC)
+    escape_unencodable(sys.stdout)
+    for entry in audit.select(audit.read(path), since=since, dest_prefix=args.dest):
+        if args.json:
+            print(json.dumps(entry.record, ensure_ascii=False, separators=(",", ":")))
+        else:
+            print(audit.render(entry.record))
+    return 0
 
 
 def cmd_notify(args: argparse.Namespace) -> int:
@@ -194,7 +474,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from syncd.validate import validate
 
     escape_unencodable(sys.stdout)
-    report = validate(args.paths, args.base)
+    sigs = None
+    if args.verify_signatures or args.allowed_signers or args.gpg_keyring:
+        from syncd import signatures
+
+        if not args.verify_signatures or not (args.allowed_signers or args.gpg_keyring):
+            print(
+                "syncd validate: --verify-signatures takes --allowed-signers FILE or --gpg-keyring FILE",
+                file=sys.stderr,
+            )
+            return 2
+        mode, trust = ("ssh", args.allowed_signers) if args.allowed_signers else ("gpg", args.gpg_keyring)
+        why = signatures.trust_file_problem(mode, trust) or signatures.tool_problem(mode)
+        if why:
+            print(f"syncd validate: {why}", file=sys.stderr)
+            return 2
+        sigs = (mode, trust)
+    report = validate(args.paths, args.base, sigs)
     for line in report.problems:
         print(shown(line))
     for line in report.warnings:
@@ -206,6 +502,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    if report.signed:
+        print(shown(f"syncd validate: {report.signed}"), file=sys.stderr)
     print(f"syncd validate: {report.files} file(s) OK{warned}", file=sys.stderr)
     return 0
 

@@ -243,6 +243,9 @@ class SourceSection(_Section):
     username: str | None = None
     token_file: str | None = None
     allow_force_push: bool = False
+    verify_signatures: str = "off"
+    allowed_signers: str | None = None
+    gpg_keyring: str | None = None
 
 
 class ArtifactorySection(_Section):
@@ -308,6 +311,11 @@ class WebhookSection(_Section):
     ca_file: str | None = None
 
 
+class VerifySection(_Section):
+    interval: Duration | None = Field(default=None, strict=False)
+    max_rate: float = Field(default=100.0, gt=0, strict=False)
+
+
 class NotifySection(_Section):
     events: list[str] = Field(default_factory=lambda: ["problem", "recovery"])
     repeat: ZeroOrDuration = Field(default=86400.0, strict=False)
@@ -330,6 +338,7 @@ _SECTIONS: dict[str, tuple[type[_Section], bool]] = {
     "metrics": (MetricsSection, False),
     "http": (HttpSection, False),
     "notify": (NotifySection, False),
+    "verify": (VerifySection, False),
 }
 NOTIFY_EVENTS = ("problem", "recovery", "published")
 SMTP_SECURITY = {"starttls": 587, "tls": 465, "none": 25}  # the default port of each
@@ -347,6 +356,8 @@ class GitSource:
     username: str | None
     token: Secret | None
     allow_force_push: bool = False
+    verify_signatures: str = "off"  # "off", "ssh" or "gpg": the head commit's signature must verify
+    trust_file: Path | None = None  # allowed_signers (ssh) or gpg_keyring (gpg)
 
 
 @dataclass(frozen=True)
@@ -432,6 +443,8 @@ class Config:
     http_listen: tuple[str, int] | None = None  # (IP address, port) that `syncd run` serves
     trigger_secret: Secret | None = None  # POST /trigger exists only with this
     notify: Notify | None = None  # [notify]: mail and webhooks; None when the section is absent
+    verify_interval: float | None = None  # [verify] interval: the whole export re-hashed once per it
+    verify_max_rate: float = 100.0  # [verify] max_rate: MB/s that the periodic re-hash reads at most
     # Problems that do not stop syncd (plain http:// with credentials), each as "at 'section.key': …";
     # check-config prints them and a pass logs them as config_insecure.
     warnings: tuple[str, ...] = ()
@@ -556,6 +569,9 @@ class _Resolver:
         textfile = self._textfile(sections.get("metrics"))
         listen, trigger = self._http(sections.get("http"))
         notify = self._notify(sections["notify"]) if sections.get("notify") is not None else None
+        verify: VerifySection = sections["verify"]
+        if verify.interval is not None and verify.interval < 3600:
+            self.problem("verify.interval", "must be at least 1h (the whole export is re-hashed once per it)")
         if self.problems:
             raise ConfigError(str(self.path), self.problems)
         assert source and art and export and root and staging
@@ -584,6 +600,8 @@ class _Resolver:
             http_listen=listen,
             trigger_secret=trigger,
             notify=notify,
+            verify_interval=verify.interval,
+            verify_max_rate=verify.max_rate,
             warnings=tuple(self.warnings),
         )
 
@@ -943,6 +961,7 @@ class _Resolver:
                 self.warnings.append(
                     "at 'source.url': plain http:// sends source.token_file's token unencrypted; use https://"
                 )
+        mode, trust_file = self._signatures(s)
         return GitSource(
             url=s.url,
             branch=s.branch,
@@ -952,7 +971,35 @@ class _Resolver:
             username=parts.username if scheme == "ssh" else s.username,
             token=token,
             allow_force_push=s.allow_force_push,
+            verify_signatures=mode,
+            trust_file=trust_file,
         )
+
+    def _signatures(self, s: SourceSection) -> tuple[str, Path | None]:
+        """``[source] verify_signatures`` and its trust file: an empty, unreadable or missing one is a
+        problem (never "nothing is trusted" silently), as is a missing ssh-keygen or gpgv."""
+        from syncd import signatures
+
+        mode = s.verify_signatures
+        wanted = {"ssh": "allowed_signers", "gpg": "gpg_keyring"}
+        if mode not in ("off", *wanted):
+            self.problem("source.verify_signatures", 'must be "off", "ssh" or "gpg"')
+            return "off", None
+        for m, key in wanted.items():
+            if getattr(s, key) is not None and mode != m:
+                self.problem(f"source.{key}", f'only with verify_signatures = "{m}"')
+        if mode == "off":
+            return mode, None
+        key = wanted[mode]
+        value = getattr(s, key)
+        if value is None:
+            self.problem(f"source.{key}", f'required with verify_signatures = "{mode}"')
+            return mode, None
+        path = self.plain_path(value)
+        why = signatures.trust_file_problem(mode, path) or signatures.tool_problem(mode)
+        if why:
+            self.problem(f"source.{key}", why)
+        return mode, path
 
     def _artifactory_url(self, url: str) -> None:
         """Check ``artifactory.url`` (messages never quote it: its userinfo may be a token)."""
@@ -1081,6 +1128,12 @@ def describe(cfg: Config) -> Mapping[str, Any]:
         "http_listen": _shown_listen(cfg.http_listen),
         "trigger": cfg.trigger_secret is not None,
         "notify": _shown_notify(cfg.notify),
+        "verify_signatures": (
+            f"{cfg.source.verify_signatures} ({cfg.source.trust_file})"
+            if cfg.source.trust_file
+            else cfg.source.verify_signatures
+        ),
+        "verify_interval_s": cfg.verify_interval,
     }
 
 

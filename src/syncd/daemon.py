@@ -70,7 +70,7 @@ class Daemon:
         self.metrics = Metrics(cfg.metrics_textfile)
         self.notify = _NotifySlot()
         self.events = ev.EventBus([ev.LogObserver(), self.status, self.metrics, self.notify])
-        self.rec = Reconciler(cfg, events=self.events, respect_backoff=True)
+        self.rec = Reconciler(cfg, events=self.events, respect_backoff=True, periodic_verify=True)
         self._set_notify(cfg)
         self.listener: Listener | None = None
         self._pending: Config | None = None  # a reloaded config, applied between passes
@@ -135,7 +135,7 @@ class Daemon:
             return
         self.rec.close()
         try:
-            self.rec = Reconciler(cfg, events=self.events, respect_backoff=True)
+            self.rec = Reconciler(cfg, events=self.events, respect_backoff=True, periodic_verify=True)
         except BaseException:
             self._pending = cfg
             raise

@@ -187,6 +187,30 @@ class GitRewritten(Event):
 
 
 @dataclass(frozen=True)
+class SignatureVerified(Event):
+    """The commit to serve carries a good signature by a trusted key (logged once per new commit)."""
+
+    name: ClassVar[str] = "signature_verified"
+    commit: str
+    signer: str
+    key: str
+
+
+@dataclass(frozen=True)
+class SignatureRefused(Event):
+    """The branch head's signature did not verify: syncd serves the last verified commit, or nothing."""
+
+    name: ClassVar[str] = "signature_refused"
+    level: ClassVar[int] = ERROR
+    commit: str
+    author: str
+    status: str  # signatures.Status: unsigned, unknown_key, bad_signature, expired, error
+    error: str
+    serving_commit: str | None = None  # None: no verified commit to serve, nothing was planned
+    key: str | None = None
+
+
+@dataclass(frozen=True)
 class SourcePathMissing(Event):
     name: ClassVar[str] = "source_path_missing"
     level: ClassVar[int] = ERROR
@@ -228,6 +252,27 @@ class StagingCleaned(Event):
     staging: str
 
 
+def _with_provenance(out: dict[str, Any], provenance: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The log fields of a published file's provenance (``syncd provenance DEST`` shows all of it)."""
+    out.pop("provenance", None)
+    p = provenance or {}
+    shown = {
+        "introduced_commit": p.get("introduced_commit"),
+        "author": _person(p.get("author_name"), p.get("author_email")),
+        "merge_commit": p.get("merge_commit"),
+        "merger": _person(p.get("merger_name"), p.get("merger_email")),
+        "pr": p.get("pr_ref"),
+        "signer": p.get("signer"),
+    }
+    return {**out, **{k: v for k, v in shown.items() if v}}
+
+
+def _person(name: object, email: object) -> str:
+    if not (name or email):
+        return ""
+    return f"{name} <{email}>" if email else str(name)
+
+
 @dataclass(frozen=True)
 class AssetPublished(Event):
     name: ClassVar[str] = "asset_published"
@@ -240,6 +285,10 @@ class AssetPublished(Event):
     manifest: str
     commit: str
     replaced: bool
+    provenance: Mapping[str, Any] | None = None  # provenance.Provenance.to_json()
+
+    def fields(self) -> dict[str, Any]:
+        return _with_provenance(super().fields(), self.provenance)
 
 
 @dataclass(frozen=True)
@@ -250,6 +299,25 @@ class AssetAdopted(Event):
     bytes: int
     manifest: str
     commit: str
+    provenance: Mapping[str, Any] | None = None
+    source: str = ""
+
+    def fields(self) -> dict[str, Any]:
+        return _with_provenance(super().fields(), self.provenance)
+
+
+@dataclass(frozen=True)
+class AssetRechecked(Event):
+    """A published file was hashed again (its inode, times or mode changed, or the periodic
+    verification picked it) and is still the reviewed file; ``mode_restored``: chmod 0444 again."""
+
+    name: ClassVar[str] = "asset_rechecked"
+    dest: str
+    reason: str
+    mode_restored: bool
+    commit: str
+    sha256: str = ""
+    bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -278,6 +346,47 @@ class AssetRefused(Event):
     cause: str = ""  # plan.REFUSALS: symlink, sha256_changed, foreign_file, conflict…
     source: str = ""
     sha256: str = ""
+    passes: int = 1  # consecutive passes that refused it (1: the first; the audit log records only it)
+
+
+@dataclass(frozen=True)
+class AssetQuarantined(Event):
+    """``syncd verify --repair`` moved a bad file (or the symlink or directory in its place) aside."""
+
+    name: ClassVar[str] = "asset_quarantined"
+    level: ClassVar[int] = WARNING
+    dest: str
+    moved_to: str  # relative to the export root: .syncd-quarantine/<UTC time>/<dest>
+    finding: str  # verify.KINDS
+    error: str
+    sha256: str  # what the ledger says the file is
+    size: int
+
+
+@dataclass(frozen=True)
+class AssetRepaired(Event):
+    """``syncd verify --repair`` restored the published file at ``dest`` (downloaded, or mode 0444)."""
+
+    name: ClassVar[str] = "asset_repaired"
+    dest: str
+    sha256: str
+    bytes: int
+    source: str
+    how: str  # "downloaded" (a quarantined or missing file) or "mode_restored"
+    commit: str
+    provenance: Mapping[str, Any] | None = None
+
+    def fields(self) -> dict[str, Any]:
+        return _with_provenance(super().fields(), self.provenance)
+
+
+@dataclass(frozen=True)
+class RepairFailed(Event):
+    name: ClassVar[str] = "repair_failed"
+    level: ClassVar[int] = ERROR
+    dest: str
+    finding: str
+    error: str
 
 
 @dataclass(frozen=True)
@@ -338,8 +447,15 @@ class EventBus:
         self._reported: set[tuple[int, str]] = set()
         self._lock = threading.Lock()
 
-    def add(self, observer: Observer) -> None:
-        self.observers.append(observer)
+    def add(self, observer: Observer, *, first: bool = False) -> None:
+        """Deliver to ``observer`` too: last, or ``first`` (the audit log: durable before others hear)."""
+        if first:
+            self.observers.insert(0, observer)
+        else:
+            self.observers.append(observer)
+
+    def remove(self, observer: Observer) -> None:
+        self.observers = [o for o in self.observers if o is not observer]
 
     def emit(self, event: Event) -> None:
         for observer in self.observers:

@@ -584,16 +584,47 @@ class ManifestRepo:
 
     # provenance -----------------------------------------------------------------------------------
     def commit_info(self, commit_id: str) -> CommitInfo:
-        """Who made ``commit_id`` and when (the author), and its first message line."""
+        """Who made ``commit_id`` and when (author and committer), and its message (at most 4 KiB)."""
         c = self._commit(commit_id)
-        when = datetime.fromtimestamp(c.author.time, timezone(timedelta(minutes=c.author.offset)))
+        message = _text(c.raw_message[:4096])
         return CommitInfo(
             commit=str(c.id),
             author_name=_text(c.author.raw_name),
             author_email=_text(c.author.raw_email),
-            authored_at=when.isoformat(timespec="seconds"),
-            summary=_text(c.raw_message.split(b"\n", 1)[0])[:200],
+            authored_at=_when(c.author),
+            summary=message.split("\n", 1)[0][:200],
+            committer_name=_text(c.committer.raw_name),
+            committer_email=_text(c.committer.raw_email),
+            committed_at=_when(c.committer),
+            message=message,
+            parents=len(c.parents),
         )
+
+    def signed_parts(self, commit_id: str) -> tuple[bytes | None, bytes | None, int]:
+        """``commit_id``'s signature, the bytes it signs, and the committer's unix time (what git's
+        verification judges ``valid-after``/``valid-before`` at); ``(None, None, t)`` if unsigned."""
+        c = self._commit(commit_id)
+        try:
+            signature, payload = c.gpg_signature
+        except (ValueError, pygit2.GitError) as exc:
+            raise GitError(f"cannot read the signature of commit {commit_id[:12]}: {_reason(exc)}") from None
+        return signature, payload, int(c.commit_time)
+
+    def merged_by(self, head: str, commit_id: str, limit: int = 5000) -> str:
+        """The commit on ``head``'s first-parent chain that brought ``commit_id`` into the branch: the
+        oldest one on that chain that ``commit_id`` is reachable from (``commit_id`` itself when it was
+        committed straight onto the branch). At most ``limit`` steps back (then the last reached)."""
+        repo = self._open_or_create()
+        target = self._commit(commit_id).id
+        current = self._commit(head)
+        for _ in range(limit):
+            if current.id == target or not current.parents:
+                break
+            parent = current.parents[0]
+            if parent.id != target and not repo.descendant_of(parent.id, target):
+                break
+            current = parent
+        return str(current.id)
 
     def introduced(self, head: str, path: str, holds: Callable[[str], bool], limit: int = 5000) -> str:
         """The commit that introduced what ``holds`` finds in file ``path`` at ``head``: from ``head``,
@@ -630,6 +661,17 @@ class CommitInfo:
     author_email: str
     authored_at: str
     summary: str
+    committer_name: str = ""
+    committer_email: str = ""
+    committed_at: str = ""
+    message: str = ""
+    parents: int = 1
+
+
+def _when(sig: Any) -> str:
+    return datetime.fromtimestamp(sig.time, timezone(timedelta(minutes=sig.offset))).isoformat(
+        timespec="seconds"
+    )
 
 
 def _text(raw: bytes) -> str:
@@ -745,3 +787,18 @@ def read_at_revision(path: Path, rev: str) -> tuple[Path, dict[str, bytes]]:
         and not b.startswith((SYMLINK_ID, BADNAME_ID))
         and repo.odb.read_header(b)[1] <= manifest.MAX_BYTES
     }
+
+
+def signed_head(path: Path, rev: str = "HEAD") -> tuple[str, str, bytes | None, bytes | None, int]:
+    """For ``syncd validate --verify-signatures``: in the git repository containing ``path``, the commit
+    at ``rev``, its author, its signature and signed bytes, and its committer time."""
+    try:
+        found = pygit2.discover_repository(str(path))
+        if found is None:
+            raise GitError(f"{path} is not inside a git repository (needed for --verify-signatures)")
+        commit = pygit2.Repository(found).revparse_single(rev).peel(pygit2.Commit)
+        signature, payload = commit.gpg_signature
+    except (KeyError, ValueError, pygit2.GitError) as exc:
+        raise GitError(f"cannot read commit {rev!r} for --verify-signatures: {_reason(exc)}") from None
+    author = f"{_text(commit.author.raw_name)} <{_text(commit.author.raw_email)}>"
+    return str(commit.id), author, signature, payload, int(commit.commit_time)

@@ -40,7 +40,7 @@ import sqlite3
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -51,7 +51,7 @@ from syncd.manifest import Asset
 from syncd.statedir import check_state_dir, refuse_link
 
 log = logs.get()
-SCHEMA_VERSION = 4  # 2: published.checksum; 3: failures.kind, passes; 4: notify_* (see _MIGRATIONS)
+SCHEMA_VERSION = 5  # 2: checksum; 3: failures.kind, passes; 4: notify_*; 5: identity, provenance
 KEEP_PASSES = 100  # pass rows kept for `syncd status`
 
 
@@ -60,6 +60,8 @@ class How(StrEnum):
 
     DOWNLOADED = "downloaded"
     ADOPTED = "adopted"  # it was already there with the right sha256
+    REPLACED = "replaced"  # downloaded over an older file at dest (``replace = true``)
+    REPAIRED = "repaired"  # downloaded again by ``syncd verify --repair`` (the bad file quarantined)
 
 
 class Problem(StrEnum):
@@ -77,7 +79,8 @@ CREATE TABLE IF NOT EXISTS manifests (
 CREATE TABLE IF NOT EXISTS published (
     dest TEXT PRIMARY KEY, sha256 TEXT NOT NULL, size INTEGER NOT NULL, source TEXT NOT NULL,
     manifest TEXT NOT NULL, commit_id TEXT NOT NULL, published_at TEXT NOT NULL,
-    how TEXT NOT NULL, orphaned_at TEXT, checksum TEXT NOT NULL DEFAULT '');
+    how TEXT NOT NULL, orphaned_at TEXT, checksum TEXT NOT NULL DEFAULT '',
+    identity TEXT NOT NULL DEFAULT '', damaged TEXT, provenance TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS failures (
     dest TEXT PRIMARY KEY, sha256 TEXT NOT NULL, attempts INTEGER NOT NULL, last_error TEXT NOT NULL,
     first_failed_at TEXT NOT NULL, last_failed_at TEXT NOT NULL, kind TEXT NOT NULL DEFAULT 'failed');
@@ -111,6 +114,9 @@ _COLUMNS = {
         "how",
         "orphaned_at",
         "checksum",
+        "identity",
+        "damaged",
+        "provenance",
     ),
     "failures": (
         "dest",
@@ -132,7 +138,8 @@ _ROW_FIELDS = "dest, sha256, size, source, manifest, commit_id, published_at, ho
 # Rows a pass would misread: a wrong type or a value syncd never writes (a flipped byte, a hand edit).
 _BAD_ROWS = {
     "published": "typeof(dest) != 'text' OR typeof(size) != 'integer' OR size < 0 "
-    "OR length(sha256) != 64 OR sha256 GLOB '*[^0-9a-f]*' OR how NOT IN ('downloaded', 'adopted')",
+    "OR length(sha256) != 64 OR sha256 GLOB '*[^0-9a-f]*' "
+    "OR how NOT IN ('downloaded', 'adopted', 'replaced', 'repaired') OR typeof(identity) != 'text'",
     "failures": "typeof(dest) != 'text' OR typeof(attempts) != 'integer' OR attempts < 1 "
     "OR kind NOT IN ('failed', 'refused')",
     "manifests": "typeof(path) != 'text' OR typeof(blob) != 'text'",
@@ -300,24 +307,38 @@ def _add_notify_state(db: sqlite3.Connection) -> None:
             db.execute(statement.replace("IF NOT EXISTS ", ""))
 
 
+def _add_identity_and_provenance(db: sqlite3.Connection) -> None:
+    """Schema 4 → 5: per published file, its identity on disk (inode, mtime, ctime, mode: a pass re-hashes
+    a file whose identity changed), whether a re-hash found it damaged, and its provenance (JSON). Rows
+    from before have neither: the next pass records what it sees without re-hashing (run ``syncd verify``
+    once to check the files themselves), and their provenance stays unknown."""
+    db.execute("ALTER TABLE published ADD COLUMN identity TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE published ADD COLUMN damaged TEXT")
+    db.execute("ALTER TABLE published ADD COLUMN provenance TEXT NOT NULL DEFAULT '{}'")
+
+
 # Each step takes a ledger from schema N to N + 1, in the same transaction as the user_version bump.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _add_row_checksums,
     2: _add_failure_kind_and_passes,
     3: _add_notify_state,
+    4: _add_identity_and_provenance,
 }
 
 
 def _columns(version: int) -> dict[str, tuple[str, ...]]:
     """The tables and columns of a ledger at schema ``version`` (0: one that never set it)."""
+    if version == 4:
+        return {**_COLUMNS, "published": _COLUMNS["published"][:-3]}
     if version in (1, 2, 3):
         old = {k: v for k, v in _COLUMNS.items() if not k.startswith("notify_")}
+        old["published"] = _COLUMNS["published"][:-3]
         if version == 3:
             return old
         del old["passes"]
         old["failures"] = _COLUMNS["failures"][:-1]
         if version == 1:
-            old["published"] = _COLUMNS["published"][:-1]
+            old["published"] = _COLUMNS["published"][:-4]
         return old
     return _COLUMNS
 
@@ -336,6 +357,16 @@ def _set_aside(path: Path) -> Path:
     except OSError as exc:
         raise LedgerError(f"cannot set aside damaged ledger {path}: {exc.strerror}") from None
     return aside
+
+
+def _provenance(text: object) -> dict[str, object]:
+    """A published row's provenance JSON; ``{}`` when it is missing or does not decode (a damaged
+    value hides nothing: the audit log keeps its own copy)."""
+    try:
+        value = json.loads(str(text))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def now() -> str:
@@ -365,6 +396,9 @@ class Published:
     published_at: str
     how: How
     orphaned_at: str | None
+    identity: str = ""  # staging.identity when last seen good ("": not recorded yet, schema 4)
+    damaged: str | None = None  # why a re-hash found the file at that identity bad (None: not found bad)
+    provenance: Mapping[str, object] = field(default_factory=dict)  # see syncd.provenance
 
 
 @dataclass(frozen=True)
@@ -647,14 +681,27 @@ class Ledger:
 
     # published --------------------------------------------------------------------------------
     def published(self) -> dict[str, Published]:
-        rows = self._read(
-            "SELECT dest, sha256, size, source, manifest, commit_id, published_at, how, orphaned_at "
-            "FROM published"
-        )
-        return {str(r[0]): Published(*r[:7], How(str(r[7])), r[8]) for r in rows}  # type: ignore[arg-type, call-arg]
+        fields = "dest, sha256, size, source, manifest, commit_id, published_at, how, orphaned_at"
+        if self.version < 5:  # read as it is (a reader of an older ledger)
+            rows = self._read(f"SELECT {fields}, '', NULL, '{{}}' FROM published")  # noqa: S608 (constants)
+        else:
+            rows = self._read(f"SELECT {fields}, identity, damaged, provenance FROM published")  # noqa: S608
+        return {
+            str(r[0]): Published(*r[:7], How(str(r[7])), r[8], str(r[9]), r[10], _provenance(r[11]))  # type: ignore[arg-type, call-arg]
+            for r in rows
+        }
 
-    def record_published(self, asset: Asset, commit: str, how: How) -> None:
-        """``asset`` is now at its dest (fsynced): remember it and forget any failure."""
+    def record_published(
+        self,
+        asset: Asset,
+        commit: str,
+        how: How,
+        *,
+        identity: str = "",
+        provenance: Mapping[str, object] | None = None,
+    ) -> None:
+        """``asset`` is now at its dest (fsynced), with ``identity`` (:func:`syncd.staging.identity`) and
+        ``provenance``: remember it and forget any failure."""
         with self._write() as db:
             row = (
                 asset.dest,
@@ -667,11 +714,25 @@ class Ledger:
                 str(how),
             )
             db.execute(
-                f"INSERT OR REPLACE INTO published({_ROW_FIELDS}, orphaned_at, checksum) "  # noqa: S608
-                "VALUES (?,?,?,?,?,?,?,?,NULL,?)",
-                (*row, _row_checksum(row)),
+                f"INSERT OR REPLACE INTO published({_ROW_FIELDS}, orphaned_at, checksum, identity, "  # noqa: S608
+                "damaged, provenance) VALUES (?,?,?,?,?,?,?,?,NULL,?,?,NULL,?)",
+                (*row, _row_checksum(row), identity, json.dumps(dict(provenance or {}), sort_keys=True)),
             )
             db.execute("DELETE FROM failures WHERE dest = ?", (asset.dest,))
+
+    def set_identities(self, identities: Mapping[str, str]) -> None:
+        """The published files at these dests were seen (or re-hashed) good with these identities."""
+        with self._write() as db:
+            db.executemany(
+                "UPDATE published SET identity = ?, damaged = NULL WHERE dest = ?",
+                [(i, d) for d, i in identities.items()],
+            )
+
+    def mark_damaged(self, dest: str, identity: str, why: str) -> None:
+        """A re-hash found the file at ``dest`` (``identity``) not to be what syncd published: it is
+        refused, without another re-hash, until its identity changes."""
+        with self._write() as db:
+            db.execute("UPDATE published SET identity = ?, damaged = ? WHERE dest = ?", (identity, why, dest))
 
     def forget(self, dest: str) -> None:
         """The file at ``dest`` is gone: drop the row so the next plan downloads it again."""

@@ -8,10 +8,13 @@ kind       when
 download   nothing at dest; or the ledger's file vanished (it comes back); or ``replace = true``
 skip       the ledger says this sha256 is at dest and a file of that size is there
 verify     a file is at dest that the ledger does not know: hash it once, adopt it if it matches
+recheck    the ledger's file is at dest, but its inode, mtime, ctime or mode changed since syncd recorded
+           them (or ``[verify] interval`` picked it this pass): hash it again; good, it is kept (mode
+           0444 restored); bad, it is refused and marked damaged
 refuse     a symlink or non-file at dest or on its path; a dest that cannot be inspected (EACCES,
            ESTALE, EIO: that dest alone waits for the next pass); a changed sha256 without ``replace``;
-           a file the ledger knows but whose size changed by hand; a dest claimed twice; a dest at or
-           under the staging directory
+           a file the ledger knows but whose size changed by hand, or that a re-hash found damaged (and
+           that has not changed since); a dest claimed twice; a dest at or under the staging directory
 orphan     the ledger has a file whose manifest entry is gone: left in place, reported
 defer      a download that failed pass after pass waits out its backoff (``syncd run`` only)
 =========  =====================================================================================
@@ -32,6 +35,7 @@ class Kind(Enum):
     DOWNLOAD = "download"
     SKIP = "skip"
     VERIFY = "verify"
+    RECHECK = "recheck"
     REFUSE = "refuse"
     ORPHAN = "orphan"
     DEFER = "defer"
@@ -71,14 +75,18 @@ def plan(
     deferred: Mapping[str, str] | None = None,
     *,
     staging: str | None = None,
+    recheck: frozenset[str] = frozenset(),
 ) -> list[Action]:
     """Every action for this pass, in dest order: desired dests, conflicts, then orphans.
 
     ``deferred`` maps dests still in their across-pass backoff to the reason; their downloads wait.
     ``staging`` is the staging directory's path inside the export (``Export.staging_in_root()``), if it
-    lies there: a dest at or under it is refused (syncd empties that directory every pass)."""
+    lies there: a dest at or under it is refused (syncd empties that directory every pass). ``recheck``
+    names published dests to hash again this pass even if nothing about them changed (the periodic
+    verification's slice)."""
     actions = [
-        _in_staging(a, staging) or _one(a, published.get(d), observed[d]) for d, a in sorted(desired.items())
+        _in_staging(a, staging) or _one(a, published.get(d), observed[d], d in recheck)
+        for d, a in sorted(desired.items())
     ]
     if deferred:
         actions = [
@@ -111,7 +119,7 @@ def _in_staging(asset: Asset, staging: str | None) -> Action | None:
     )
 
 
-def _one(asset: Asset, known: Published | None, seen: Observation) -> Action:
+def _one(asset: Asset, known: Published | None, seen: Observation, recheck: bool = False) -> Action:
     dest = asset.dest
     if seen.state in (State.SYMLINK, State.OTHER, State.BLOCKED):
         cause = {State.SYMLINK: "symlink", State.BLOCKED: "blocked_path"}.get(seen.state, "not_a_file")
@@ -143,4 +151,55 @@ def _one(asset: Asset, known: Published | None, seen: Observation) -> Action:
             f"file at dest was changed outside syncd (size {seen.size}, ledger says {known.size})",
             cause="changed_outside",
         )
+    if known.damaged is not None and seen.identity == known.identity:
+        return Action(
+            Kind.REFUSE,
+            dest,
+            asset,
+            f"file at dest was changed outside syncd ({known.damaged}); run syncd verify --repair to "
+            "quarantine it and restore the reviewed file",
+            cause="changed_outside",
+        )
+    if known.identity and seen.identity != known.identity:
+        return Action(
+            Kind.RECHECK, dest, asset, "changed on disk since syncd recorded it (inode, times or mode)"
+        )
+    if recheck:
+        return Action(Kind.RECHECK, dest, asset, "periodic re-hash ([verify] interval)")
     return Action(Kind.SKIP, dest, asset, "already published")
+
+
+def signature_gate(head: str, head_ok: bool, last: str | None, last_ok: bool) -> str | None:
+    """The commit a pass serves under ``[source] verify_signatures``: the head when its signature
+    verifies; otherwise the last commit planned at when that one verifies (the head is refused, as a
+    rewritten branch is); otherwise None: nothing is planned, nothing is orphaned."""
+    if head_ok:
+        return head
+    if last and last != head and last_ok:
+        return last
+    return None
+
+
+def verify_slice(
+    sizes: Mapping[str, int], cursor: str, share: float, cap: float
+) -> tuple[list[str], str | None]:
+    """The dests the periodic verification re-hashes this pass, and the new cursor.
+
+    ``sizes``: published dests still wanted, and their sizes. From the first dest after ``cursor`` (in
+    dest order, wrapping around), dests are taken until they add up to ``share`` of all the bytes (at
+    least one file, at most ``cap`` bytes after the first): over ``1 / share`` passes every file is
+    re-hashed once. The cursor is the last dest taken (None: nothing to do)."""
+    if not sizes:
+        return [], None
+    order = sorted(sizes)
+    start = next((i for i, d in enumerate(order) if d > cursor), 0)
+    budget = min(sum(sizes.values()) * share, cap)
+    picked: list[str] = []
+    used = 0
+    for n in range(len(order)):
+        dest = order[(start + n) % len(order)]
+        if picked and used + sizes[dest] > budget:
+            break
+        picked.append(dest)
+        used += sizes[dest]
+    return picked, picked[-1]

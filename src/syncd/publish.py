@@ -36,7 +36,7 @@ import hashlib
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -66,6 +66,7 @@ __all__ = [
 ]
 
 LOCK_NAME = ".syncd.lock"
+QUARANTINE = ".syncd-quarantine"  # where syncd verify --repair moves bad files (top-level .syncd* is ours)
 
 
 class State(Enum):
@@ -84,6 +85,8 @@ class Observation:
     state: State
     size: int = -1
     detail: str = ""
+    identity: str = ""  # a regular file's staging.identity (inode, mtime, ctime, mode)
+    mode: int = 0  # a regular file's permission bits
 
 
 def _reason(exc: OSError) -> str:
@@ -223,7 +226,9 @@ class Export:
         if stat.S_ISLNK(st.st_mode):
             return Observation(State.SYMLINK, detail="a symlink is at dest")
         if stat.S_ISREG(st.st_mode):
-            return Observation(State.FILE, size=st.st_size)
+            return Observation(
+                State.FILE, size=st.st_size, identity=staging.identity(st), mode=stat.S_IMODE(st.st_mode)
+            )
         return Observation(State.OTHER, detail="something other than a regular file is at dest")
 
     @contextlib.contextmanager
@@ -248,12 +253,12 @@ class Export:
         finally:
             os.close(fd)
 
-    def hash_file(self, dest: str) -> tuple[str, int]:
+    def hash_file(self, dest: str, on_bytes: Callable[[int], None] | None = None) -> tuple[str, int]:
         """sha256 and size of the regular file at ``dest`` (read without following symlinks); the file's
         identity is remembered for :meth:`make_read_only`.
 
         Raises :class:`PublishError` when it is gone, not a regular file, unreadable, or changed while
-        being read."""
+        being read. ``on_bytes(n)`` is called after each chunk read (a rate limit, a stop: it may raise)."""
         digest = hashlib.sha256()
         size = 0
         try:
@@ -262,6 +267,8 @@ class Export:
                 while chunk := os.read(fd, READ_CHUNK):
                     digest.update(chunk)
                     size += len(chunk)
+                    if on_bytes is not None:
+                        on_bytes(len(chunk))
                 if _identity(os.fstat(fd)) != seen:
                     raise PublishError(f"{dest} changed while being checked; left untouched")
         except OSError as exc:
@@ -270,10 +277,10 @@ class Export:
             self._hashed[dest] = seen
         return digest.hexdigest(), size
 
-    def make_read_only(self, dest: str) -> None:
+    def make_read_only(self, dest: str) -> str:
         """chmod 0444 the file at ``dest`` (adopting a file found in place), only if it is still the very
         file :meth:`hash_file` read (same inode, size, mtime and ctime): a file swapped in or changed
-        after the check is never adopted.
+        after the check is never adopted. Returns the file's :func:`staging.identity` after the chmod.
 
         Raises :class:`PublishError` as :meth:`hash_file` does, and when the file changed."""
         with self._lock:
@@ -282,11 +289,69 @@ class Export:
             with self._open_dest(dest, "disappeared while being adopted") as fd:
                 if seen is None or _identity(os.fstat(fd)) != seen:
                     raise PublishError(f"{dest} changed while being adopted; left untouched")
-                os.fchmod(fd, 0o444)
+                if stat.S_IMODE(os.fstat(fd).st_mode) != 0o444:
+                    os.fchmod(fd, 0o444)
+                return staging.identity(os.fstat(fd))
         except OSError as exc:
             raise os_error("cannot set mode 0444 on", dest, exc) from None
 
     # writing ----------------------------------------------------------------------------------
+    def quarantine(self, dest: str, stamp: str, *, link: bool = False) -> str:
+        """Move whatever is at ``dest`` (a file, a symlink itself, a directory) to
+        ``<root>/.syncd-quarantine/<stamp>/<dest>`` by one rename (never deleted: it is evidence), with the
+        quarantine directories created 0700; returns that path relative to the root. ``link``: hard-link
+        a regular file there instead, leaving it at dest until the repaired file replaces it by rename
+        (the dest is never missing); falls back to a rename across file systems. Raises
+        :class:`PublishError` when nothing is there, a parent of dest is blocked, or the move fails."""
+        *parents, name = dest.split("/")
+        where = [QUARANTINE, stamp, *parents]
+        try:
+            with self._walk(parents, create=False) as parent:
+                if parent is None:
+                    raise PublishError(f"{dest}: nothing at dest to quarantine")
+                with self._walk_private(where) as qdir:
+                    linked = False
+                    if link:
+                        try:
+                            os.link(name, name, src_dir_fd=parent, dst_dir_fd=qdir, follow_symlinks=False)
+                            linked = True
+                        except OSError as exc:
+                            if exc.errno != errno.EXDEV:
+                                raise
+                    if not linked:
+                        os.rename(name, name, src_dir_fd=parent, dst_dir_fd=qdir)
+                    os.fsync(qdir)
+                os.fsync(parent)
+        except _Blocked as b:
+            raise PublishError(f"{dest}: {b}") from None
+        except FileNotFoundError:
+            raise PublishError(f"{dest}: nothing at dest to quarantine") from None
+        except OSError as exc:
+            raise os_error("cannot quarantine", dest, exc) from None
+        return "/".join([*where, name])
+
+    @contextlib.contextmanager
+    def _walk_private(self, parts: list[str]) -> Iterator[int]:
+        """A descriptor of ``root/parts…``, each missing directory created 0700 (symlinks refused)."""
+        fd = os.dup(self._root_fd)
+        try:
+            for part in parts:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o700, dir_fd=fd)
+                try:
+                    nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise _Blocked(
+                            f"{part} in the quarantine path is a symlink or not a directory"
+                        ) from None
+                    raise
+                os.close(fd)
+                fd = nfd
+            yield fd
+        finally:
+            os.close(fd)
+
     def clean_staging(self, keep: set[str] | None = None) -> list[str]:
         """Remove syncd's own leftovers from staging (see :func:`syncd.staging.clean`); return their names.
         Nothing in a dry run (no staging open)."""

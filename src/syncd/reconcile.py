@@ -26,19 +26,22 @@ from typing import TextIO
 
 import tenacity
 
+from syncd import audit, retry, signatures, verify
 from syncd import events as ev
-from syncd import retry
+from syncd.audit import AuditObserver
 from syncd.config import Config
 from syncd.desired import Desired, load_desired
 from syncd.errors import FetchError, GitError, StopRequested, SyncdError, error_class, internal_error
 from syncd.fetch import Fetcher
 from syncd.gitsource import ManifestRepo
-from syncd.ledger import How, Ledger, Problem, now
+from syncd.ledger import How, Ledger, Problem, Published, now
 from syncd.manifest import Asset
-from syncd.plan import Action, Kind, plan
+from syncd.plan import Action, Kind, plan, signature_gate, verify_slice
 from syncd.progress import Progress
+from syncd.provenance import Tracer
 from syncd.publish import Export
 from syncd.report import count_dry
+from syncd.throttle import Throttle
 
 PENDING_SAMPLE = 20  # pending dests kept in a pass's ledger summary for `syncd status`
 
@@ -83,6 +86,8 @@ class GitProblem(StrEnum):
     UNREACHABLE = "unreachable"  # the fetch failed
     REWRITTEN = "rewritten"  # the branch no longer descends from the last synced commit
     NOT_IN_CLONE = "not_in_clone"  # the commit to serve is missing from the clone
+    SIGNATURE = "signature_refused"  # the head's signature did not verify: the last verified one is served
+    UNVERIFIED = "no_verified_commit"  # ... and no verified commit exists: nothing was planned
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,8 @@ class _Outcome:
     bytes: int = 0
     seconds: float = 0.0
     how: How = How.DOWNLOADED
+    identity: str = ""  # the file's staging.identity at its dest afterwards
+    mode_restored: bool = False
 
 
 class Reconciler:
@@ -106,6 +113,7 @@ class Reconciler:
         events: ev.EventBus | None = None,
         respect_backoff: bool = False,
         fetch: bool = True,
+        periodic_verify: bool = False,
     ) -> None:
         self.cfg = cfg
         self.fetch = fetch
@@ -120,10 +128,33 @@ class Reconciler:
         self.fetcher = Fetcher(
             cfg.artifactory, timeout=cfg.timeout, concurrency=cfg.concurrency, stop=self.stop
         )
+        src = cfg.source
+        self.verifier = (
+            signatures.Verifier(src.verify_signatures, src.trust_file, timeout=min(cfg.timeout, 30.0))
+            if src.verify_signatures != "off" and src.trust_file is not None
+            else None
+        )
+        self._verdicts: dict[str, signatures.Verdict] = {}  # commit → verdict (a commit never changes)
+        self.periodic_verify = periodic_verify and cfg.verify_interval is not None
+        self.tracer: Tracer | None = None
+        self.audit: AuditObserver | None = None
+        if not dry_run:  # the audit log hears each event first: durable before the others hear of it
+            self.audit = AuditObserver(cfg.state_dir / audit.FILE_NAME, anchor=self._anchor)
+            self.events.add(self.audit, first=True)
+        self._throttle = Throttle(None)
+        self._published: dict[str, str] = {}  # dest → identity at its dest, set by the download threads
 
     def close(self) -> None:
+        if self.audit is not None:
+            self.events.remove(self.audit)
+            with contextlib.suppress(SyncdError):
+                self.audit.close()
         self.fetcher.close()
         self.ledger.close()
+
+    def _anchor(self, head: tuple[int, str]) -> None:
+        """Where the audit log ended after a flush, kept in the ledger (``syncd audit --verify``)."""
+        self.ledger.set("audit_head", f"{head[0]}:{head[1]}")
 
     def run_pass(self) -> PassResult:
         """One full reconcile pass. Raises :class:`SyncdError` only if no pass is possible (recorded in
@@ -171,9 +202,17 @@ class Reconciler:
                 leftovers = export.clean_staging()
                 if leftovers:
                     self.emit(ev.StagingCleaned(files=len(leftovers), staging=str(self.cfg.staging)))
-            head = self._head(result)
-            result.commit = head
-            if self._servable(head, result):
+            head = self._gate(self._head(result), result)
+            result.commit = head or ""
+            if head and self._servable(head, result):
+                verdict = self._verdicts.get(head)
+                self.tracer = Tracer(
+                    self.repo,
+                    head,
+                    "good" if verdict else "off",
+                    verdict.signer if verdict else "",
+                    verdict.key if verdict else "",
+                )
                 self._reconcile(export, head, result)
         finally:
             export.close()
@@ -246,10 +285,38 @@ class Reconciler:
             observed,
             self._deferred(desired),
             staging=export.staging_in_root(),
+            recheck=self._slice(desired, published),
         )
         if not self.dry_run:
+            # Files published before identities were recorded (schema 4): recorded as they are now.
+            baseline = {
+                a.dest: observed[a.dest].identity
+                for a in result.planned
+                if a.kind is Kind.SKIP and not published[a.dest].identity and observed[a.dest].identity
+            }
+            if baseline:
+                self.ledger.set_identities(baseline)
             self._execute(export, result)
             self._settle(desired, result)
+
+    def _slice(self, desired: Desired, published: dict[str, Published]) -> frozenset[str]:
+        """``[verify] interval`` (``syncd run`` only): the published files to hash again this pass, so
+        that the whole export is re-hashed once per interval; the cursor is kept in the ledger."""
+        if not self.periodic_verify or self.dry_run or self.cfg.verify_interval is None:
+            return frozenset()
+        sizes = {
+            d: p.size
+            for d, p in published.items()
+            if d in desired.assets and p.sha256 == desired.assets[d].sha256
+        }
+        share = self.cfg.interval / self.cfg.verify_interval
+        cap = (
+            self.cfg.verify_max_rate * 1e6 * self.cfg.interval / 2
+        )  # a pass re-hashes for ≤ half an interval
+        picked, cursor = verify_slice(sizes, self.ledger.get("verify_cursor") or "", share, cap)
+        if cursor is not None:
+            self.ledger.set("verify_cursor", cursor)
+        return frozenset(picked)
 
     def _servable(self, head: str, result: PassResult) -> bool:
         """Whether this pass can plan at ``head``; if not, it plans nothing (so orphans nothing).
@@ -318,6 +385,57 @@ class Reconciler:
         )
         return cached
 
+    def _gate(self, head: str, result: PassResult) -> str | None:
+        """With ``[source] verify_signatures``: ``head`` if its signature verifies, else the last commit
+        planned at if that one does (as for a rewritten branch), else None (nothing is planned)."""
+        if self.verifier is None:
+            return head
+        verdict = self._verdict(head)
+        last = self.ledger.get("manifests_commit")
+        fallback = last if last and last != head and self.repo.has_commit(last) else None
+        serve = signature_gate(
+            head, verdict.ok, fallback, fallback is not None and self._verdict(fallback).ok
+        )
+        if verdict.ok:
+            return serve
+        author = ""
+        with contextlib.suppress(SyncdError):
+            info = self.repo.commit_info(head)
+            author = f"{info.author_name} <{info.author_email}>"
+        result.git_problem = GitProblem.SIGNATURE if serve else GitProblem.UNVERIFIED
+        serving = f"still serving the last verified commit {serve[:12]}" if serve else "nothing was planned"
+        error = f"commit {head[:12]} by {author or 'unknown'} was refused: {verdict.reason}; {serving}"
+        result.git_error = (result.git_error + "; " if result.git_error else "") + error
+        self.emit(
+            ev.SignatureRefused(
+                commit=head,
+                author=author,
+                status=str(verdict.status),
+                error=error,
+                serving_commit=serve,
+                key=verdict.key or None,
+            )
+        )
+        return serve
+
+    def _verdict(self, commit: str) -> signatures.Verdict:
+        """The signature verdict of ``commit`` (memoized; logged once when good)."""
+        assert self.verifier is not None
+        if commit not in self._verdicts:
+            try:
+                sig, payload, when = self.repo.signed_parts(commit)
+            except GitError as exc:
+                return signatures.Verdict(signatures.Status.ERROR, reason=str(exc))
+            verdict = self.verifier.verify(sig, payload or b"", when)
+            if verdict.status is signatures.Status.ERROR:
+                return verdict  # a tool failure is asked again next pass, not remembered
+            if len(self._verdicts) > 1000:
+                self._verdicts.clear()
+            self._verdicts[commit] = verdict
+            if verdict.ok:
+                self.emit(ev.SignatureVerified(commit=commit, signer=verdict.signer, key=verdict.key))
+        return self._verdicts[commit]
+
     def _deferred(self, desired: Desired) -> dict[str, str]:
         """Dests whose downloads wait out their across-pass backoff (daemon only)."""
         if not self.respect_backoff:
@@ -342,7 +460,7 @@ class Reconciler:
             self.emit(ev.ManifestInvalid(manifest=path, commit=desired.commit, problems=problems))
 
     def _execute(self, export: Export, result: PassResult) -> None:
-        work = [a for a in result.planned if a.kind in (Kind.DOWNLOAD, Kind.VERIFY)]
+        work = [a for a in result.planned if a.kind in (Kind.DOWNLOAD, Kind.VERIFY, Kind.RECHECK)]
         total = sum(a.asset.size for a in work if a.asset and a.kind is Kind.DOWNLOAD)
         progress = Progress(self.progress_stream, len(work), total, self._progress if work else None)
         for a in result.planned:
@@ -354,6 +472,8 @@ class Reconciler:
                 result.deferred += 1
                 self.emit(ev.AssetDeferred(dest=a.dest, reason=a.reason, commit=result.commit))
         keep = {a.dest for a in result.planned if a.kind is Kind.DEFER}
+        self._throttle = Throttle(self.cfg.verify_max_rate * 1e6, self.stop)
+        self._published.clear()
         queue = iter(work)
         limit = 2 * self.cfg.concurrency  # bounded: memory does not grow with the number of assets
         with (
@@ -394,6 +514,8 @@ class Reconciler:
                 raise _Stopping("stopping: download not started")
             if action.kind is Kind.VERIFY:
                 return self._verify(export, action)
+            if action.kind is Kind.RECHECK:
+                return self._recheck(export, action)
             attempts = retry.within_pass(
                 self.cfg.retries, self.cfg.backoff, self.cfg.backoff_max, self.stop, self._retrying(asset)
             )
@@ -431,7 +553,7 @@ class Reconciler:
             staged.discard()
             raise
         try:
-            staged.publish(replace=action.replace)
+            self._published[asset.dest] = staged.publish(replace=action.replace)
         except BaseException:
             staged.discard()
             raise
@@ -461,15 +583,45 @@ class Reconciler:
                 f"a different file is at dest (sha256 {actual}, {size} bytes) and syncd did not "
                 "publish it; left untouched"
             )
-        export.make_read_only(asset.dest)
-        return _Outcome(action, how=How.ADOPTED)
+        return _Outcome(action, how=How.ADOPTED, identity=export.make_read_only(asset.dest))
+
+    def _recheck(self, export: Export, action: Action) -> _Outcome:
+        """Hash a published file again; a different sha256 or size is a :class:`_Damaged` refusal."""
+        asset = action.asset
+        assert asset is not None
+        periodic = action.reason.startswith("periodic")
+        throttle = self._throttle if periodic else None
+
+        def on_bytes(n: int) -> None:
+            if self.stop.is_set() or (throttle is not None and not throttle.take(n)):
+                raise _Stopping("stopping: re-hash interrupted")
+
+        actual, size = export.hash_file(asset.dest, on_bytes)
+        if actual != asset.sha256 or size != asset.size:
+            seen = export.observe(asset.dest)
+            raise _Damaged(
+                f"re-hashed: sha256 {actual}, {size} bytes, not the published {asset.sha256}", seen.identity
+            )
+        mode = export.observe(asset.dest).mode
+        return _Outcome(
+            action, how=How.ADOPTED, identity=export.make_read_only(asset.dest), mode_restored=mode != 0o444
+        )
 
     def _record(self, out: _Outcome, result: PassResult) -> None:
         a = out.action
         asset = a.asset
         assert asset is not None
         commit = result.commit
-        if isinstance(out.error, _Refusal):
+        if isinstance(out.error, _Damaged):
+            self.ledger.mark_damaged(asset.dest, out.error.identity, str(out.error))
+            self._refuse(
+                a,
+                f"file at dest was changed outside syncd ({out.error}); run syncd verify --repair to "
+                "quarantine it and restore the reviewed file",
+                result,
+                cause="changed_outside",
+            )
+        elif isinstance(out.error, _Refusal):
             self._refuse(a, str(out.error), result, cause="foreign_file")
         elif isinstance(out.error, StopRequested):
             result.pending += 1  # not the asset's fault: no failure row, no backoff
@@ -490,9 +642,25 @@ class Reconciler:
                     error_class=error_class(out.error),
                 )
             )
+        elif a.kind is Kind.RECHECK:
+            result.skipped += 1
+            self.ledger.set_identities({asset.dest: out.identity})
+            self.emit(
+                ev.AssetRechecked(
+                    dest=asset.dest,
+                    reason=a.reason,
+                    mode_restored=out.mode_restored,
+                    commit=commit,
+                    sha256=asset.sha256,
+                    bytes=asset.size,
+                )
+            )
         elif out.how is How.ADOPTED:
             result.adopted += 1
-            self.ledger.record_published(asset, commit, How.ADOPTED)
+            provenance = self._provenance(asset)
+            self.ledger.record_published(
+                asset, commit, How.ADOPTED, identity=out.identity, provenance=provenance
+            )
             self.emit(
                 ev.AssetAdopted(
                     dest=asset.dest,
@@ -500,12 +668,17 @@ class Reconciler:
                     bytes=asset.size,
                     manifest=asset.manifest,
                     commit=commit,
+                    provenance=provenance,
+                    source=asset.source,
                 )
             )
         else:
             result.published += 1
             result.bytes += out.bytes
-            self.ledger.record_published(asset, commit, How.DOWNLOADED)
+            provenance = self._provenance(asset)
+            how = How.REPLACED if a.replace else How.DOWNLOADED
+            identity = self._published.pop(asset.dest, "")
+            self.ledger.record_published(asset, commit, how, identity=identity, provenance=provenance)
             mbps = out.bytes / out.seconds / 1e6 if out.seconds > 0 else 0.0
             self.emit(
                 ev.AssetPublished(
@@ -518,14 +691,97 @@ class Reconciler:
                     manifest=asset.manifest,
                     commit=commit,
                     replaced=a.replace,
+                    provenance=provenance,
                 )
             )
+
+    def repair(self, findings: list[verify.Finding], stamp: str) -> int:
+        """``syncd verify --repair``: for each finding, restore the published file through the same staging
+        and rename path as a pass (the bad one moved to the quarantine first, never deleted); returns how
+        many dests could not be repaired. The caller holds the state lock; this takes the export's."""
+        published = self.ledger.published()
+        by_dest: dict[str, set[str]] = {}
+        for f in findings:
+            by_dest.setdefault(f.dest, set()).add(f.kind)
+        export = Export(self.cfg.export_root, self.cfg.staging)
+        export.open()
+        failed = 0
+        try:
+            export.clean_staging()
+            progress = Progress(None, 0, 0, None)
+            for dest, kinds in sorted(by_dest.items()):
+                row = published.get(dest)
+                if row is None:
+                    continue
+                try:
+                    self._repair_one(export, row, kinds, stamp, progress)
+                except SyncdError as exc:
+                    failed += 1
+                    self.emit(ev.RepairFailed(dest=dest, finding=",".join(sorted(kinds)), error=str(exc)))
+        finally:
+            export.close()
+        return failed
+
+    def _repair_one(
+        self, export: Export, row: Published, kinds: set[str], stamp: str, progress: Progress
+    ) -> None:
+        asset = Asset(row.source, row.sha256, row.size, row.dest, row.manifest, 0)
+        if not kinds <= verify.REPAIRABLE:
+            odd = ", ".join(sorted(kinds - verify.REPAIRABLE))
+            raise SyncdError(f"{odd}: not repaired by syncd; fix the path or its permissions by hand")
+        if kinds == {"mode"}:
+            actual, size = export.hash_file(row.dest)
+            if (actual, size) != (row.sha256, row.size):
+                raise SyncdError("the file changed while being repaired; run syncd verify again")
+            self.ledger.set_identities({row.dest: export.make_read_only(row.dest)})
+            how = "mode_restored"
+        else:
+            in_place = not kinds & {"missing", "symlink", "not_a_file"}  # a regular file with bad bytes
+            if kinds != {"missing"}:
+                kind = next(k for k in verify.KINDS if k in kinds)
+                moved = export.quarantine(row.dest, stamp, link=in_place)
+                self.emit(
+                    ev.AssetQuarantined(
+                        dest=row.dest,
+                        moved_to=moved,
+                        finding=kind,
+                        error=f"{kind}: not the published file",
+                        sha256=row.sha256,
+                        size=row.size,
+                    )
+                )
+            action = Action(Kind.DOWNLOAD, row.dest, asset, "repair", replace=in_place)
+            for attempt in retry.within_pass(
+                self.cfg.retries, self.cfg.backoff, self.cfg.backoff_max, self.stop, self._retrying(asset)
+            ):
+                with attempt:
+                    self._attempt(export, action, progress)
+            export.sync_dirs()
+            identity = self._published.pop(row.dest, "")
+            self.ledger.record_published(
+                asset, row.commit, How.REPAIRED, identity=identity, provenance=row.provenance
+            )
+            how = "downloaded"
+        self.emit(
+            ev.AssetRepaired(
+                dest=row.dest,
+                sha256=row.sha256,
+                bytes=row.size,
+                source=row.source,
+                how=how,
+                commit=row.commit,
+                provenance=row.provenance,
+            )
+        )
+
+    def _provenance(self, asset: Asset) -> dict[str, object]:
+        return self.tracer.trace(asset).to_json() if self.tracer is not None else {}
 
     def _refuse(self, a: Action, reason: str, result: PassResult, *, cause: str) -> None:
         asset = a.asset
         assert asset is not None
         result.refused += 1
-        self.ledger.record_failure(a.dest, asset.sha256, reason, Problem.REFUSED)
+        passes = self.ledger.record_failure(a.dest, asset.sha256, reason, Problem.REFUSED)
         self.emit(
             ev.AssetRefused(
                 dest=a.dest,
@@ -535,6 +791,7 @@ class Reconciler:
                 cause=cause,
                 source=asset.source,
                 sha256=asset.sha256,
+                passes=passes,
             )
         )
 
@@ -556,6 +813,14 @@ class Reconciler:
 
 class _Refusal(SyncdError):
     """A verify found a different file at dest: refused, left untouched."""
+
+
+class _Damaged(SyncdError):
+    """A re-hash found a published file changed (``identity``: the file as found): refused, marked."""
+
+    def __init__(self, message: str, identity: str) -> None:
+        super().__init__(message)
+        self.identity = identity
 
 
 class _Stopping(StopRequested):

@@ -57,7 +57,7 @@ def count_dry(result: PassResult) -> None:
             result.refused += 1
         elif a.kind is Kind.ORPHAN:
             result.orphaned += 1
-        elif a.kind in (Kind.DOWNLOAD, Kind.VERIFY):
+        elif a.kind in (Kind.DOWNLOAD, Kind.VERIFY, Kind.RECHECK):
             result.pending += 1
             result.pending_dests.append(a.dest)
 
@@ -78,6 +78,8 @@ def render_plan(result: PassResult) -> str:
             lines.append(f"skip      {a.dest}  ({a.reason})")
         elif a.kind is Kind.VERIFY:
             lines.append(f"verify    {a.dest}  ({a.reason}; adopted if its sha256 matches)")
+        elif a.kind is Kind.RECHECK:
+            lines.append(f"recheck   {a.dest}  ({a.reason}; hashed again, refused if it changed)")
         elif a.kind is Kind.REFUSE:
             lines.append(f"refuse    {a.dest}  ({a.reason})")
         elif a.kind is Kind.DEFER:
@@ -86,7 +88,8 @@ def render_plan(result: PassResult) -> str:
             lines.append(f"orphan    {a.dest}  ({a.reason}; left in place)")
     lines.append(
         f"dry run at commit {result.commit[:12]}: {counts[Kind.DOWNLOAD]} to download "
-        f"({human(pending)}), {counts[Kind.VERIFY]} to verify, {counts[Kind.SKIP]} to skip, "
+        f"({human(pending)}), {counts[Kind.VERIFY]} to verify, {counts[Kind.RECHECK]} to recheck, "
+        f"{counts[Kind.SKIP]} to skip, "
         f"{counts[Kind.REFUSE]} refused, {counts[Kind.ORPHAN]} orphaned, "
         f"{len(result.invalid)} invalid manifest(s); nothing was changed"
     )

@@ -67,6 +67,14 @@ def staging_name(dest: str) -> str:
     return hashlib.sha256(dest.encode()).hexdigest()[:32]
 
 
+def identity(st: os.stat_result) -> str:
+    """What a pass compares to tell that a published file was touched since syncd recorded it: inode,
+    mtime, ctime and mode (``ino:mtime_ns:ctime_ns:mode``; the size is kept apart). The device number
+    is left out: it can change across a reboot or remount, and would then re-hash the whole export.
+    Userspace can set a file's mtime back, never its ctime."""
+    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}:{stat.S_IMODE(st.st_mode):o}"
+
+
 def os_error(action: str, where: str, exc: OSError) -> PublishError:
     """A PublishError for ``exc``: the action, where, and the errno's text (never a library message)."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -400,9 +408,10 @@ class StagedFile:
             raise os_error("cannot write staging file for", self.dest, exc) from None
         self.size += len(data)
 
-    def publish(self, *, replace: bool = False) -> None:
+    def publish(self, *, replace: bool = False) -> str:
         """fdatasync, chmod 0444, link into place from the still open descriptor (the directory is fsynced
-        by :meth:`syncd.publish.Export.sync_dirs`); the descriptor is closed either way.
+        by :meth:`syncd.publish.Export.sync_dirs`); the descriptor is closed either way. Returns the
+        published file's :func:`identity` as it is at its dest (after the link, which changes its ctime).
 
         Raises :class:`PublishError` when something is at dest (unless ``replace``), the path is unsafe,
         or the staging file was removed or replaced by someone else."""
@@ -418,6 +427,10 @@ class StagedFile:
             except OSError as exc:
                 raise os_error("cannot flush staging file for", self.dest, exc) from None
             self._on_publish(self, replace)
+            try:
+                return identity(os.fstat(self.fd))
+            except OSError as exc:
+                raise os_error("cannot inspect published file", self.dest, exc) from None
         finally:
             os.close(self.fd)
             self.fd = -1

@@ -196,6 +196,10 @@ _GIT_HINT = {
     "rewritten": "the branch was force-pushed: restore it, or set [source] allow_force_push = true "
     "to follow it",
     "not_in_clone": "the served commit is missing from the clone; the next successful fetch repairs it",
+    "signature_refused": "sign the branch head with a key in [source] allowed_signers (or gpg_keyring), "
+    "or revert the commit (see docs/audit.md)",
+    "no_verified_commit": "nothing is synced until the branch head carries a trusted signature "
+    "(see docs/audit.md)",
 }
 
 

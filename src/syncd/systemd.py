@@ -80,6 +80,8 @@ _GIT_WORDS = {
     "unreachable": "git unreachable",
     "rewritten": "branch rewritten, not followed",
     "not_in_clone": "commit missing from the clone",
+    "signature_refused": "unsigned or untrusted head refused",
+    "no_verified_commit": "no verified commit to serve",
 }
 
 

@@ -33,6 +33,7 @@ class Report:
     files: int = 0
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    signed: str = ""  # with --verify-signatures: "commit 4f2a9c1d0e3b signed by alice@bank.example"
 
 
 @dataclass
@@ -132,9 +133,15 @@ def _read(path: Path) -> bytes | str:
     return data
 
 
-def validate(paths: list[Path], base: str | None = None) -> Report:
-    """Validate ``paths`` as the daemon would; return what was found."""
+def validate(
+    paths: list[Path], base: str | None = None, signatures: tuple[str, Path] | None = None
+) -> Report:
+    """Validate ``paths`` as the daemon would; return what was found. ``signatures`` (mode, trust file):
+    also check that the commit checked out (``HEAD``, the merge result in CI) carries a signature the
+    daemon would accept."""
     report = Report()
+    if signatures is not None and paths:
+        report.problems += _signature(paths[0], *signatures, report)
     found = collect(paths, report)
     report.files = found.count()
     report.problems += [manifest.name_problem(manifest.escape_name(str(p))) for p in sorted(found.badnames)]
@@ -183,3 +190,20 @@ def _immutability(paths: list[Path], base: str, assets: list[Asset]) -> list[str
                 "replace = true"
             )
     return problems
+
+
+def _signature(path: Path, mode: str, trust_file: Path, report: Report) -> list[str]:
+    from syncd.signatures import Verifier
+
+    try:
+        commit, author, sig, payload, when = gitsource.signed_head(path)
+    except GitError as exc:
+        return [f"{path}: {exc}"]
+    verdict = Verifier(mode, trust_file).verify(sig, payload or b"", when)
+    if verdict.ok:
+        report.signed = f"commit {commit[:12]} signed by {verdict.signer} ({verdict.key})"
+        return []
+    return [
+        f"commit {commit[:12]} by {author}: signature refused ({verdict.status}): {verdict.reason}; "
+        "the daemon would keep serving the last verified commit"
+    ]
