@@ -565,7 +565,7 @@ def test_render_line() -> None:
     }
     assert render(record) == (
         "2026-12-03T14:00:00Z  published  weights/a.bin  sha256 ab12cd34ef56…  1.0 MiB  commit 4f2a9c1d  "
-        "author Alice <a@x>  merger Bob <b@x>  signer alice@x"
+        'author "Alice <a@x>"  merger "Bob <b@x>"  signer alice@x'
     )
     repaired = {"seq": 1, "time": "2026-12-03T14:00:00+00:00", "event": "audit_log_repaired"}
     assert render({**repaired, "dropped_bytes": 12, "prev": GENESIS}) == (

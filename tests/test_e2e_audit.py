@@ -258,6 +258,7 @@ def test_provenance_names_author_merger_and_request_across_several_commits(world
     assert published["w/2.bin"]["author"] == "Ada <ada@bank.example>" and published["w/2.bin"]["pr"] == "#42"
     text = world.run("provenance", "-c", str(world.config_path), "w/1.bin", "nope.bin")
     assert text.code == 1 and "nope.bin: not a file syncd published" in text.err
+    assert text.out.splitlines()[0] == "w/1.bin" and len(text.out.splitlines()) >= 9, text.out
     assert f"introduced  {ada1} by Ada <ada@bank.example>" in text.out
     assert f"merged      {gh} by Mo <mo@bank.example>" in text.out and "#42" in text.out
 
@@ -433,3 +434,65 @@ def test_gpg_signed_heads_are_served_and_an_unknown_key_refused(world: World) ->
         for key in (trusted, other):
             signing.stop_gpg_agent(key)
         shutil.rmtree(gdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("cut", ["last_record", "whole_log", "last_record_then_torn_tail"])
+def test_records_cut_from_the_log_stay_detected_after_the_next_pass(world: World, cut: str) -> None:
+    """The ledger's anchor catches records removed from the end (or the whole file); the next pass does
+    not silently continue the shortened log: it appends audit_log_broken (logged audit_log_tampered), so
+    ``syncd audit --verify`` keeps failing. A fake torn tail cannot pass the cut off as a power cut."""
+    for n in range(2):
+        world.manifest(f"m{n}.toml", {**world.asset(f"{n}.bin", 100, seed=n), "dest": f"{n}.bin"})
+        commit(world.repo, f"m{n}")
+        assert world.sync().code == 0
+    log = world.state / "audit.jsonl"
+    lines = log.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 2
+    if cut == "whole_log":
+        log.unlink()
+    else:
+        log.write_bytes(lines[0] + (b'{"seq":2,"partial' if cut.endswith("torn_tail") else b""))
+    check = ["audit", "-c", str(world.config_path), "--verify"]
+    run = world.sync()  # a pass with nothing to do
+    assert run.code == 0 and run.one("audit_log_tampered")["expected_seq"] == 2, run.err
+    after = world.run(*check)
+    assert after.code == 1 and "cut short" in after.out, after.out
+    records = audit_records(world)
+    assert [r["event"] for r in records][-1] == "audit_log_broken"
+    assert not world.sync().named("audit_log_tampered")  # said once; the record stays as evidence
+    assert world.run(*check).code == 1
+
+
+def test_a_withdrawn_file_removed_by_hand_is_no_finding_and_never_restored(world: World) -> None:
+    synced_three(world)
+    world.manifest("keep.toml", {**world.asset("k.bin", 10, seed=9), "dest": "k.bin"})
+    world.repo.remove("assets/m.toml")
+    commit(world.repo, "withdraw all")
+    assert world.sync().named("asset_orphaned")
+    (world.export / "d/1.bin").unlink()
+    assert verify(world).code == 0
+    os.chmod(world.export / "d/0.bin", 0o600)
+    assert verify(world, "--repair").code == 1  # an orphan is not restored, not even its mode
+    assert not (world.export / "d/1.bin").exists()
+
+
+def test_a_key_taken_out_of_allowed_signers_stops_vouching_at_the_next_pass(
+    world: World, keys: dict[str, signing.SshKey], tmp_path: Path
+) -> None:
+    """A long-lived engine (the daemon's) remembers verdicts per commit, but only while the trust file is
+    unchanged: remove the key and the very next pass refuses the commit it signed."""
+    from syncd import config, logs
+    from syncd.reconcile import GitProblem, Reconciler
+
+    logs.configure(open(tmp_path / "log.jsonl", "w"), console=False)  # noqa: SIM115
+    allowed = signing_config(world, keys)
+    world.manifest("a.toml", {**world.asset("a.bin", 100, seed=1), "dest": "a.bin"})
+    commit(world.repo, "a", keys["alice"])
+    rec = Reconciler(config.load(world.config_path))
+    try:
+        assert rec.run_pass().ok
+        signing.allowed_signers(allowed, [("old@bank.example", keys["old"], "")])
+        result = rec.run_pass()
+        assert not result.ok and result.git_problem is GitProblem.UNVERIFIED
+    finally:
+        rec.close()

@@ -32,6 +32,22 @@ def test_pull_request_is_read_from_the_merge_message(message: str, expected: tup
 
 
 @pytest.mark.unit
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("Merge pull request #42 from eve/x", (None, "")),  # anyone can write this in a plain commit
+        ("x\n\nSee merge request ml/assets!7", (None, "")),
+        ("Add weights (#77)", (77, "#77")),  # a squash merge has one parent
+        ("Merged PR 12: add weights", (12, "#12")),
+    ],
+)
+def test_a_single_parent_commit_names_a_request_only_as_a_squash_merge(
+    message: str, expected: tuple[int | None, str]
+) -> None:
+    assert pull_request(message, merge=False) == expected
+
+
 def test_recorded_provenance_round_trips_and_ill_typed_fields_are_dropped() -> None:
     p = Provenance(
         introduced_commit="a" * 40, author_name="Alice", author_email="a@x", pr_number=3, pr_ref="#3"

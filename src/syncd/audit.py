@@ -36,6 +36,7 @@ _log = logs.get()
 
 FILE_NAME = "audit.jsonl"
 GENESIS = "0" * 64
+BROKEN = "audit_log_broken"  # the writer found the log shorter than its anchor: kept as evidence
 MAX_LINE = 1024 * 1024  # a record is a few hundred bytes; a longer line is not one of ours
 BLOCK = 64 * 1024  # the tail is read backwards in blocks of this size
 RESERVED = ("seq", "time", "event", "prev")
@@ -444,6 +445,13 @@ def verify(path: Path, anchor: tuple[int, str] | None = None) -> Verification:
                 f"record {seq} (line {number}) is not the one syncd wrote (its sha256 differs from the "
                 "one in the ledger): it, or the log up to it, was rewritten"
             )
+        if not problem and _parse(raw).get("event") == BROKEN:
+            found = _parse(raw)
+            problem = (
+                f"record {seq} (line {number}): syncd found this log cut short when it appended again "
+                f"(it ended at record {found.get('found_seq')}, but syncd had written "
+                f"{found.get('expected_seq')}): records were removed or rewritten before this point"
+            )
         if problem:
             return Verification(False, head[0], head, number, seq, problem)
         head = (seq, _sha(raw))
@@ -472,7 +480,10 @@ def _shown(value: object) -> str:
     """``value`` as text with every non-printable character (and the backslash) escaped, repr-style:
     a hostile name cannot move the cursor, colour the terminal or start a new line."""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    return "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in text)
+    text = "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in text)
+    if " " in text or '"' in text:  # quoted: a value with spaces cannot pose as another field
+        text = '"' + text.replace('"', '\\"') + '"'
+    return text
 
 
 def render(record: Mapping[str, object]) -> str:
@@ -585,9 +596,15 @@ class AuditObserver:
     ``anchor((seq, sha256))`` is called after each flush (the ledger keeps it, so that removed records at
     the end of the log are caught). Repeated trust refusals of one commit are recorded once per process."""
 
-    def __init__(self, path: Path, anchor: Callable[[tuple[int, str]], None] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        anchor: Callable[[tuple[int, str]], None] | None = None,
+        expected: tuple[int, str] | None = None,
+    ) -> None:
         self.log = AuditLog(path)
         self.anchor = anchor
+        self.expected = expected  # the anchor the ledger holds: the log must reach it
         self.pending: list[tuple[str, dict[str, object]]] = []
         self.error = ""
         self._decided: set[tuple[str, str]] = set()
@@ -612,7 +629,34 @@ class AuditObserver:
         self._decided.add(key)
         return False
 
+    def _check_anchor(self) -> None:
+        """Before the first append: a log that ends before the ledger's anchor (records cut off, the file
+        deleted or rewritten) is not continued silently: an ``audit_log_broken`` record goes first (so
+        ``syncd audit --verify`` fails from then on) and ``audit_log_tampered`` is logged."""
+        expected, self.expected = self.expected, None
+        if expected is None or expected[0] <= 0:
+            return
+        try:
+            head = self.log.head
+        except AuditError:
+            return  # the append reports it
+        if head[0] > expected[0] or head == expected:
+            return  # (more records than the anchor: the ledger lost its last update, e.g. a power cut)
+        fields = {"expected_seq": expected[0], "expected_sha256": expected[1], "found_seq": head[0],
+                  "found_sha256": head[1]}  # fmt: skip
+        _log.error(
+            "audit_log_tampered",
+            file=str(self.log.path),
+            error=f"the audit log ends at record {head[0]} but syncd had written {expected[0]} (ledger): "
+            "records were removed or rewritten",
+            action="an audit_log_broken record was appended; syncd audit --verify reports it",
+            **fields,
+        )
+        self.pending.insert(0, (BROKEN, fields))
+
     def _write(self) -> None:
+        if self.expected is not None:
+            self._check_anchor()
         while self.pending:
             name, fields = self.pending[0]
             try:

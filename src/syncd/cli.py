@@ -247,7 +247,7 @@ def cmd_provenance(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_provenance_json(r) for r in found], indent=2))
     else:
-        print("\n\n".join(shown(_provenance_text(r)) for r in found))
+        print("\n\n".join("\n".join(shown(line) for line in _provenance_text(r).split("\n")) for r in found))
     for dest in unknown:
         print(
             shown(f"syncd provenance: {dest}: not a file syncd published (not in the ledger)"),

@@ -35,14 +35,19 @@ _REQUESTS = (
     re.compile(r"\(pull request #(\d+)\)"),  # Bitbucket: "Merged in branch (pull request #12)"
     re.compile(r"^[^\n]*\(#(\d+)\)$", re.MULTILINE),  # a GitHub squash merge: "Title (#12)" on line 1
 )
+_SQUASH = (2, 4)  # the patterns a single-parent (squash) merge commit carries
 _STEPS = 5000  # commits walked back per lookup at most
 
 
-def pull_request(message: str) -> tuple[int | None, str]:
+def pull_request(message: str, merge: bool = True) -> tuple[int | None, str]:
     """The pull/merge request a merge commit's ``message`` names: ``(number, reference)`` such as
-    ``(12, "#12")`` or ``(7, "group/repo!7")``; ``(None, "")`` when it names none."""
+    ``(12, "#12")`` or ``(7, "group/repo!7")``; ``(None, "")`` when it names none. For a commit with one
+    parent (``merge`` False) only the squash-merge forms count (``Title (#12)``, ``Merged PR 12:``): anyone
+    can write "Merge pull request #42" into a plain commit's message."""
     first = message.split("\n", 1)[0]
     for n, pattern in enumerate(_REQUESTS):
+        if not merge and n not in _SQUASH:
+            continue
         text = first if n == len(_REQUESTS) - 1 else message
         found = pattern.search(text)
         if not found:
@@ -131,7 +136,7 @@ class Tracer:
             author, merger = self._info(introduced), self._info(merge)
         except SyncdError as exc:
             return self._signed(Provenance(unknown=f"git lookup failed: {exc}"[:300]))
-        number, ref = pull_request(merger.message)
+        number, ref = pull_request(merger.message, merge=merger.parents > 1)
         found = Provenance(
             introduced_commit=introduced,
             author_name=_clean(author.author_name, 200),

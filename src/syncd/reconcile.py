@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import threading
 import time
@@ -134,12 +135,17 @@ class Reconciler:
             if src.verify_signatures != "off" and src.trust_file is not None
             else None
         )
-        self._verdicts: dict[str, signatures.Verdict] = {}  # commit → verdict (a commit never changes)
+        self._verdicts: dict[str, signatures.Verdict] = {}  # commit → verdict, while the trust file is same
+        self._trust_digest = ""
         self.periodic_verify = periodic_verify and cfg.verify_interval is not None
         self.tracer: Tracer | None = None
         self.audit: AuditObserver | None = None
         if not dry_run:  # the audit log hears each event first: durable before the others hear of it
-            self.audit = AuditObserver(cfg.state_dir / audit.FILE_NAME, anchor=self._anchor)
+            seq, _, digest = (self.ledger.get("audit_head") or "").partition(":")
+            expected = (int(seq), digest) if seq.isdigit() and digest else None
+            self.audit = AuditObserver(
+                cfg.state_dir / audit.FILE_NAME, anchor=self._anchor, expected=expected
+            )
             self.events.add(self.audit, first=True)
         self._throttle = Throttle(None)
         self._published: dict[str, str] = {}  # dest → identity at its dest, set by the download threads
@@ -390,6 +396,7 @@ class Reconciler:
         planned at if that one does (as for a rewritten branch), else None (nothing is planned)."""
         if self.verifier is None:
             return head
+        self._check_trust_file()
         verdict = self._verdict(head)
         last = self.ledger.get("manifests_commit")
         fallback = last if last and last != head and self.repo.has_commit(last) else None
@@ -417,6 +424,18 @@ class Reconciler:
             )
         )
         return serve
+
+    def _check_trust_file(self) -> None:
+        """Forget every remembered verdict when the allowed-signers file or keyring changed: a key taken
+        out of it must stop vouching for commits at the next pass, not at the next restart."""
+        path = self.cfg.source.trust_file
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else ""
+        except OSError:
+            digest = "unreadable"  # the verifier says why, at every commit
+        if digest != self._trust_digest:
+            self._verdicts.clear()
+            self._trust_digest = digest
 
     def _verdict(self, commit: str) -> signatures.Verdict:
         """The signature verdict of ``commit`` (memoized; logged once when good)."""
@@ -726,6 +745,10 @@ class Reconciler:
         self, export: Export, row: Published, kinds: set[str], stamp: str, progress: Progress
     ) -> None:
         asset = Asset(row.source, row.sha256, row.size, row.dest, row.manifest, 0)
+        if row.orphaned_at is not None:
+            raise SyncdError(
+                "no manifest lists it any more (orphaned): not restored; remove it, or add it back"
+            )
         if not kinds <= verify.REPAIRABLE:
             odd = ", ".join(sorted(kinds - verify.REPAIRABLE))
             raise SyncdError(f"{odd}: not repaired by syncd; fix the path or its permissions by hand")

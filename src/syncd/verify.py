@@ -76,6 +76,8 @@ def check(export: Export, row: Published, on_bytes: Callable[[int], None] | None
         return [Finding(row.dest, kind, detail, row.sha256, row.size)]
 
     if seen.state is State.MISSING:
+        if row.orphaned_at is not None:
+            return []  # no manifest lists it any more: removing it by hand is allowed
         return finding("missing", "nothing is at dest")
     if seen.state is State.SYMLINK:
         return finding("symlink", "a symlink is at dest instead of the published file")
