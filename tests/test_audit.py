@@ -687,3 +687,37 @@ def test_repeated_refusals_make_one_record(tmp_path: Path) -> None:
     audit(_finished())  # type: ignore[arg-type]
     assert [e.record["event"] for e in read(tmp_path / FILE_NAME)] == ["signature_refused", "refused"]
     audit.close()
+
+
+@pytest.mark.parametrize("how", ["truncated", "deleted", "replaced", "appended_to"])
+def test_a_log_disturbed_while_open_is_not_continued_silently(tmp_path: Path, how: str) -> None:
+    """While a writer has the log open, records cut off, the file deleted or replaced, or a forged record
+    appended: its next append first writes audit_log_broken, and verify names it from then on."""
+    import structlog
+
+    path = tmp_path / FILE_NAME
+    log = AuditLog(path)
+    for n in range(3):
+        log.append("published", {"dest": f"{n}.bin"})
+    lines = path.read_bytes().splitlines(keepends=True)
+    if how == "truncated":
+        with open(path, "r+b") as fh:
+            fh.truncate(len(lines[0]))
+    elif how == "deleted":
+        path.unlink()
+    elif how == "replaced":
+        path.unlink()
+        path.write_bytes(lines[0])
+    else:
+        forged = json.loads(lines[2])
+        forged.update(seq=4, dest="forged.bin", prev=hashlib.sha256(lines[2].rstrip(b"\n")).hexdigest())
+        with open(path, "ab") as fh:
+            fh.write(json.dumps(forged, separators=(",", ":")).encode() + b"\n")
+    with structlog.testing.capture_logs() as logs:
+        log.append("published", {"dest": "next.bin"})
+    log.close()
+    assert [e["event"] for e in logs] == ["audit_log_tampered"]
+    events = [e.record["event"] for e in read(path)]
+    assert events[-2:] == ["audit_log_broken", "published"]
+    result = verify(path)
+    assert not result.ok and "cut short or rewritten" in result.why

@@ -496,3 +496,44 @@ def test_a_key_taken_out_of_allowed_signers_stops_vouching_at_the_next_pass(
         assert not result.ok and result.git_problem is GitProblem.UNVERIFIED
     finally:
         rec.close()
+
+
+def test_repair_beside_a_running_syncd_is_refused_at_once(world: World) -> None:
+    """--repair needs the state lock before it hashes anything: beside a holder it exits 1 at once,
+    naming what to do; the read-only check runs beside it."""
+    from syncd.statedir import StateLock
+
+    synced_three(world)
+    lock = StateLock(world.state)
+    lock.acquire()
+    try:
+        run = verify(world, "--repair")
+        assert run.code == 1 and "stop the daemon first" in run.err, run.err
+        assert verify(world).code == 0
+    finally:
+        lock.release()
+
+
+def test_output_into_a_closed_pipe_is_no_traceback(world: World) -> None:
+    """``syncd audit | head``: the reader went away; syncd ends quietly (141), no traceback."""
+    from harness import syncd_command
+
+    synced_three(world)
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before syncd writes
+    proc = subprocess.run(
+        [syncd_command(), "audit", "-c", str(world.config_path)],
+        stdout=w,
+        stderr=subprocess.PIPE,
+        check=False,
+    )
+    os.close(w)
+    assert proc.returncode == 141 and b"Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("value", ["max_rate = 0", 'interval = "10m"', 'intervall = "7d"'])
+def test_a_bad_verify_section_is_a_config_error(world: World, value: str) -> None:
+    world.write_config()
+    world.config_path.write_text(world.config_path.read_text() + f"\n[verify]\n{value}\n")
+    run = world.run("check-config", "-c", str(world.config_path))
+    assert run.code == 2 and "verify." in run.err and "Traceback" not in run.err, run.err

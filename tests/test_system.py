@@ -269,6 +269,10 @@ def test_merged_asset_appears_after_sigusr1(syncd: System) -> None:
     assert [e["SYNCD_WHEN"] for e in syncd.since(cursor, "pass_requested")] == ["now"]
     published = syncd.since(cursor, "asset_published")
     assert [(e["SYNCD_DEST"], e["SYNCD_COMMIT"]) for e in published] == [("models/merged.bin", commit)]
+    # The audit log, written under the unit's sandbox, is in the journal too (SYNCD_AUDIT=1 for a SIEM).
+    audited = [e for e in syncd.journal("SYNCD_AUDIT=1") if e.get("SYNCD_DEST") == "models/merged.bin"]
+    assert [e["SYNCD_AUDIT_EVENT"] for e in audited] == ["published"], audited
+    assert json.loads(audited[0]["SYNCD_RECORD"])["commit"] == commit
     syncd.wait(
         "a 'synced' status at the merge", lambda: syncd.status().startswith(f"in sync at {commit[:7]} ")
     )

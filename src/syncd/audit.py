@@ -22,7 +22,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -112,15 +112,41 @@ class AuditLog:
         if self._fd is None:
             self._open(create=True)
         assert self._fd is not None
+        before = self._head
         try:
-            size = os.fstat(self._fd).st_size
+            st = os.fstat(self._fd)
+            try:
+                at_path = os.stat(self.path, follow_symlinks=False)
+            except FileNotFoundError:
+                at_path = None
         except OSError as exc:
             raise AuditError(f"cannot inspect audit log {self.path}: {_why(exc)}") from None
-        if size != self._size + (self._torn[0] if self._torn else 0):
-            self._load_tail(size)  # a failed rollback, or someone else wrote: the file is the truth
+        if at_path is None or (at_path.st_dev, at_path.st_ino) != (st.st_dev, st.st_ino):
+            self.close()  # deleted or replaced while open: continue the file that is at the path
+            self._open(create=True)
+        elif st.st_size != self._size + (self._torn[0] if self._torn else 0):
+            self._load_tail(st.st_size)  # a failed rollback, or someone else wrote: the file is the truth
+        found = self._head
         if self._torn is not None:
             self._repair()
+        if before[0] > 0 and found != before:
+            self._broken(before, found)
         return self._write(event, fields)
+
+    def _broken(self, expected: tuple[int, str], found: tuple[int, str]) -> None:
+        """The log is not where this writer left it (records cut off or rewritten, the file deleted or
+        replaced while open): say so in the chain (:data:`BROKEN`) before going on, and in the log."""
+        fields = {"expected_seq": expected[0], "expected_sha256": expected[1], "found_seq": found[0],
+                  "found_sha256": found[1]}  # fmt: skip
+        _log.error(
+            "audit_log_tampered",
+            file=str(self.path),
+            error=f"the audit log ends at record {found[0]} but syncd had written {expected[0]}: records "
+            "were removed or rewritten",
+            action="an audit_log_broken record was appended; syncd audit --verify reports it",
+            **fields,
+        )
+        self._write(BROKEN, fields)
 
     def flush(self) -> None:
         """Make what was appended durable: fsync the file, and its directory once after creating it."""
@@ -426,6 +452,7 @@ def verify(path: Path, anchor: tuple[int, str] | None = None) -> Verification:
     cannot be read (or is a symlink); damage is reported, never raised."""
     want_seq, want_hash = anchor if anchor is not None else (0, GENESIS)
     head: tuple[int, str] = (0, GENESIS)
+    broken: Verification | None = None
     seen = False
     for number, raw, complete in _lines(path):
         seen = True
@@ -438,6 +465,8 @@ def verify(path: Path, anchor: tuple[int, str] | None = None) -> Verification:
                 f"line {number} is cut off ({len(raw)} bytes without a newline): a write was interrupted; "
                 "syncd drops it, and records that it did, at its next append"
             )
+            if broken is not None:
+                return replace(broken, records=head[0], head=head, why=f"{broken.why}; and {note}")
             return _tail(head, want_seq, note)
         problem = _problem(_parse(raw), number, seq, head[1])
         if not problem and seq == want_seq and _sha(raw) != want_hash:
@@ -445,20 +474,28 @@ def verify(path: Path, anchor: tuple[int, str] | None = None) -> Verification:
                 f"record {seq} (line {number}) is not the one syncd wrote (its sha256 differs from the "
                 "one in the ledger): it, or the log up to it, was rewritten"
             )
-        if not problem and _parse(raw).get("event") == BROKEN:
+        if not problem and _parse(raw).get("event") == BROKEN and broken is None:
             found = _parse(raw)
-            problem = (
-                f"record {seq} (line {number}): syncd found this log cut short when it appended again "
-                f"(it ended at record {found.get('found_seq')}, but syncd had written "
+            why = (
+                f"record {seq} (line {number}): syncd found this log cut short or rewritten when it "
+                f"appended again (it ended at record {found.get('found_seq')}, but syncd had written "
                 f"{found.get('expected_seq')}): records were removed or rewritten before this point"
             )
+            broken = Verification(False, seq, (seq, _sha(raw)), number, seq, why)
         if problem:
+            if broken is not None:  # the first break is the one syncd recorded; this one came later
+                return replace(broken, why=f"{broken.why}; and later, {problem}")
             return Verification(False, head[0], head, number, seq, problem)
         head = (seq, _sha(raw))
     if not seen and want_seq > 0:
         why = f"the audit log {path} is missing, but syncd had written {want_seq} records (ledger)"
         return Verification(False, 0, head, None, 1, why)
-    return _tail(head, want_seq, "")
+    end = _tail(head, want_seq, "")
+    if broken is not None:
+        return replace(
+            broken, records=head[0], head=head, why=broken.why + (f"; and {end.why}" if end.why else "")
+        )
+    return end
 
 
 def _tail(head: tuple[int, str], want_seq: int, note: str) -> Verification:
@@ -566,7 +603,8 @@ def record_for(event: ev.Event) -> tuple[str, dict[str, object]] | None:
                                  "commit": event.commit}  # fmt: skip
     if isinstance(event, ev.AssetQuarantined):
         return "quarantined", {
-            "dest": event.dest, "sha256": event.sha256, "size": event.size, "moved_to": event.moved_to,
+            "dest": event.dest, "expected_sha256": event.sha256, "expected_size": event.size,
+            "moved_to": event.moved_to,
             "finding": event.finding,
         }  # fmt: skip
     if isinstance(event, ev.AssetRepaired):
@@ -607,6 +645,7 @@ class AuditObserver:
         self.expected = expected  # the anchor the ledger holds: the log must reach it
         self.pending: list[tuple[str, dict[str, object]]] = []
         self.error = ""
+        self._dirty = False  # appended since the last flush
         self._decided: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
@@ -665,6 +704,7 @@ class AuditObserver:
                 self._failed(str(exc))
                 return
             self.pending.pop(0)
+            self._dirty = True
             line = _encode(record).decode("utf-8", "surrogateescape")
             _log.info("audit_record", audit=1, seq=record["seq"], audit_event=name, dest=fields.get("dest"),
                       commit=fields.get("commit"), record=line)  # fmt: skip
@@ -675,11 +715,14 @@ class AuditObserver:
 
     def _flush(self) -> None:
         self._write()
+        if not self._dirty and not self.error:
+            return  # nothing appended since the last flush: no fsync, no ledger write (an idle pass)
         try:
             self.log.flush()
         except AuditError as exc:
             self._failed(str(exc))
             return
+        self._dirty = False
         if not self.pending:
             if self.error:
                 _log.info("audit_recovered", file=str(self.log.path))

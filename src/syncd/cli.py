@@ -302,8 +302,10 @@ def _provenance_text(row: object) -> str:
         lines.append(f"  provenance  unknown: {p.unknown}")
     else:
         lines.append(f"  introduced  {p.introduced_commit} by {p.author} on {p.authored_at}")
-        if p.merge_commit == p.introduced_commit:
+        if p.merge_commit == p.introduced_commit and p.pr_number is None:
             lines.append("  merged      committed straight onto the branch")
+        elif p.merge_commit == p.introduced_commit:
+            lines.append(f"  merged      squash-merged onto the branch by {p.merger} on {p.merged_at}")
         else:
             lines.append(f"  merged      {p.merge_commit} by {p.merger} on {p.merged_at}")
         if p.pr_number is not None:
@@ -314,6 +316,30 @@ def _provenance_text(row: object) -> str:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.max_rate is not None and args.max_rate <= 0:
+        print("syncd verify: --max-rate must be a positive number of MB/s", file=sys.stderr)
+        return 2
+    cfg = config.load(config.config_path(args.config), secrets=args.repair)
+    lock = None
+    if args.repair:  # taken before the check, which may take hours: a running daemon is said at once
+        from syncd.statedir import StateLock
+
+        lock = StateLock(cfg.state_dir)
+        try:
+            lock.acquire()
+        except LockHeldError as exc:
+            raise LockHeldError(
+                f"{exc}; --repair writes the export: stop the daemon first (systemctl stop syncd), "
+                "then start it again after the repair (syncd verify without --repair runs beside it)"
+            ) from None
+    try:
+        return _verify(args, cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _verify(args: argparse.Namespace, cfg: config.Config) -> int:
     from datetime import UTC, datetime
 
     from syncd import verify
@@ -321,10 +347,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from syncd.publish import Export
     from syncd.report import shown
 
-    if args.max_rate is not None and args.max_rate <= 0:
-        print("syncd verify: --max-rate must be a positive number of MB/s", file=sys.stderr)
-        return 2
-    cfg = config.load(config.config_path(args.config), secrets=args.repair)
     ledger = Ledger.in_state_dir(cfg.state_dir, readonly=True)
     try:
         published = ledger.published()
@@ -349,7 +371,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     finally:
         export.close()
     unrepaired = len({f.dest for f in report.findings})
-    if args.repair and report.findings:
+    if args.repair and report.findings and not report.interrupted:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         unrepaired = _repair(cfg, report.findings, stamp)
     if args.json:
@@ -381,28 +403,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _repair(cfg: config.Config, findings: Sequence[object], stamp: str) -> int:
+    """The caller holds the state lock."""
     from syncd import events
     from syncd.reconcile import Reconciler
-    from syncd.statedir import StateLock
     from syncd.verify import Finding
 
-    lock = StateLock(cfg.state_dir)
+    rec = Reconciler(cfg, events=events.EventBus([events.LogObserver()]))
     try:
-        lock.acquire()
-    except LockHeldError as exc:
-        raise LockHeldError(
-            f"{exc}; --repair writes the export: stop the daemon first (systemctl stop syncd), "
-            "then start it again after the repair"
-        ) from None
-    try:
-        rec = Reconciler(cfg, events=events.EventBus([events.LogObserver()]))
-        try:
-            failed = rec.repair([f for f in findings if isinstance(f, Finding)], stamp)
-        finally:
-            rec.close()
+        return rec.repair([f for f in findings if isinstance(f, Finding)], stamp)
     finally:
-        lock.release()
-    return failed
+        rec.close()
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -426,6 +436,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         result = audit.verify(path, anchor)
         if result.ok:
             print(f"syncd audit: {path}: {result.records} record(s), the chain is intact")
+            if result.why:
+                print(shown(f"syncd audit: note: {result.why}"))
             return 0
         print(shown(f"syncd audit: {path}: BROKEN: {result.why}"))
         return 1
@@ -540,6 +552,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.warning("interrupted", command=args.command)
         return 130
+    except BrokenPipeError:  # `syncd audit | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return code
 
 

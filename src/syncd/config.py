@@ -569,7 +569,7 @@ class _Resolver:
         textfile = self._textfile(sections.get("metrics"))
         listen, trigger = self._http(sections.get("http"))
         notify = self._notify(sections["notify"]) if sections.get("notify") is not None else None
-        verify: VerifySection = sections["verify"]
+        verify: VerifySection = sections.get("verify") or VerifySection()
         if verify.interval is not None and verify.interval < 3600:
             self.problem("verify.interval", "must be at least 1h (the whole export is re-hashed once per it)")
         if self.problems:

@@ -359,7 +359,7 @@ class AssetQuarantined(Event):
     moved_to: str  # relative to the export root: .syncd-quarantine/<UTC time>/<dest>
     finding: str  # verify.KINDS
     error: str
-    sha256: str  # what the ledger says the file is
+    sha256: str  # what the ledger says the file should be (not the bad file's)
     size: int
 
 

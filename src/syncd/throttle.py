@@ -22,7 +22,7 @@ class Throttle:
         self.stop = stop or threading.Event()
         self.clock = clock
         self._lock = threading.Lock()
-        self._tokens = rate or 0.0
+        self._tokens = 0.0  # an empty bucket: even the first second stays within the rate
         self._at = clock()
 
     def take(self, n: int) -> bool:

@@ -205,5 +205,5 @@ def _signature(path: Path, mode: str, trust_file: Path, report: Report) -> list[
         return []
     return [
         f"commit {commit[:12]} by {author}: signature refused ({verdict.status}): {verdict.reason}; "
-        "the daemon would keep serving the last verified commit"
+        "the daemon would not serve it (it keeps the last verified commit, if there is one)"
     ]

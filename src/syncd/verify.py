@@ -112,15 +112,19 @@ def scan(
     max_rate: float | None = None,
     stream: TextIO | None = None,
     stop: threading.Event | None = None,
+    bytes_read: list[int] | None = None,
 ) -> Iterator[tuple[Published, list[Finding]]]:
-    """Check every row in turn; ``max_rate`` in MB/s; progress redrawn on ``stream`` (a terminal)."""
+    """Check every row in turn; ``max_rate`` in MB/s; progress redrawn on ``stream`` (a terminal);
+    ``bytes_read[0]`` counts the bytes hashed."""
     rows = list(rows)
+    report_bytes = bytes_read if bytes_read is not None else [0]
     stop = stop or threading.Event()
     throttle = Throttle(max_rate * 1e6 if max_rate else None, stop)
     meter = _Meter(stream, len(rows), sum(r.size for r in rows))
 
     def on_bytes(n: int) -> None:
         meter.add(n)
+        report_bytes[0] += n
         if not throttle.take(n):
             raise _Stop
 
@@ -195,10 +199,11 @@ def run(
     report = Report()
     started = time.monotonic()
     rows = selected(published, prefixes)
+    hashed = [0]
     try:
-        for row, found in scan(export, rows, max_rate=max_rate, stream=stream):
+        for _, found in scan(export, rows, max_rate=max_rate, stream=stream, bytes_read=hashed):
             report.files += 1
-            report.bytes += row.size if not found else 0
+            report.bytes = hashed[0]
             for f in found:
                 report.findings.append(f)
                 on_finding(f)
