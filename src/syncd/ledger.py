@@ -40,7 +40,7 @@ import sqlite3
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -398,7 +398,11 @@ class Published:
     orphaned_at: str | None
     identity: str = ""  # staging.identity when last seen good ("": not recorded yet, schema 4)
     damaged: str | None = None  # why a re-hash found the file at that identity bad (None: not found bad)
-    provenance: Mapping[str, object] = field(default_factory=dict)  # see syncd.provenance
+    provenance_json: str = "{}"  # see syncd.provenance; decoded only when asked (a pass never is)
+
+    @property
+    def provenance(self) -> dict[str, object]:
+        return _provenance(self.provenance_json)
 
 
 @dataclass(frozen=True)
@@ -687,7 +691,7 @@ class Ledger:
         else:
             rows = self._read(f"SELECT {fields}, identity, damaged, provenance FROM published")  # noqa: S608
         return {
-            str(r[0]): Published(*r[:7], How(str(r[7])), r[8], str(r[9]), r[10], _provenance(r[11]))  # type: ignore[arg-type, call-arg]
+            str(r[0]): Published(*r[:7], How(str(r[7])), r[8], str(r[9]), r[10], str(r[11]))  # type: ignore[arg-type, call-arg]
             for r in rows
         }
 
