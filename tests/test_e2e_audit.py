@@ -537,3 +537,35 @@ def test_a_bad_verify_section_is_a_config_error(world: World, value: str) -> Non
     world.config_path.write_text(world.config_path.read_text() + f"\n[verify]\n{value}\n")
     run = world.run("check-config", "-c", str(world.config_path))
     assert run.code == 2 and "verify." in run.err and "Traceback" not in run.err, run.err
+
+
+def test_verify_shows_progress_on_a_terminal_and_none_off_it(world: World) -> None:
+    """On a terminal syncd verify redraws files, bytes, rate and ETA; piped, it prints only findings."""
+    import pty
+    import select
+
+    from harness import syncd_command
+
+    synced_three(world)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [syncd_command(), "verify", "-c", str(world.config_path)],
+        stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, close_fds=True,
+    )  # fmt: skip
+    os.close(slave)
+    out = b""
+    while select.select([master], [], [], 30)[0]:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=30) == 0
+    text = out.decode(errors="replace")
+    assert "verify 3/3 files" in text and "MB/s" in text and "ETA" in text, text
+    assert "3 file(s)" in text and "0 finding(s)" in text
+    piped = verify(world)
+    assert "verify 3/3" not in piped.err and "0 finding(s)" in piped.err

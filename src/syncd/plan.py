@@ -50,7 +50,9 @@ class Action:
     asset: Asset | None = None
     reason: str = ""
     replace: bool = False
-    cause: str = ""  # a refusal's stable name (REFUSALS): the notifiers' dedup key, never parsed from text
+    # A refusal's stable name (REFUSALS): the notifiers' dedup key, never parsed from text; for a recheck,
+    # why: "changed" (its identity moved) or "periodic" ([verify] interval, read at [verify] max_rate).
+    cause: str = ""
 
 
 # Why a dest is refused, as stable names (the reason text says it for people).
@@ -162,10 +164,14 @@ def _one(asset: Asset, known: Published | None, seen: Observation, recheck: bool
         )
     if known.identity and seen.identity != known.identity:
         return Action(
-            Kind.RECHECK, dest, asset, "changed on disk since syncd recorded it (inode, times or mode)"
+            Kind.RECHECK,
+            dest,
+            asset,
+            "changed on disk since syncd recorded it (inode, times or mode)",
+            cause="changed",
         )
     if recheck:
-        return Action(Kind.RECHECK, dest, asset, "periodic re-hash ([verify] interval)")
+        return Action(Kind.RECHECK, dest, asset, "periodic re-hash ([verify] interval)", cause="periodic")
     return Action(Kind.SKIP, dest, asset, "already published")
 
 

@@ -608,8 +608,7 @@ class Reconciler:
         """Hash a published file again; a different sha256 or size is a :class:`_Damaged` refusal."""
         asset = action.asset
         assert asset is not None
-        periodic = action.reason.startswith("periodic")
-        throttle = self._throttle if periodic else None
+        throttle = self._throttle if action.cause == "periodic" else None
 
         def on_bytes(n: int) -> None:
             if self.stop.is_set() or (throttle is not None and not throttle.take(n)):
