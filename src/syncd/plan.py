@@ -67,6 +67,11 @@ REFUSALS = (
     "in_staging",  # the dest is syncd's staging directory
     "foreign_file",  # a file syncd did not publish, with other content, is at dest
 )
+# Why a published file is hashed again (a recheck's cause).
+RECHECKS = (
+    "changed",  # its inode, mtime, ctime or mode is not what syncd recorded
+    "periodic",  # [verify] interval picked it this pass (read at [verify] max_rate)
+)
 
 
 def plan(
