@@ -5,6 +5,7 @@ Nothing here imports syncd, so these fixtures work while the package is being wr
 
 from __future__ import annotations
 
+import shutil
 import socket
 import sys
 import uuid
@@ -89,6 +90,18 @@ def ssh_git_repo(sshd: Sshd, tmp_path: Path) -> GitRepo:
     """A fresh manifest repo with its bare repo in ``sshd.repos_dir``; ``.url`` is ssh://."""
     name = f"manifests-{uuid.uuid4().hex[:12]}.git"
     return GitRepo(sshd.repos_dir / name, tmp_path / "work" / "manifests", url=sshd.url(name))
+
+
+@pytest.fixture
+def ssh_world(tmp_path: Path, ssh_git_repo: GitRepo, nginx: Nginx, sshd: Sshd) -> World:
+    """A world whose manifest repo is reached over ssh:// with a key pair and known_hosts."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    shutil.copy(sshd.client_key, keys / "id_ed25519")
+    (keys / "id_ed25519").chmod(0o600)
+    shutil.copy(sshd.known_hosts, keys / "known_hosts")
+    source = {"ssh_key": str(keys / "id_ed25519"), "known_hosts": str(keys / "known_hosts")}
+    return World(tmp_path / "world", ssh_git_repo, nginx, source=source)
 
 
 @pytest.fixture

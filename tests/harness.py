@@ -63,6 +63,27 @@ class Run:
         return found[0]
 
 
+def on_a_terminal(argv: list[str], timeout: float = 30) -> tuple[int, str]:
+    """Run ``argv`` with stdout and stderr on a pseudo-terminal; its exit code and everything it drew."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    out = b""
+    while select.select([master], [], [], timeout)[0]:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the other side closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    return proc.wait(timeout=timeout), out.decode(errors="replace")
+
+
 def parse_events(text: str) -> list[dict[str, Any]]:
     """Every JSON object line of ``text``; any other line fails the test (logs are JSON only)."""
     events = []

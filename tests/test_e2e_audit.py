@@ -15,21 +15,9 @@ import pytest
 
 import signing
 from harness import Run, World
-from servers import GitRepo, Nginx, Sshd
+from servers import GitRepo
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def ssh_world(tmp_path: Path, ssh_git_repo: GitRepo, nginx: Nginx, sshd: Sshd) -> World:
-    """A world whose manifest repo is reached over ssh:// (a real sshd) with a key pair and known_hosts."""
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    shutil.copy(sshd.client_key, keys / "id_ed25519")
-    (keys / "id_ed25519").chmod(0o600)
-    shutil.copy(sshd.known_hosts, keys / "known_hosts")
-    source = {"ssh_key": str(keys / "id_ed25519"), "known_hosts": str(keys / "known_hosts")}
-    return World(tmp_path / "world", ssh_git_repo, nginx, source=source)
 
 
 @pytest.fixture
@@ -541,30 +529,11 @@ def test_a_bad_verify_section_is_a_config_error(world: World, value: str) -> Non
 
 def test_verify_shows_progress_on_a_terminal_and_none_off_it(world: World) -> None:
     """On a terminal syncd verify redraws files, bytes, rate and ETA; piped, it prints only findings."""
-    import pty
-    import select
-
-    from harness import syncd_command
+    from harness import on_a_terminal, syncd_command
 
     synced_three(world)
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [syncd_command(), "verify", "-c", str(world.config_path)],
-        stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, close_fds=True,
-    )  # fmt: skip
-    os.close(slave)
-    out = b""
-    while select.select([master], [], [], 30)[0]:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
-    os.close(master)
-    assert proc.wait(timeout=30) == 0
-    text = out.decode(errors="replace")
+    code, text = on_a_terminal([syncd_command(), "verify", "-c", str(world.config_path)])
+    assert code == 0
     assert "verify 3/3 files" in text and "MB/s" in text and "ETA" in text, text
     assert "3 file(s)" in text and "0 finding(s)" in text
     piped = verify(world)

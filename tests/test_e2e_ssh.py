@@ -10,21 +10,9 @@ from pathlib import Path
 import pytest
 
 from harness import World
-from servers import GitRepo, Nginx, Sshd
+from servers import Sshd
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def ssh_world(tmp_path: Path, ssh_git_repo: GitRepo, nginx: Nginx, sshd: Sshd) -> World:
-    """A world whose manifest repo is reached over ssh:// with a key pair and known_hosts."""
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    shutil.copy(sshd.client_key, keys / "id_ed25519")
-    (keys / "id_ed25519").chmod(0o600)
-    shutil.copy(sshd.known_hosts, keys / "known_hosts")
-    source = {"ssh_key": str(keys / "id_ed25519"), "known_hosts": str(keys / "known_hosts")}
-    return World(tmp_path / "world", ssh_git_repo, nginx, source=source)
 
 
 def test_clone_then_fetch_over_ssh(ssh_world: World) -> None:

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import pty
-import select
 import sqlite3
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from harness import World, syncd_command
+from harness import World, on_a_terminal, syncd_command
 from syncd import config, logs, manifest
 from syncd.ledger import Ledger
 from syncd.reconcile import PassResult, Reconciler
@@ -107,30 +104,8 @@ def test_progress_on_a_terminal(world: World) -> None:
     for i in range(3):
         world.manifest(f"m{i}.toml", {**world.asset(f"{i}.bin", 200_000, seed=i), "dest": f"{i}.bin"})
     world.repo.commit("three")
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [syncd_command(), "sync", "-c", str(world.config_path)],
-        stdin=subprocess.DEVNULL,
-        stdout=slave,
-        stderr=slave,
-        close_fds=True,
-    )
-    os.close(slave)
-    out = b""
-    while True:
-        ready, _, _ = select.select([master], [], [], 30)
-        if not ready:
-            break
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
-    os.close(master)
-    assert proc.wait(timeout=30) == 0
-    text = out.decode(errors="replace")
+    code, text = on_a_terminal([syncd_command(), "sync", "-c", str(world.config_path)])
+    assert code == 0
     assert "syncing 3/3 files" in text
     assert "585.9 KiB of 585.9 KiB" in text
     assert "asset_published" in text  # the console renderer, not JSON
