@@ -316,9 +316,7 @@ class Reconciler:
             if d in desired.assets and p.sha256 == desired.assets[d].sha256
         }
         share = self.cfg.interval / self.cfg.verify_interval
-        cap = (
-            self.cfg.verify_max_rate * 1e6 * self.cfg.interval / 2
-        )  # a pass re-hashes for ≤ half an interval
+        cap = self.cfg.verify_max_rate * 1e6 * self.cfg.interval / 2  # at most half an interval's reading
         picked, cursor = verify_slice(sizes, self.ledger.get("verify_cursor") or "", share, cap)
         if cursor is not None:
             self.ledger.set("verify_cursor", cursor)
@@ -398,13 +396,13 @@ class Reconciler:
             return head
         self._check_trust_file()
         verdict = self._verdict(head)
+        if verdict.ok:
+            return head
         last = self.ledger.get("manifests_commit")
         fallback = last if last and last != head and self.repo.has_commit(last) else None
         serve = signature_gate(
             head, verdict.ok, fallback, fallback is not None and self._verdict(fallback).ok
         )
-        if verdict.ok:
-            return serve
         author = ""
         with contextlib.suppress(SyncdError):
             info = self.repo.commit_info(head)
