@@ -549,49 +549,19 @@ def render(record: Mapping[str, object]) -> str:
 
 
 # the event path ---------------------------------------------------------------------------------------
-_PROVENANCE_FIELDS = {
-    "introduced_commit": "introduced",
-    "merge_commit": "merge_commit",
-    "pr_ref": "pr",
-    "signer": "signer",
-    "signer_key": "signer_key",
-}
-
-
-def _provenance(p: Mapping[str, object] | None) -> dict[str, object]:
-    p = p or {}
-    out: dict[str, object] = {}
-    author = _person(p.get("author_name"), p.get("author_email"))
-    merger = _person(p.get("merger_name"), p.get("merger_email"))
-    if author:
-        out["author"] = author
-    if merger:
-        out["merger"] = merger
-    for key, name in _PROVENANCE_FIELDS.items():
-        if p.get(key):
-            out[name] = p[key]
-    return out
-
-
-def _person(name: object, email: object) -> str:
-    if not (name or email):
-        return ""
-    return f"{name} <{email}>" if email else str(name)
-
-
 def record_for(event: ev.Event) -> tuple[str, dict[str, object]] | None:
     """The audit record an event makes, as (event, fields), or None: every change syncd makes to the
     export and every trust decision, once (a refusal only at its first pass)."""
     if isinstance(event, ev.AssetPublished):
         fields: dict[str, object] = {
             "dest": event.dest, "sha256": event.sha256, "size": event.bytes, "source": event.source,
-            "manifest": event.manifest, "commit": event.commit, **_provenance(event.provenance),
+            "manifest": event.manifest, "commit": event.commit, **ev.provenance_fields(event.provenance),
         }  # fmt: skip
         return ("replaced" if event.replaced else "published"), fields
     if isinstance(event, ev.AssetAdopted):
         return "adopted", {
             "dest": event.dest, "sha256": event.sha256, "size": event.bytes, "source": event.source,
-            "manifest": event.manifest, "commit": event.commit, **_provenance(event.provenance),
+            "manifest": event.manifest, "commit": event.commit, **ev.provenance_fields(event.provenance),
         }  # fmt: skip
     if isinstance(event, ev.AssetRefused) and event.passes <= 1:
         return "refused", {
@@ -610,7 +580,7 @@ def record_for(event: ev.Event) -> tuple[str, dict[str, object]] | None:
     if isinstance(event, ev.AssetRepaired):
         return ("repaired" if event.how == "downloaded" else "mode_restored"), {
             "dest": event.dest, "sha256": event.sha256, "size": event.bytes, "source": event.source,
-            "commit": event.commit, **_provenance(event.provenance),
+            "commit": event.commit, **ev.provenance_fields(event.provenance),
         }  # fmt: skip
     if isinstance(event, ev.SignatureRefused):
         return "signature_refused", {

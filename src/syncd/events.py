@@ -252,22 +252,30 @@ class StagingCleaned(Event):
     staging: str
 
 
-def _with_provenance(out: dict[str, Any], provenance: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The log fields of a published file's provenance (``syncd provenance DEST`` shows all of it)."""
-    out.pop("provenance", None)
+def provenance_fields(provenance: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A published file's provenance (``provenance.Provenance.to_json()``) as the log and the audit log
+    show it: ``author``, ``merger``, ``introduced``, ``merge_commit``, ``pr``, ``signer``, ``signer_key``,
+    each only when known (``syncd provenance DEST`` shows all of it)."""
     p = provenance or {}
     shown = {
-        "introduced_commit": p.get("introduced_commit"),
-        "author": _person(p.get("author_name"), p.get("author_email")),
+        "author": person(p.get("author_name"), p.get("author_email")),
+        "merger": person(p.get("merger_name"), p.get("merger_email")),
+        "introduced": p.get("introduced_commit"),
         "merge_commit": p.get("merge_commit"),
-        "merger": _person(p.get("merger_name"), p.get("merger_email")),
         "pr": p.get("pr_ref"),
         "signer": p.get("signer"),
+        "signer_key": p.get("signer_key"),
     }
-    return {**out, **{k: v for k, v in shown.items() if v}}
+    return {k: v for k, v in shown.items() if v}
 
 
-def _person(name: object, email: object) -> str:
+def _with_provenance(out: dict[str, Any], provenance: Mapping[str, Any] | None) -> dict[str, Any]:
+    out.pop("provenance", None)
+    return {**out, **provenance_fields(provenance)}
+
+
+def person(name: object, email: object) -> str:
+    """``Name <e-mail>`` (or the part that is known; "" for neither)."""
     if not (name or email):
         return ""
     return f"{name} <{email}>" if email else str(name)

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, replace
 
 from syncd import manifest
 from syncd.errors import ManifestError, SyncdError
+from syncd.events import person
 from syncd.gitsource import CommitInfo, ManifestRepo
 from syncd.manifest import Asset
 
@@ -83,11 +84,11 @@ class Provenance:
 
     @property
     def author(self) -> str:
-        return _person(self.author_name, self.author_email)
+        return person(self.author_name, self.author_email)
 
     @property
     def merger(self) -> str:
-        return _person(self.merger_name, self.merger_email)
+        return person(self.merger_name, self.merger_email)
 
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> Provenance:
@@ -103,12 +104,6 @@ class Provenance:
             elif isinstance(value, str):
                 ok[key] = value
         return cls(**ok)  # type: ignore[arg-type]
-
-
-def _person(name: str, email: str) -> str:
-    if not (name or email):
-        return ""
-    return f"{name} <{email}>" if email else name
 
 
 class Tracer:
