@@ -84,8 +84,11 @@ class AuditLog:
     The file is opened at the first :meth:`append` (or :attr:`head`) with ``O_RDWR | O_APPEND``: the tail
     is read through the same descriptor that is written, so what was read is what is appended to."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, expected: tuple[int, str] | None = None) -> None:
+        """``expected``: where the log must reach (syncd's ledger keeps the anchor): checked at the first
+        :meth:`check` or :meth:`append`, as a log disturbed while open is checked at every one."""
         self.path = path
+        self._expected = expected if expected is not None and expected[0] > 0 else None
         self._fd: int | None = None
         self._size = 0  # where the last complete line ends, as far as this writer knows
         self._head: tuple[int, str] = (0, GENESIS)
@@ -109,10 +112,23 @@ class AuditLog:
         for key in RESERVED:
             if key in fields:
                 raise ValueError(f"audit field {key!r} is set by the audit log, not by its caller")
-        if self._fd is None:
+        self.check()
+        return self._write(event, fields)
+
+    def check(self) -> bool:
+        """Make sure the log is where this writer left it (or, at first, where ``expected`` says it
+        ends) before anything is appended: records cut off or rewritten, the file deleted, replaced or
+        appended to by someone else get an ``audit_log_broken`` record (:meth:`_broken`); a torn last line
+        is dropped with an ``audit_log_repaired`` one. Returns whether it wrote such a record."""
+        opened = self._fd is None
+        if opened:
             self._open(create=True)
         assert self._fd is not None
         before = self._head
+        if opened and self._expected is not None:
+            if self._head[0] <= self._expected[0]:  # (more records: the ledger lost its last anchor)
+                before = self._expected
+            self._expected = None
         try:
             st = os.fstat(self._fd)
             try:
@@ -126,12 +142,13 @@ class AuditLog:
             self._open(create=True)
         elif st.st_size != self._size + (self._torn[0] if self._torn else 0):
             self._load_tail(st.st_size)  # a failed rollback, or someone else wrote: the file is the truth
-        found = self._head
+        found, wrote = self._head, self._torn is not None
         if self._torn is not None:
             self._repair()
         if before[0] > 0 and found != before:
             self._broken(before, found)
-        return self._write(event, fields)
+            wrote = True
+        return wrote
 
     def _broken(self, expected: tuple[int, str], found: tuple[int, str]) -> None:
         """The log is not where this writer left it (records cut off or rewritten, the file deleted or
@@ -610,9 +627,9 @@ class AuditObserver:
         anchor: Callable[[tuple[int, str]], None] | None = None,
         expected: tuple[int, str] | None = None,
     ) -> None:
-        self.log = AuditLog(path)
+        self.log = AuditLog(path, expected)  # expected: the anchor the ledger holds
         self.anchor = anchor
-        self.expected = expected  # the anchor the ledger holds: the log must reach it
+        self._checked = False
         self.pending: list[tuple[str, dict[str, object]]] = []
         self.error = ""
         self._dirty = False  # appended since the last flush
@@ -638,34 +655,14 @@ class AuditObserver:
         self._decided.add(key)
         return False
 
-    def _check_anchor(self) -> None:
-        """Before the first append: a log that ends before the ledger's anchor (records cut off, the file
-        deleted or rewritten) is not continued silently: an ``audit_log_broken`` record goes first (so
-        ``syncd audit --verify`` fails from then on) and ``audit_log_tampered`` is logged."""
-        expected, self.expected = self.expected, None
-        if expected is None or expected[0] <= 0:
-            return
-        try:
-            head = self.log.head
-        except AuditError:
-            return  # the append reports it
-        if head[0] > expected[0] or head == expected:
-            return  # (more records than the anchor: the ledger lost its last update, e.g. a power cut)
-        fields = {"expected_seq": expected[0], "expected_sha256": expected[1], "found_seq": head[0],
-                  "found_sha256": head[1]}  # fmt: skip
-        _log.error(
-            "audit_log_tampered",
-            file=str(self.log.path),
-            error=f"the audit log ends at record {head[0]} but syncd had written {expected[0]} (ledger): "
-            "records were removed or rewritten",
-            action="an audit_log_broken record was appended; syncd audit --verify reports it",
-            **fields,
-        )
-        self.pending.insert(0, (BROKEN, fields))
-
     def _write(self) -> None:
-        if self.expected is not None:
-            self._check_anchor()
+        if not self._checked:  # at the first event, even with nothing to append (an idle pass)
+            try:
+                self._dirty = self.log.check() or self._dirty
+            except AuditError as exc:
+                self._failed(str(exc))
+                return
+            self._checked = True
         while self.pending:
             name, fields = self.pending[0]
             try:
