@@ -77,24 +77,35 @@ def test_example_config_is_valid_but_for_missing_files(tmp_path: Path) -> None:
         assert "no such file" in line or "does not exist" in line, line
 
 
-def test_example_config_passes_with_its_files(tmp_path: Path) -> None:
-    """With its secret files present (as systemd's LoadCredential= provides them), the example passes."""
+def _example_with_files(tmp_path: Path, secrets: dict[str, str]) -> tuple[str, Path]:
+    """The example's text with a real known_hosts in place, and a credentials directory (as systemd's
+    LoadCredential= provides it) holding the SSH key, the Artifactory token and ``secrets``."""
     creds = tmp_path / "creds"
     creds.mkdir()
-    for name, text in (("id_ed25519", SSH_KEY), ("artifactory.token", "secret\n")):
+    for name, text in {"id_ed25519": SSH_KEY, "artifactory.token": "secret\n", **secrets}.items():
         (creds / name).write_text(text)
         (creds / name).chmod(0o600)
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text("git.example.com ssh-ed25519 AAAA\n")
+    return EXAMPLE.read_text().replace("/etc/syncd/known_hosts", str(known_hosts)), creds
+
+
+def _check_config(tmp_path: Path, text: str, creds: Path) -> subprocess.CompletedProcess[str]:
     conf = tmp_path / "syncd.conf"
-    conf.write_text(EXAMPLE.read_text().replace("/etc/syncd/known_hosts", str(known_hosts)))
-    out = subprocess.run(
+    conf.write_text(text)
+    return subprocess.run(
         [syncd_command(), "check-config", "-c", str(conf)],
         capture_output=True,
         text=True,
         check=False,
         env={"PATH": "/usr/bin:/bin", "CREDENTIALS_DIRECTORY": str(creds)},
     )
+
+
+def test_example_config_passes_with_its_files(tmp_path: Path) -> None:
+    """With its secret files present (as systemd's LoadCredential= provides them), the example passes."""
+    text, creds = _example_with_files(tmp_path, {})
+    out = _check_config(tmp_path, text, creds)
     assert out.returncode == 0, out.stderr
     assert "interval_s = 300.0" in out.stdout
 
@@ -108,32 +119,16 @@ def test_sysusers_declares_the_user() -> None:
 def test_example_notify_block_uncommented_passes(tmp_path: Path) -> None:
     """The commented [notify] block of the example is a working configuration once uncommented (its
     key names are the contract), with its secret files present."""
-    creds = tmp_path / "creds"
-    creds.mkdir()
-    files = {"id_ed25519": SSH_KEY, "artifactory.token": "t\n", "smtp.password": "p\n",
-             "webhook.token": "w\n", "webhook.hmac": "h\n"}  # fmt: skip
-    for name, text in files.items():
-        (creds / name).write_text(text)
-        (creds / name).chmod(0o600)
-    known_hosts = tmp_path / "known_hosts"
-    known_hosts.write_text("git.example.com ssh-ed25519 AAAA\n")
-    text = EXAMPLE.read_text().replace("/etc/syncd/known_hosts", str(known_hosts))
+    secrets = {"smtp.password": "p\n", "webhook.token": "w\n", "webhook.hmac": "h\n"}
+    text, creds = _example_with_files(tmp_path, secrets)
     head, block = text.split("# [notify]\n", 1)
     lines = ["[notify]"]
     for line in block.splitlines():
         body = line.removeprefix("# ")
         if body.startswith("[notify") or (" = " in body and not body.startswith(("ca_file", " "))):
             lines.append(body)
-    conf = tmp_path / "syncd.conf"
-    conf.write_text(head + "\n".join(lines) + "\n")
-    out = subprocess.run(
-        [syncd_command(), "check-config", "-c", str(conf)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={"PATH": "/usr/bin:/bin", "CREDENTIALS_DIRECTORY": str(creds)},
-    )
-    assert out.returncode == 0, out.stderr + conf.read_text()
+    out = _check_config(tmp_path, head + "\n".join(lines) + "\n", creds)
+    assert out.returncode == 0, out.stderr + (tmp_path / "syncd.conf").read_text()
     assert "notify = problem, recovery by mail via smtp.bank.example:587 (starttls) to 1 and webhook to " \
         "https://chat.bank.example" in out.stdout  # fmt: skip
 
@@ -141,31 +136,16 @@ def test_example_notify_block_uncommented_passes(tmp_path: Path) -> None:
 def test_example_signature_and_verify_keys_uncommented_pass(tmp_path: Path) -> None:
     """The commented signature keys and [verify] block of the example are valid once uncommented, with a
     real allowed-signers file in place."""
-    creds = tmp_path / "creds"
-    creds.mkdir()
-    for name, text in (("id_ed25519", SSH_KEY), ("artifactory.token", "t\n")):
-        (creds / name).write_text(text)
-        (creds / name).chmod(0o600)
-    known_hosts = tmp_path / "known_hosts"
-    known_hosts.write_text("git.example.com ssh-ed25519 AAAA\n")
+    text, creds = _example_with_files(tmp_path, {})
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True)
     allowed = tmp_path / "allowed_signers"
     allowed.write_text(f'alice@bank.example namespaces="git" {(tmp_path / "k.pub").read_text()}')
-    text = EXAMPLE.read_text().replace("/etc/syncd/known_hosts", str(known_hosts))
     text = text.replace("/etc/syncd/allowed_signers", str(allowed))
     for line in ('# verify_signatures = "ssh"', f'# allowed_signers = "{allowed}"', "# [verify]",
                  '# interval = "7d"', "# max_rate = 100"):  # fmt: skip
         assert line in text, line
         text = text.replace(line, line.removeprefix("# "))
-    conf = tmp_path / "syncd.conf"
-    conf.write_text(text)
-    out = subprocess.run(
-        [syncd_command(), "check-config", "-c", str(conf)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={"PATH": "/usr/bin:/bin", "CREDENTIALS_DIRECTORY": str(creds)},
-    )
+    out = _check_config(tmp_path, text, creds)
     assert out.returncode == 0, out.stderr
     assert (
         f"verify_signatures = ssh ({allowed})" in out.stdout and "verify_interval_s = 604800.0" in out.stdout

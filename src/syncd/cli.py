@@ -13,9 +13,14 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from syncd import __version__, config, logs
 from syncd.errors import ConfigError, LockHeldError, SyncdError
+
+if TYPE_CHECKING:  # the commands import what they use when they run: `syncd --help` stays quick
+    from syncd.ledger import Published
+    from syncd.verify import Finding
 
 log = logs.get()
 
@@ -236,7 +241,7 @@ def cmd_provenance(args: argparse.Namespace) -> int:
         published = ledger.published()
     finally:
         ledger.close()
-    found: list[object] = []
+    found: list[Published] = []
     unknown: list[str] = []
     for dest in args.dests:
         row = published.get(dest.strip("/"))
@@ -256,11 +261,9 @@ def cmd_provenance(args: argparse.Namespace) -> int:
     return 1 if unknown else 0
 
 
-def _provenance_json(row: object) -> dict[str, object]:
-    from syncd.ledger import Published
+def _provenance_json(row: Published) -> dict[str, object]:
     from syncd.provenance import Provenance
 
-    assert isinstance(row, Published)
     return {
         "dest": row.dest,
         "sha256": row.sha256,
@@ -276,12 +279,10 @@ def _provenance_json(row: object) -> dict[str, object]:
     }
 
 
-def _provenance_text(row: object) -> str:
-    from syncd.ledger import Published
+def _provenance_text(row: Published) -> str:
     from syncd.progress import human
     from syncd.provenance import Provenance
 
-    assert isinstance(row, Published)
     lines = [
         row.dest,
         f"  sha256      {row.sha256}",
@@ -402,15 +403,14 @@ def _verify(args: argparse.Namespace, cfg: config.Config) -> int:
     return 1 if report.findings else 0
 
 
-def _repair(cfg: config.Config, findings: Sequence[object], stamp: str) -> int:
+def _repair(cfg: config.Config, findings: list[Finding], stamp: str) -> int:
     """The caller holds the state lock."""
     from syncd import events
     from syncd.reconcile import Reconciler
-    from syncd.verify import Finding
 
     rec = Reconciler(cfg, events=events.EventBus([events.LogObserver()]))
     try:
-        return rec.repair([f for f in findings if isinstance(f, Finding)], stamp)
+        return rec.repair(findings, stamp)
     finally:
         rec.close()
 

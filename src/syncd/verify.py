@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TextIO
 
-from syncd.errors import PublishError, SyncdError
+from syncd.errors import PublishError
 from syncd.ledger import Published
 from syncd.progress import human
 from syncd.publish import Export, State
@@ -209,7 +209,5 @@ def run(
                 on_finding(f)
     except KeyboardInterrupt:
         report.interrupted = True
-    except SyncdError:
-        raise
     report.seconds = time.monotonic() - started
     return report
