@@ -591,6 +591,7 @@ def test_loaded_config_never_shows_secrets(confdir: Path) -> None:
         "notify": None,
         "verify_signatures": "off",
         "verify_interval_s": None,
+        "prune": "off",
     }
 
 

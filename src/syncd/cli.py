@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from syncd import __version__, config, logs
+from syncd import __version__, cli_assets, config, logs
 from syncd.errors import ConfigError, LockHeldError, SyncdError
 
 if TYPE_CHECKING:  # the commands import what they use when they run: `syncd --help` stays quick
@@ -63,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     trust.add_argument("--allowed-signers", metavar="FILE", type=Path, help="ssh: git's allowed-signers file")
     trust.add_argument("--gpg-keyring", metavar="FILE", type=Path, help="gpg: a keyring of trusted keys")
     v.add_argument(
+        "--remote",
+        action="store_true",
+        help="also ask Artifactory's storage API whether each new or changed asset (all without --base) "
+        "exists with the manifest's sha256 and size",
+    )
+    cli_assets.add_artifactory_flags(v, cfg_help)
+    v.add_argument(
         "paths",
         nargs="+",
         type=Path,
@@ -70,6 +77,30 @@ def _parser() -> argparse.ArgumentParser:
         help="manifest file, or directory whose *.toml files (at any depth) are checked",
     )
     v.set_defaults(func=cmd_validate)
+
+    m = sub.add_parser("manifest", help="write manifests: syncd manifest new SOURCE...")
+    msub = m.add_subparsers(dest="manifest_command", required=True, metavar="COMMAND")
+    mn = msub.add_parser(
+        "new",
+        help="print (or write) a manifest for files in Artifactory, with their sha256 and size",
+        description="Ask Artifactory's storage API for each SOURCE (a path under the base URL: "
+        "repo/dir/file) and print a manifest that syncd validate accepts, one [[asset]] per file. A file "
+        "the API has no sha256 for, a plain HTTP server, and --hash-locally: the file is streamed and "
+        "hashed here.",
+    )
+    cli_assets.add_artifactory_flags(mn, cfg_help)
+    mn.add_argument(
+        "--dest",
+        metavar="DEST",
+        help="where the file lands (one file), or a directory prefix ending in '/' under which each "
+        "file's path below SOURCE is kept (default: the source without its repository)",
+    )
+    mn.add_argument("--recursive", action="store_true", help="a SOURCE may be a folder: every file below it")
+    mn.add_argument("--hash-locally", action="store_true", help="stream and hash each file here")
+    mn.add_argument("-o", "--output", type=Path, metavar="FILE", help="write the manifest to FILE")
+    mn.add_argument("--force", action="store_true", help="with -o: overwrite FILE if it exists")
+    mn.add_argument("sources", nargs="+", metavar="SOURCE", help="a path under the Artifactory base URL")
+    mn.set_defaults(func=cli_assets.cmd_manifest_new)
 
     r = sub.add_parser("run", help="run as a daemon: a pass every [schedule] interval (for systemd)")
     r.add_argument("-c", "--config", help=cfg_help)
@@ -502,7 +533,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"syncd validate: {why}", file=sys.stderr)
             return 2
         sigs = (mode, trust)
-    report = validate(args.paths, args.base, sigs)
+    storage = None
+    if args.remote:
+        from syncd import remote
+        from syncd.storage import Storage
+
+        try:
+            storage = Storage(cli_assets.fetcher(args, remote.WORKERS))
+        except ConfigError as exc:
+            return cli_assets.config_problems("syncd validate", exc)
+    elif args.artifactory or args.token_file or args.config:
+        print("syncd validate: --artifactory, --token-file and -c go with --remote", file=sys.stderr)
+        return 2
+    try:
+        report = validate(args.paths, args.base, sigs, storage)
+    finally:
+        if storage is not None:
+            storage.fetcher.close()
     for line in report.problems:
         print(shown(line))
     for line in report.warnings:
@@ -516,6 +563,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return 1
     if report.signed:
         print(shown(f"syncd validate: {report.signed}"), file=sys.stderr)
+    if report.remote_checked >= 0:
+        print(f"syncd validate: {report.remote_checked} asset(s) match Artifactory", file=sys.stderr)
     print(f"syncd validate: {report.files} file(s) OK{warned}", file=sys.stderr)
     return 0
 

@@ -316,6 +316,13 @@ class VerifySection(_Section):
     max_rate: float = Field(default=100.0, gt=0, strict=False)
 
 
+class PruneSection(_Section):
+    enabled: bool = False
+    grace: Duration = Field(default=7 * 86400.0, strict=False)
+    max_files: int = Field(default=100, ge=0)
+    max_fraction: float = Field(default=0.05, ge=0, le=1, strict=False)
+
+
 class NotifySection(_Section):
     events: list[str] = Field(default_factory=lambda: ["problem", "recovery"])
     repeat: ZeroOrDuration = Field(default=86400.0, strict=False)
@@ -339,6 +346,7 @@ _SECTIONS: dict[str, tuple[type[_Section], bool]] = {
     "http": (HttpSection, False),
     "notify": (NotifySection, False),
     "verify": (VerifySection, False),
+    "prune": (PruneSection, False),
 }
 NOTIFY_EVENTS = ("problem", "recovery", "published")
 SMTP_SECURITY = {"starttls": 587, "tls": 465, "none": 25}  # the default port of each
@@ -421,6 +429,18 @@ def webhook_origin(url: str) -> str:
 
 
 @dataclass(frozen=True)
+class Prune:
+    """``[prune]``: whether files whose manifest entry is gone are removed, after how long, and the
+    safety valves (a pass that would remove more than ``max_files`` files, or more than ``max_fraction``
+    of the published files, removes nothing)."""
+
+    enabled: bool = False
+    grace: float = 7 * 86400.0
+    max_files: int = 100
+    max_fraction: float = 0.05
+
+
+@dataclass(frozen=True)
 class Config:
     """The validated configuration: every path absolute, every secret read."""
 
@@ -445,6 +465,7 @@ class Config:
     notify: Notify | None = None  # [notify]: mail and webhooks; None when the section is absent
     verify_interval: float | None = None  # [verify] interval: the whole export re-hashed once per it
     verify_max_rate: float = 100.0  # [verify] max_rate: MB/s that the periodic re-hash reads at most
+    prune: Prune = field(default_factory=Prune)  # [prune]: off unless enabled
     # Problems that do not stop syncd (plain http:// with credentials), each as "at 'section.key': …";
     # check-config prints them and a pass logs them as config_insecure.
     warnings: tuple[str, ...] = ()
@@ -473,6 +494,30 @@ def load(path: Path, *, secrets: bool = True) -> Config:
         raise ConfigError(shown, ["not valid TOML: nested too deeply"]) from None
     sections, problems = _validate_sections(raw)
     return _Resolver(path, problems, secrets=secrets).build(sections)
+
+
+TOKEN_FILE_ENV = "SYNCD_ARTIFACTORY_TOKEN_FILE"  # noqa: S105 - the name of a variable, not a secret
+_FLAG_NAMES = {"artifactory.url": "--artifactory", "artifactory.token_file": "--token-file"}
+
+
+def artifactory_from_flags(url: str, token_file: str | None) -> tuple[Artifactory, list[str]]:
+    """``--artifactory URL [--token-file FILE]``: an :class:`Artifactory` for the commands an ML engineer
+    runs on a laptop (``syncd manifest new``, ``syncd validate --remote``), where there is no syncd
+    config. ``token_file`` defaults to ``$SYNCD_ARTIFACTORY_TOKEN_FILE``; it is checked as the config's
+    ``token_file`` is (a regular file only its owner can read, one printable line). Raises
+    :class:`ConfigError` naming the flag, never quoting the secret; returns the warnings too (a token
+    sent over plain http://)."""
+    token_file = token_file or os.environ.get(TOKEN_FILE_ENV) or None
+    resolver = _Resolver(Path.cwd() / "syncd", [])
+    art = resolver._artifactory(ArtifactorySection(url=url, token_file=token_file))
+    problems, warnings = resolver.problems, resolver.warnings
+    for key, flag in _FLAG_NAMES.items():
+        problems = [p.replace(f"at '{key}'", f"at '{flag}'") for p in problems]
+        warnings = [w.replace(f"at '{key}'", f"at '{flag}'") for w in warnings]
+    if problems:
+        raise ConfigError("command line", problems)
+    assert art is not None
+    return art, warnings
 
 
 def _validate_sections(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -572,6 +617,7 @@ class _Resolver:
         verify: VerifySection = sections.get("verify") or VerifySection()
         if verify.interval is not None and verify.interval < 3600:
             self.problem("verify.interval", "must be at least 1h (the whole export is re-hashed once per it)")
+        prune: PruneSection = sections.get("prune") or PruneSection()
         if self.problems:
             raise ConfigError(str(self.path), self.problems)
         assert source and art and export and root and staging
@@ -602,6 +648,7 @@ class _Resolver:
             notify=notify,
             verify_interval=verify.interval,
             verify_max_rate=verify.max_rate,
+            prune=Prune(prune.enabled, prune.grace, prune.max_files, prune.max_fraction),
             warnings=tuple(self.warnings),
         )
 
@@ -1134,6 +1181,12 @@ def describe(cfg: Config) -> Mapping[str, Any]:
             else cfg.source.verify_signatures
         ),
         "verify_interval_s": cfg.verify_interval,
+        "prune": (
+            f"after {cfg.prune.grace:g}s, at most {cfg.prune.max_files} files and "
+            f"{cfg.prune.max_fraction:.0%} a pass"
+            if cfg.prune.enabled
+            else "off"
+        ),
     }
 
 

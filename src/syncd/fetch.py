@@ -29,6 +29,7 @@ import email.utils
 import errno
 import hashlib
 import http
+import json
 import math
 import re
 import ssl
@@ -48,6 +49,7 @@ from syncd.errors import ConfigError, FetchError, HTTPStatusError, StopRequested
 from syncd.manifest import Asset
 
 MAX_REDIRECTS = 10
+MAX_JSON = 64 << 20  # the largest REST API answer read (a deep listing of ~300,000 files)
 MIN_SPEED = 1024  # bytes/s of payload, over a whole [download] timeout window: slower is a stalled server
 MAX_RETRY_AFTER = 86400.0  # a Retry-After further away than a day is not believed
 MAX_VALIDATOR = 200  # longest ETag / Last-Modified kept for If-Range
@@ -180,6 +182,105 @@ class Fetcher:
             raise
         except Exception as exc:
             raise _unexpected(exc, url) from None
+
+    def api_json(self, path: str, query: str = "") -> Any:
+        """GET ``{base}/{path}[?query]`` (Artifactory's REST API) and return its parsed JSON, or None for
+        a 404. At most :data:`MAX_JSON` bytes are read.
+
+        Raises :class:`HTTPStatusError` (any other status but 200), :class:`StopRequested` or
+        :class:`FetchError` (not JSON, too big, a transport fault)."""
+        url = f"{self.base}/{quote(path, safe=_SAFE_PATH)}" + (f"?{query}" if query else "")
+        body = bytearray()
+
+        def collect(chunk: bytes) -> None:
+            body.extend(chunk)
+            if len(body) > MAX_JSON:
+                where = redact(url)
+                raise FetchError(f"answer larger than {MAX_JSON >> 20} MiB from {where}", url=where)
+
+        try:
+            self._get(url, collect)
+            return json.loads(bytes(body))
+        except HTTPStatusError as exc:
+            if exc.status == 404:
+                return None
+            self._scrub(exc)
+            raise
+        except SyncdError as exc:
+            self._scrub(exc)
+            raise
+        except (ValueError, RecursionError):
+            raise FetchError(f"answer from {redact(url)} is not JSON", url=redact(url)) from None
+        except Exception as exc:
+            raise _unexpected(exc, url) from None
+
+    def hash_remote(self, source: str, progress: Callable[[int], None] = lambda n: None) -> tuple[str, int]:
+        """Stream ``source`` (a path under the base URL) and return its sha256 and size, storing nothing
+        (``syncd manifest new --hash-locally``). Raises as :meth:`api_json` does; a 404 is an
+        :class:`HTTPStatusError` (status 404)."""
+        url = f"{self.base}/{quote(source, safe=_SAFE_PATH)}"
+        digest = hashlib.sha256()
+        size = 0
+
+        def take(chunk: bytes) -> None:
+            nonlocal size
+            digest.update(chunk)
+            size += len(chunk)
+            progress(len(chunk))
+
+        try:
+            self._get(url, take)
+        except SyncdError as exc:
+            self._scrub(exc)
+            raise
+        except Exception as exc:
+            raise _unexpected(exc, url) from None
+        return digest.hexdigest(), size
+
+    def exists(self, source: str) -> bool:
+        """Whether ``source`` can be downloaded: a GET of its first byte, closed once the head arrives
+        (an empty file answers 416). False for a 404 or 410; other statuses raise as :meth:`api_json`."""
+        url = f"{self.base}/{quote(source, safe=_SAFE_PATH)}"
+        watch = _Watch(self.timeout, self.stop, url)
+        _Watch.current.watch = watch
+        try:
+            with _Response(self, url, {"Range": "bytes=0-0"}, watch):
+                return True
+        except HTTPStatusError as exc:
+            if exc.status in (404, 410):
+                return False
+            if exc.status == 416:
+                return True
+            self._scrub(exc)
+            raise
+        except SyncdError as exc:
+            self._scrub(exc)
+            raise
+        except Exception as exc:
+            raise _translate(exc, watch) from None
+        finally:
+            _Watch.current.watch = None
+
+    def _get(self, url: str, on_chunk: Callable[[bytes], None]) -> None:
+        """One GET of ``url`` (redirects followed, credentials only to the origin), its body to
+        ``on_chunk``; the same time bounds as a download."""
+        watch = _Watch(self.timeout, self.stop, url)
+        _Watch.current.watch = watch
+        try:
+            with _Response(self, url, {}, watch) as resp:
+                if resp.status_code != 200:
+                    what = f"HTTP {resp.status_code} to a request without Range"
+                    raise _failure(what, watch, retryable=False)
+                watch.body()
+                for chunk in resp.iter_raw():
+                    on_chunk(chunk)
+                    watch.payload(len(chunk))
+        except SyncdError:
+            raise
+        except Exception as exc:
+            raise _translate(exc, watch) from None
+        finally:
+            _Watch.current.watch = None
 
     def _download(self, asset: Asset, url: str, sink: Sink, progress: Callable[[int], None]) -> None:
         digest = hashlib.sha256()

@@ -175,6 +175,24 @@ class Asset:
         return f"{self.manifest}: asset[{self.index}]"
 
 
+_TABLE_LINE = re.compile(rb"[ \t]*\[\[[ \t]*asset[ \t]*\]\][ \t]*(?:#.*)?")
+_KEY_LINE = re.compile(rb"[ \t]*(source|sha256|size|dest)[ \t]*=")
+
+
+def field_lines(data: bytes) -> list[dict[str, int]]:
+    """Where each ``[[asset]]`` table of a manifest is, by a line scan: per table in order, the 1-based
+    line of its header (key ``""``) and of its ``source``, ``sha256``, ``size`` and ``dest`` keys.
+    A file written another way (inline tables, a multi-line string holding ``[[asset]]``) may give a
+    different count of tables than its assets: the caller then names assets as ``asset[N]``."""
+    tables: list[dict[str, int]] = []
+    for n, line in enumerate(data.split(b"\n"), 1):
+        if _TABLE_LINE.fullmatch(line.rstrip(b"\r")):
+            tables.append({"": n})
+        elif tables and (m := _KEY_LINE.match(line)):
+            tables[-1].setdefault(m.group(1).decode(), n)
+    return tables
+
+
 def parse(file: str, data: bytes) -> list[Asset]:
     """Parse one manifest file's bytes; return its assets or raise :class:`ManifestError`.
 

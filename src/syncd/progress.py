@@ -33,8 +33,11 @@ class Progress:
         files: int,
         total_bytes: int,
         on_status: Callable[[int, int, int, int], None] | None = None,
+        *,
+        label: str = "syncing",
     ) -> None:
         self.stream = stream
+        self.label = label
         self.on_status = on_status
         self._last_status = 0.0
         self.files = files
@@ -74,8 +77,8 @@ class Progress:
         if not force and now - self._last < 0.1:
             return
         self._last = now
+        of = f" of {human(self.total)}" if self.total else ""
         self.stream.write(
-            f"\r\x1b[Ksyncing {self.done_files}/{self.files} files · "
-            f"{human(self.done_bytes)} of {human(self.total)}"
+            f"\r\x1b[K{self.label} {self.done_files}/{self.files} files · {human(self.done_bytes)}{of}"
         )
         self.stream.flush()

@@ -4,7 +4,8 @@ In: paths (files, or directories whose manifests below them are checked) and an 
 Out: a :class:`Report`: problems (``FILE:LINE: message`` or ``FILE: asset[N].field: message``; none means
 valid) and warnings (lookalike dests, names the daemon ignores). With a base revision, an asset that
 changes the sha256 of a dest that existed at the base without ``replace = true`` is reported, because the
-daemon would refuse it.
+daemon would refuse it. With a :class:`~syncd.storage.Storage` (``--remote``), assets new or changed since
+the base are checked against Artifactory (:mod:`syncd.remote`).
 
 What is a manifest is decided as the daemon decides it in git (:func:`syncd.gitsource.list_manifests`):
 a name ending in exactly ``.toml``; a symbolic link so named is an invalid manifest (git stores the link's
@@ -20,10 +21,14 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from syncd import gitsource, manifest
 from syncd.errors import GitError, ManifestError
 from syncd.manifest import Asset
+
+if TYPE_CHECKING:  # validate without --remote never loads the HTTP stack
+    from syncd.storage import Storage
 
 
 @dataclass
@@ -34,6 +39,7 @@ class Report:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     signed: str = ""  # with --verify-signatures: "commit 4f2a9c1d0e3b signed by alice@bank.example"
+    remote_checked: int = -1  # with --remote: how many assets were asked about (-1: not asked)
 
 
 @dataclass
@@ -134,11 +140,15 @@ def _read(path: Path) -> bytes | str:
 
 
 def validate(
-    paths: list[Path], base: str | None = None, signatures: tuple[str, Path] | None = None
+    paths: list[Path],
+    base: str | None = None,
+    signatures: tuple[str, Path] | None = None,
+    remote: Storage | None = None,
 ) -> Report:
     """Validate ``paths`` as the daemon would; return what was found. ``signatures`` (mode, trust file):
     also check that the commit checked out (``HEAD``, the merge result in CI) carries a signature the
-    daemon would accept."""
+    daemon would accept. ``remote``: also ask Artifactory whether each new or changed asset (all of
+    them without ``base``) matches what it holds (:mod:`syncd.remote`)."""
     report = Report()
     if signatures is not None and paths:
         report.problems += _signature(paths[0], *signatures, report)
@@ -147,27 +157,42 @@ def validate(
     report.problems += [manifest.name_problem(manifest.escape_name(str(p))) for p in sorted(found.badnames)]
     report.problems += [manifest.symlink_problem(str(p)) for p in sorted(found.links)]
     assets: list[Asset] = []
+    lines: dict[str, list[dict[str, int]]] = {}
     for f in sorted(found.files):
         data = _read(f)
         if isinstance(data, str):
             report.problems.append(data)
             continue
         try:
-            assets += manifest.parse(str(f), data)
+            parsed = manifest.parse(str(f), data)
         except ManifestError as exc:
             report.problems += exc.problems
+            continue
+        assets += parsed
+        tables = manifest.field_lines(data)
+        if len(tables) == len(parsed):
+            lines[str(f)] = tables
     for dest, claims in manifest.conflicts(assets).items():
         report.problems += manifest.conflict_problems(dest, claims)
     for group in manifest.lookalikes(assets):
         report.warnings += manifest.lookalike_warnings(group)
     report.warnings += [f"{a.where()}.dest: {w}" for a in assets if (w := manifest.dest_warning(a.dest))]
+    before = None
     if base is not None:
-        report.problems += _immutability(paths, base, assets)
+        before, problems = _at_base(paths, base)
+        report.problems += problems + _immutability(base, before, assets)
+    if remote is not None:
+        from syncd import remote as remote_check
+
+        asked = remote_check.changed(assets, before)
+        report.remote_checked = len(asked)
+        report.problems += remote_check.check(asked, lines, remote)
     return report
 
 
-def _immutability(paths: list[Path], base: str, assets: list[Asset]) -> list[str]:
-    before: dict[str, str] = {}
+def _at_base(paths: list[Path], base: str) -> tuple[dict[str, Asset], list[str]]:
+    """The assets of the manifests under ``paths`` at revision ``base`` (by dest), and read problems."""
+    before: dict[str, Asset] = {}
     problems: list[str] = []
     for p in paths:
         try:
@@ -178,11 +203,17 @@ def _immutability(paths: list[Path], base: str, assets: list[Asset]) -> list[str
         for name, data in blobs.items():
             try:
                 for a in manifest.parse(name, data):
-                    before[a.dest] = a.sha256
+                    before[a.dest] = a
             except ManifestError:
                 continue  # an invalid file at the base published nothing
+    return before, problems
+
+
+def _immutability(base: str, before: dict[str, Asset], assets: list[Asset]) -> list[str]:
+    problems: list[str] = []
     for a in assets:
-        old = before.get(a.dest)
+        was = before.get(a.dest)
+        old = was.sha256 if was is not None else None
         if old is not None and old != a.sha256 and not a.replace:
             problems.append(
                 f"{a.where()}.sha256: dest {a.dest!r} has sha256 {old} at {base}; changing a "
