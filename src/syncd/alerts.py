@@ -38,7 +38,7 @@ class Alert:
 
     key: str
     kind: str  # asset_failed, asset_refused, manifest_invalid, git_unreachable, git_rewritten, …
-    scope: str  # "assets", "git", "pass", "source" or "space"
+    scope: str  # "assets", "git", "pass", "source", "space" or "prune"
     title: str  # "datasets/x.tar: checksum mismatch"
     error: str
     todo: str  # what to do about it
@@ -346,7 +346,20 @@ class Collector:
     def _finish(self, e: ev.PassFinished) -> None:
         v = self.view
         v.dry_run, v.commit = e.dry_run, e.commit
-        v.judged |= {"pass", "source", "git"}
+        v.judged |= {"pass", "source", "git", "prune"}
+        if e.prune_problem:
+            self._add(
+                Alert(
+                    key=f"prune_refused:{e.prune_problem}",
+                    kind="prune_refused",
+                    scope="prune",
+                    title=_title("prune", f"refused ({e.prune_problem}): nothing was removed"),
+                    error=e.prune_error or "",
+                    todo="check the branch and the manifests at its head; if the removal is meant, run "
+                    "syncd prune (to list the files) and syncd prune --confirm",
+                    commit=e.commit,
+                )
+            )
         if not e.source_error and e.git_problem not in ("not_in_clone", "no_verified_commit"):
             v.judged.add("assets")
         if self._full:

@@ -609,6 +609,15 @@ def record_for(event: ev.Event) -> tuple[str, dict[str, object]] | None:
             "commit": event.commit, "previous": event.previous, "branch": event.branch,
             "serving_commit": event.serving_commit,
         }  # fmt: skip
+    if isinstance(event, ev.AssetPruned):
+        return "pruned", {
+            "dest": event.dest, "sha256": event.sha256, "size": event.bytes, "source": event.source,
+            "manifest": event.manifest, "commit": event.published_commit,
+            "orphaned_since": event.orphaned_since, "already_gone": event.gone,
+        }  # fmt: skip
+    if isinstance(event, ev.PruneRefused):
+        return "prune_refused", {"valve": event.valve, "would_remove": event.would_remove,
+                                 "reason": event.error, "commit": event.commit}  # fmt: skip
     return None
 
 

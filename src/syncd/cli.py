@@ -169,6 +169,19 @@ def _parser() -> argparse.ArgumentParser:
     au.add_argument("--verify", action="store_true", help="check the hash chain; exit 1 when it is broken")
     au.set_defaults(func=cmd_audit)
 
+    pr = sub.add_parser(
+        "prune",
+        help="list the orphaned files the next pass would remove ([prune]); --confirm removes them now",
+        description="Show which published files whose manifest entry is gone would be removed, and why "
+        "others are kept (within [prune] grace, changed since syncd recorded them). Changes nothing, "
+        "beside a running daemon. --confirm removes them now, past the safety valves (the daemon "
+        "stopped); never a file changed since syncd recorded it, never one still in its grace period.",
+    )
+    pr.add_argument("-c", "--config", help=cfg_help)
+    pr.add_argument("--dry-run", action="store_true", help="change nothing (the default without --confirm)")
+    pr.add_argument("--confirm", action="store_true", help="remove the files now, past the safety valves")
+    pr.set_defaults(func=cli_assets.cmd_prune)
+
     c = sub.add_parser("check-config", help="validate the configuration and report every problem")
     c.add_argument("-c", "--config", help=cfg_help)
     c.set_defaults(func=cmd_check_config)

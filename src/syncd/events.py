@@ -107,6 +107,9 @@ class PassFinished(Event):
     started_at: str = ""
     finished_at: str = ""
     head: str | None = None
+    pruned: int = 0  # files removed by [prune] this pass
+    prune_problem: str | None = None  # a tripped safety valve (plan.VALVES): nothing was removed
+    prune_error: str | None = None  # ... and why, for people
     state: Counts = field(default_factory=Counts)
     totals: Mapping[str, int] = field(default_factory=dict)  # the ledger's running totals after it
     last_success_at: str | None = None  # from the ledger: this pass, or an earlier one
@@ -431,6 +434,47 @@ class AssetOrphaned(Event):
     dest: str
     reason: str
     commit: str
+
+
+@dataclass(frozen=True)
+class AssetPruned(Event):
+    """``[prune]`` (or ``syncd prune --confirm``) removed a file whose manifest entry had been gone for
+    the grace period; ``gone``: it was already missing, only the ledger forgot it."""
+
+    name: ClassVar[str] = "asset_pruned"
+    level: ClassVar[int] = INFO
+    dest: str
+    sha256: str
+    bytes: int
+    orphaned_since: str
+    source: str
+    manifest: str
+    published_commit: str
+    gone: bool = False
+    directories: tuple[str, ...] = ()  # the empty directories syncd created for it, removed too
+
+
+@dataclass(frozen=True)
+class PruneRefused(Event):
+    """A safety valve tripped: this pass removes nothing (``syncd prune --confirm`` goes past it)."""
+
+    name: ClassVar[str] = "prune_refused"
+    level: ClassVar[int] = ERROR
+    valve: str  # plan.VALVES
+    would_remove: int
+    published: int
+    error: str
+    commit: str
+
+
+@dataclass(frozen=True)
+class PruneFailed(Event):
+    """One file could not be removed (changed, replaced, or an I/O error): it stays; the others go."""
+
+    name: ClassVar[str] = "prune_failed"
+    level: ClassVar[int] = WARNING
+    dest: str
+    error: str
 
 
 # delivery ---------------------------------------------------------------------------------------------

@@ -51,7 +51,9 @@ from syncd.manifest import Asset
 from syncd.statedir import check_state_dir, refuse_link
 
 log = logs.get()
-SCHEMA_VERSION = 5  # 2: checksum; 3: failures.kind, passes; 4: notify_*; 5: identity, provenance
+SCHEMA_VERSION = (
+    6  # 2: checksum; 3: failures.kind, passes; 4: notify_*; 5: identity, provenance; 6: directories
+)
 KEEP_PASSES = 100  # pass rows kept for `syncd status`
 
 
@@ -98,8 +100,15 @@ CREATE TABLE IF NOT EXISTS notify_outbox (
     channel TEXT NOT NULL, key TEXT NOT NULL, item TEXT NOT NULL, queued_at TEXT NOT NULL,
     PRIMARY KEY (channel, key));
 """
+    + """
+CREATE TABLE IF NOT EXISTS directories (path TEXT PRIMARY KEY, created_at TEXT NOT NULL);
+"""
 )
-_NOTIFY_SCHEMA = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS notify_open") :]
+_NOTIFY_SCHEMA = _SCHEMA[
+    _SCHEMA.index("CREATE TABLE IF NOT EXISTS notify_open") : _SCHEMA.index(
+        "CREATE TABLE IF NOT EXISTS directories"
+    )
+]
 _COLUMNS = {
     "meta": ("key", "value"),
     "manifests": ("path", "blob", "assets", "problems"),
@@ -131,6 +140,7 @@ _COLUMNS = {
     "notify_open": ("key", "first_seen", "passes", "alert"),
     "notify_sent": ("channel", "key", "announced_at", "alert"),
     "notify_outbox": ("channel", "key", "item", "queued_at"),
+    "directories": ("path", "created_at"),
 }
 # The fields of a published row that its checksum covers (orphaned_at is not: it is updated in place,
 # and a damaged one only changes when an orphan was first reported).
@@ -143,6 +153,8 @@ _BAD_ROWS = {
     "failures": "typeof(dest) != 'text' OR typeof(attempts) != 'integer' OR attempts < 1 "
     "OR kind NOT IN ('failed', 'refused')",
     "manifests": "typeof(path) != 'text' OR typeof(blob) != 'text'",
+    "directories": "typeof(path) != 'text' OR path = '' OR path GLOB '/*' OR path GLOB '*/' "
+    "OR ('/' || path || '/') GLOB '*/../*' OR ('/' || path || '/') GLOB '*/./*' OR path GLOB '*//*'",
     "meta": "key IN ('manifests_commit', 'synced_commit') "
     "AND (length(value) NOT IN (40, 64) OR value GLOB '*[^0-9a-f]*')",
 }
@@ -317,21 +329,30 @@ def _add_identity_and_provenance(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE published ADD COLUMN provenance TEXT NOT NULL DEFAULT '{}'")
 
 
+def _add_directories(db: sqlite3.Connection) -> None:
+    """Schema 5 → 6: the directories syncd created in the export (pruning removes them once empty). A
+    directory created before is not known: it stays when it empties."""
+    db.execute("CREATE TABLE directories (path TEXT PRIMARY KEY, created_at TEXT NOT NULL)")
+
+
 # Each step takes a ledger from schema N to N + 1, in the same transaction as the user_version bump.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _add_row_checksums,
     2: _add_failure_kind_and_passes,
     3: _add_notify_state,
     4: _add_identity_and_provenance,
+    5: _add_directories,
 }
 
 
 def _columns(version: int) -> dict[str, tuple[str, ...]]:
     """The tables and columns of a ledger at schema ``version`` (0: one that never set it)."""
+    if version == 5:
+        return {k: v for k, v in _COLUMNS.items() if k != "directories"}
     if version == 4:
-        return {**_COLUMNS, "published": _COLUMNS["published"][:-3]}
+        return {**_columns(5), "published": _COLUMNS["published"][:-3]}
     if version in (1, 2, 3):
-        old = {k: v for k, v in _COLUMNS.items() if not k.startswith("notify_")}
+        old = {k: v for k, v in _COLUMNS.items() if not k.startswith("notify_") and k != "directories"}
         old["published"] = _COLUMNS["published"][:-3]
         if version == 3:
             return old
@@ -742,6 +763,25 @@ class Ledger:
         """The file at ``dest`` is gone: drop the row so the next plan downloads it again."""
         with self._write() as db:
             db.execute("DELETE FROM published WHERE dest = ?", (dest,))
+
+    def directories(self) -> frozenset[str]:
+        """The directories (relative to the export root) that syncd created and has not removed."""
+        if self.version < 6:
+            return frozenset()
+        return frozenset(str(r[0]) for r in self._read("SELECT path FROM directories"))
+
+    def record_directories(self, paths: Iterable[str]) -> None:
+        """syncd created these directories in the export (to publish a file into them)."""
+        with self._write() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO directories(path, created_at) VALUES (?, ?)",
+                [(p, now()) for p in paths],
+            )
+
+    def forget_directories(self, paths: Iterable[str]) -> None:
+        """These directories are gone (pruned once empty, or removed by someone else)."""
+        with self._write() as db:
+            db.executemany("DELETE FROM directories WHERE path = ?", [(p,) for p in paths])
 
     def mark_orphaned(self, dests: Iterable[str]) -> None:
         with self._write() as db:

@@ -137,6 +137,10 @@ class Metrics(Collector):
         downloads.add_metric(["ok"], totals.get("downloads_ok", 0))
         downloads.add_metric(["failed"], totals.get("downloads_failed", 0))
         yield downloads
+        yield _counter("syncd_pruned_files", "Files removed by [prune]", totals.get("pruned_files", 0))
+        yield _counter(
+            "syncd_pruned_bytes", "Bytes of the files removed by [prune]", totals.get("pruned_bytes", 0)
+        )
         fetches = CounterMetricFamily("syncd_git_fetch", "Git fetches by result", labels=["result"])
         fetches.add_metric(["ok"], totals.get("git_fetch_ok", 0))
         fetches.add_metric(["failed"], totals.get("git_fetch_failed", 0))

@@ -15,7 +15,8 @@ refuse     a symlink or non-file at dest or on its path; a dest that cannot be i
            ESTALE, EIO: that dest alone waits for the next pass); a changed sha256 without ``replace``;
            a file the ledger knows but whose size changed by hand, or that a re-hash found damaged (and
            that has not changed since); a dest claimed twice; a dest at or under the staging directory
-orphan     the ledger has a file whose manifest entry is gone: left in place, reported
+orphan     the ledger has a file whose manifest entry is gone: left in place, reported (and, with
+           ``[prune] enabled``, removed by :func:`prune` once its grace has passed)
 defer      a download that failed pass after pass waits out its backoff (``syncd run`` only)
 =========  =====================================================================================
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 
 from syncd.ledger import Published
@@ -214,3 +216,120 @@ def verify_slice(
         picked.append(dest)
         used += sizes[dest]
     return picked, picked[-1]
+
+
+# pruning -------------------------------------------------------------------------------------------
+
+# Why a pass removes nothing at all (each an error event, a status problem and a notification).
+VALVES = (
+    "max_files",  # more than [prune] max_files files would go
+    "max_fraction",  # more than [prune] max_fraction of the published files would go
+    "no_assets",  # the manifests at the head hold no asset while the ledger has published files
+    "untrusted_head",  # the head was refused (signature, rewritten branch): the last good one is served
+)
+
+
+@dataclass(frozen=True)
+class Removal:
+    """A published file to remove: its manifest entry has been gone for longer than the grace."""
+
+    dest: str
+    size: int
+    orphaned_at: str
+    identity: str
+    gone: bool = False  # nothing is at dest any more: only the ledger forgets it
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """What pruning does this pass: ``remove`` (empty when a valve tripped), ``kept`` (dest, why it stays:
+    within the grace, changed since syncd recorded it, ...), and the tripped valve with its reason."""
+
+    remove: list[Removal]
+    kept: list[tuple[str, str]]
+    valve: str = ""
+    reason: str = ""
+
+    @property
+    def would_remove(self) -> int:
+        return sum(1 for r in self.remove if not r.gone)
+
+
+def prune(
+    published: Mapping[str, Published],
+    observed: Mapping[str, Observation],
+    *,
+    now: datetime,
+    grace: float,
+    max_files: int,
+    max_fraction: float,
+    head_assets: int,
+    invalid: frozenset[str] = frozenset(),
+    trusted: bool = True,
+    confirm: bool = False,
+) -> Pruning:
+    """Which orphaned files (``published`` rows with ``orphaned_at``) go this pass.
+
+    A file goes when it has been orphaned for at least ``grace`` seconds and is still exactly what syncd
+    recorded (``observed``: a regular file of the recorded identity and size); a file whose manifest is
+    invalid at the head (``invalid``) stays, since its entry may only be unreadable. Then the valves:
+    more than ``max_files`` or ``max_fraction`` of the published files, no asset at the head
+    (``head_assets`` == 0), or an untrusted head: nothing goes. ``confirm`` (``syncd prune --confirm``,
+    an admin's decision) goes past the valves, never past the grace or the identity check."""
+    remove: list[Removal] = []
+    kept: list[tuple[str, str]] = []
+    for dest, p in sorted(published.items()):
+        if p.orphaned_at is None:
+            continue
+        why, gone = _keep(p, observed.get(dest), now, grace, invalid)
+        if why:
+            kept.append((dest, why))
+        else:
+            remove.append(Removal(dest, p.size, p.orphaned_at, p.identity, gone=gone))
+    out = Pruning(remove, kept)
+    n = out.would_remove
+    if confirm or n == 0:
+        return out
+    total = len(published)
+    if not trusted:
+        valve = ("untrusted_head", "the branch head was refused (signature or rewritten history)")
+    elif head_assets == 0:
+        valve = ("no_assets", f"the manifests at the head hold no asset, but {total} file(s) are published")
+    elif n > max_files:
+        valve = ("max_files", f"{n} file(s) would be removed, more than [prune] max_files = {max_files}")
+    elif n > max_fraction * total:
+        valve = (
+            "max_fraction",
+            f"{n} of {total} published file(s) would be removed, more than [prune] max_fraction = "
+            f"{max_fraction:g}",
+        )
+    else:
+        return out
+    return Pruning([], kept + [(r.dest, "safety valve: " + valve[0]) for r in remove], valve[0], valve[1])
+
+
+def _keep(
+    p: Published, seen: Observation | None, now: datetime, grace: float, invalid: frozenset[str]
+) -> tuple[str, bool]:
+    """Why an orphan stays this pass ("" when it goes), and whether nothing is at its dest."""
+    try:
+        since = datetime.fromisoformat(str(p.orphaned_at))
+    except ValueError:
+        return "its orphaned time in the ledger is unreadable", False
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    if p.manifest in invalid:
+        return f"its manifest {p.manifest} is invalid at the head (fix it, or remove the entry)", False
+    left = grace - (now - since).total_seconds()
+    if left > 0:
+        after = since + timedelta(seconds=grace)
+        return f"orphaned since {p.orphaned_at}; removable after {after:%Y-%m-%dT%H:%M:%SZ}", False
+    if seen is None or seen.state is State.MISSING:
+        return "", True
+    if seen.state is not State.FILE:
+        return f"not a regular file at dest ({seen.detail or seen.state.value}); kept", False
+    if not p.identity:
+        return "no identity recorded for it (published before syncd recorded identities); kept", False
+    if p.damaged is not None or seen.identity != p.identity or seen.size != p.size:
+        return "changed since syncd recorded it (inode, size or times); kept", False
+    return "", False

@@ -112,6 +112,7 @@ class Export:
         self._lock = threading.Lock()
         self._unsynced_dirs: set[tuple[str, ...]] = set()
         self._hashed: dict[str, tuple[int, ...]] = {}  # dest → identity of the file hash_file read
+        self._created: list[str] = []  # directories made to publish into, not yet taken by created()
 
     def open(self, *, create_staging: bool = True) -> None:
         """Check the root and hold a descriptor of it; unless ``create_staging`` is False (a dry run:
@@ -406,6 +407,92 @@ class Export:
         with self._lock:
             self._unsynced_dirs.add(tuple(parents))
 
+    def created(self) -> list[str]:
+        """The directories syncd created since the last call (relative to the root), for the ledger:
+        pruning removes only those, once empty."""
+        with self._lock:
+            out, self._created = self._created, []
+        return out
+
+    # removing (pruning) ---------------------------------------------------------------------------
+    def remove(self, dest: str, identity: str, size: int) -> bool:
+        """Remove the file at ``dest`` if it is still the one syncd recorded (``identity``, ``size``):
+        it is renamed into staging, checked again there (the same inode, size and mtime: nothing swapped
+        in between), then unlinked, and both directories are fsynced. Returns False when nothing is at
+        dest (already gone). Raises :class:`PublishError`, and leaves the file in place, when it is a
+        symlink, not a regular file, changed since syncd recorded it, or below a symlink."""
+        *parents, name = _plain_parts(dest)
+        stem = f"{staging_name(dest)}.gone"
+        try:
+            with self._walk(parents, create=False) as parent:
+                if parent is None:
+                    return False
+                try:
+                    st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                except FileNotFoundError:
+                    return False
+                if not stat.S_ISREG(st.st_mode):
+                    raise PublishError(f"{dest}: not a regular file (a symlink or a directory); kept")
+                if staging.identity(st) != identity or st.st_size != size:
+                    raise PublishError(
+                        f"{dest}: changed since syncd recorded it (inode, size or times); kept"
+                    )
+                os.rename(name, stem, src_dir_fd=parent, dst_dir_fd=self._staging_fd)
+                moved = os.stat(stem, dir_fd=self._staging_fd, follow_symlinks=False)
+                if (moved.st_ino, moved.st_size, moved.st_mtime_ns) != (
+                    st.st_ino,
+                    st.st_size,
+                    st.st_mtime_ns,
+                ):
+                    self._put_back(dest, stem, parent, name)
+                os.unlink(stem, dir_fd=self._staging_fd)
+                os.fsync(parent)
+                os.fsync(self._staging_fd)
+        except _Blocked as b:
+            raise PublishError(f"{dest}: {b}; kept") from None
+        except OSError as exc:
+            raise os_error("cannot remove", dest, exc) from None
+        return True
+
+    def _put_back(self, dest: str, stem: str, parent: int, name: str) -> None:
+        """Another file was swapped in at dest between the check and the rename: it goes back by a hard
+        link (never over something new at dest); if it cannot, it stays in staging under a name that
+        cleaning never removes. Raises :class:`PublishError` either way."""
+        kept = stem.removesuffix(".gone") + ".kept"
+        try:
+            os.link(stem, name, src_dir_fd=self._staging_fd, dst_dir_fd=parent, follow_symlinks=False)
+        except OSError:
+            os.rename(stem, kept, src_dir_fd=self._staging_fd, dst_dir_fd=self._staging_fd)
+            raise PublishError(
+                f"{dest}: replaced while being removed; the other file is kept in {self.staging} as {kept}"
+            ) from None
+        os.unlink(stem, dir_fd=self._staging_fd)
+        raise PublishError(f"{dest}: replaced while being removed; the other file was put back")
+
+    def remove_empty_dirs(self, dest: str, created: frozenset[str]) -> list[str]:
+        """Remove the directories on ``dest``'s path that syncd created (``created``) and that are now
+        empty, deepest first, stopping at the first that is not empty or not syncd's; returns those
+        removed (and those already gone)."""
+        parts = _plain_parts(dest)[:-1]
+        gone: list[str] = []
+        for depth in range(len(parts), 0, -1):
+            path = "/".join(parts[:depth])
+            if path not in created:
+                break
+            try:
+                with self._walk(parts[: depth - 1], create=False) as parent:
+                    if parent is None:
+                        gone.append(path)
+                        continue
+                    os.rmdir(parts[depth - 1], dir_fd=parent)
+                    os.fsync(parent)
+            except FileNotFoundError:
+                pass
+            except (OSError, _Blocked):
+                break  # not empty (ENOTEMPTY), a symlink (ENOTDIR), or unreadable: kept
+            gone.append(path)
+        return gone
+
     def _check_replaceable(self, dest: str, name: str, parent: int) -> None:
         try:
             st = os.stat(name, dir_fd=parent, follow_symlinks=False)
@@ -433,8 +520,12 @@ class Export:
                         fd = -1
                         yield None
                         return
-                    with contextlib.suppress(FileExistsError):
+                    try:
                         os.mkdir(part, 0o755, dir_fd=fd)
+                        with self._lock:
+                            self._created.append("/".join(parts[: i + 1]))
+                    except FileExistsError:
+                        pass
                     nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
                 except OSError as exc:
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR):
@@ -447,6 +538,14 @@ class Export:
         finally:
             if fd >= 0:
                 os.close(fd)
+
+
+def _plain_parts(path: str) -> list[str]:
+    """``path``'s components; raises :class:`PublishError` for one that could leave the root."""
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise PublishError(f"{path!r} is not a plain relative path; refused")
+    return parts
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:

@@ -32,12 +32,20 @@ from syncd import events as ev
 from syncd.audit import AuditObserver
 from syncd.config import Config
 from syncd.desired import Desired, load_desired
-from syncd.errors import FetchError, GitError, StopRequested, SyncdError, error_class, internal_error
+from syncd.errors import (
+    FetchError,
+    GitError,
+    PublishError,
+    StopRequested,
+    SyncdError,
+    error_class,
+    internal_error,
+)
 from syncd.fetch import Fetcher
 from syncd.gitsource import ManifestRepo
 from syncd.ledger import How, Ledger, Problem, Published, now
 from syncd.manifest import Asset
-from syncd.plan import Action, Kind, plan, signature_gate, verify_slice
+from syncd.plan import Action, Kind, Pruning, plan, prune, signature_gate, verify_slice
 from syncd.progress import Progress
 from syncd.provenance import Tracer
 from syncd.publish import Export
@@ -69,6 +77,11 @@ class PassResult:
     dry_run: bool = False
     head: str = ""  # the head fetched (differs from commit when the branch was rewritten)
     pending_dests: list[str] = field(default_factory=list)
+    pruning: Pruning | None = None  # with [prune] enabled: what pruning decided (a dry run: would decide)
+    pruned: int = 0
+    pruned_bytes: int = 0
+    prune_problem: str = ""  # a tripped safety valve (plan.VALVES)
+    prune_error: str = ""
 
     @property
     def ok(self) -> bool:
@@ -78,7 +91,7 @@ class PassResult:
     def healthy(self) -> bool:
         """Nothing failed, refused or invalid (downloads may still be pending: a dry run's plan)."""
         bad = self.refused or self.failed or self.deferred or self.invalid
-        return not (bad or self.git_error or self.source_error)
+        return not (bad or self.git_error or self.source_error or self.prune_problem)
 
 
 class GitProblem(StrEnum):
@@ -263,6 +276,9 @@ class Reconciler:
             started_at=started_at,
             finished_at=now(),
             head=result.head or None,
+            pruned=result.pruned,
+            prune_problem=result.prune_problem or None,
+            prune_error=result.prune_error or None,
             state=state,
         )
 
@@ -303,7 +319,104 @@ class Reconciler:
             if baseline:
                 self.ledger.set_identities(baseline)
             self._execute(export, result)
+            self.ledger.record_directories(export.created())
             self._settle(desired, result)
+        if self.cfg.prune.enabled:
+            result.pruning = self.pruning(export, desired, result.git_problem)
+            if not self.dry_run:
+                self.prune(export, result.pruning, result)
+
+    def pruning(
+        self, export: Export, desired: Desired | None, problem: GitProblem | None, *, confirm: bool = False
+    ) -> Pruning:
+        """What ``[prune]`` removes now (:func:`syncd.plan.prune`); nothing is changed here.
+
+        ``desired``: the assets at the commit this pass serves (a dest it wants is never an orphan; one
+        planned as an orphan but not yet marked counts as orphaned now). None (``syncd prune``): the
+        ledger's view as the last pass left it. ``problem``: why the head was not served (an untrusted
+        head trips a valve)."""
+        rows = self.ledger.published()
+        if desired is not None:
+            wanted = desired.assets.keys() | desired.conflicts.keys()
+            stamp = now()
+            rows = {
+                d: dataclasses.replace(p, orphaned_at=None if d in wanted else p.orphaned_at or stamp)
+                for d, p in rows.items()
+            }
+            head_assets = len(wanted)
+            invalid = frozenset(desired.invalid)
+        else:
+            head_assets = sum(1 for p in rows.values() if p.orphaned_at is None)
+            invalid = frozenset(self.ledger.invalid_manifests())
+        observed = {d: export.observe(d) for d, p in rows.items() if p.orphaned_at is not None}
+        cfg = self.cfg.prune
+        return prune(
+            rows,
+            observed,
+            now=datetime.now(UTC),
+            grace=cfg.grace,
+            max_files=cfg.max_files,
+            max_fraction=cfg.max_fraction,
+            head_assets=head_assets,
+            invalid=invalid,
+            trusted=problem not in UNTRUSTED,
+            confirm=confirm,
+        )
+
+    def prune(self, export: Export, pruning: Pruning, result: PassResult) -> int:
+        """Carry out ``pruning``: each file removed (if still the one recorded), then the empty
+        directories syncd created for it, then its ledger row; one event each. A file that cannot be
+        removed stays (``prune_failed``); a tripped valve removes nothing (``prune_refused``). Returns
+        how many files could not be removed."""
+        if pruning.valve:
+            result.prune_problem = pruning.valve
+            result.prune_error = (
+                f"{pruning.reason}; nothing was removed (syncd prune lists the files; syncd prune --confirm "
+                "removes them)"
+            )
+            self.emit(
+                ev.PruneRefused(
+                    valve=pruning.valve,
+                    would_remove=len(pruning.kept),
+                    published=len(self.ledger.published()),
+                    error=result.prune_error,
+                    commit=result.commit,
+                )
+            )
+            return 0
+        failed = 0
+        created = self.ledger.directories()
+        rows = self.ledger.published()
+        for r in pruning.remove:
+            p = rows.get(r.dest)
+            if p is None:
+                continue
+            try:
+                removed = not r.gone and export.remove(r.dest, r.identity, r.size)
+                dirs = export.remove_empty_dirs(r.dest, created)
+            except PublishError as exc:
+                failed += 1
+                self.emit(ev.PruneFailed(dest=r.dest, error=str(exc)))
+                continue
+            self.ledger.forget(r.dest)
+            self.ledger.forget_directories(dirs)
+            if removed:
+                result.pruned += 1
+                result.pruned_bytes += r.size
+            self.emit(
+                ev.AssetPruned(
+                    dest=r.dest,
+                    sha256=p.sha256,
+                    bytes=p.size,
+                    orphaned_since=r.orphaned_at,
+                    source=p.source,
+                    manifest=p.manifest,
+                    published_commit=p.commit,
+                    gone=not removed,
+                    directories=tuple(dirs),
+                )
+            )
+        return failed
 
     def _slice(self, desired: Desired, published: dict[str, Published]) -> frozenset[str]:
         """``[verify] interval`` (``syncd run`` only): the published files to hash again this pass, so
@@ -831,6 +944,12 @@ class Reconciler:
             self.ledger.set("synced_commit", result.commit)
 
 
+# A head served in place of the fetched one for these reasons was not trusted: pruning removes nothing.
+UNTRUSTED = frozenset(
+    {GitProblem.REWRITTEN, GitProblem.SIGNATURE, GitProblem.UNVERIFIED, GitProblem.NOT_IN_CLONE}
+)
+
+
 class _Refusal(SyncdError):
     """A verify found a different file at dest: refused, left untouched."""
 
@@ -855,4 +974,6 @@ def _totals(result: PassResult) -> dict[str, int]:
         "downloaded_bytes": result.bytes,
         "git_fetch_ok": 1 if result.head else 0,
         "git_fetch_failed": 1 if result.git_problem is GitProblem.UNREACHABLE else 0,
+        "pruned_files": result.pruned,
+        "pruned_bytes": result.pruned_bytes,
     }

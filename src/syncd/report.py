@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING, TextIO
 
-from syncd.plan import Kind
+from syncd.plan import Kind, Pruning
 from syncd.progress import human
 
 if TYPE_CHECKING:
@@ -86,6 +86,8 @@ def render_plan(result: PassResult) -> str:
             lines.append(f"defer     {a.dest}  ({a.reason})")
         else:
             lines.append(f"orphan    {a.dest}  ({a.reason}; left in place)")
+    if result.pruning is not None:
+        lines += pruning_lines(result.pruning)
     lines.append(
         f"dry run at commit {result.commit[:12]}: {counts[Kind.DOWNLOAD]} to download "
         f"({human(pending)}), {counts[Kind.VERIFY]} to verify, {counts[Kind.RECHECK]} to recheck, "
@@ -94,3 +96,16 @@ def render_plan(result: PassResult) -> str:
         f"{len(result.invalid)} invalid manifest(s); nothing was changed"
     )
     return "\n".join(shown(line) for line in lines)
+
+
+def pruning_lines(pruning: Pruning) -> list[str]:
+    """One line per file pruning removes (or keeps, and why), then the valve if one tripped."""
+    lines = [
+        f"{'forget' if r.gone else 'remove'}    {r.dest}  ({human(r.size)}, orphaned since {r.orphaned_at}"
+        + ("; already gone, the ledger forgets it)" if r.gone else ")")
+        for r in pruning.remove
+    ]
+    lines += [f"keep      {dest}  ({why})" for dest, why in pruning.kept]
+    if pruning.valve:
+        lines.append(f"prune refused ({pruning.valve}): {pruning.reason}; nothing would be removed")
+    return lines

@@ -55,7 +55,7 @@ STAGING_MARKER = ".syncd-staging"  # inside a configured staging directory: sync
 # two exports sharing one staging directory never write into each other's partial files.
 STAGING_LOCK = ".syncd-staging.lock"
 _MARKER_TEXT = b"syncd's staging directory: syncd deletes its own temporary files here each pass.\n"
-_STAGING_NAME = re.compile(r"[0-9a-f]{32}\.(?:part|meta|meta\.tmp|pub)")
+_STAGING_NAME = re.compile(r"[0-9a-f]{32}\.(?:part|meta|meta\.tmp|pub|gone)")  # .gone: a prune's
 PROC_FD = "/proc/self/fd"
 # errno values of linkat on a file system without hard links (vfat: EPERM; some FUSE: ENOSYS).
 _NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})

@@ -51,6 +51,9 @@ class Status:
     git_problem: str | None = None
     source_error: str | None = None
     pass_error: str | None = None  # the last pass could not run at all (export missing, lock held …)
+    prune_problem: str | None = None  # a tripped [prune] safety valve (plan.VALVES): nothing was removed
+    prune_error: str | None = None
+    pruned_total: int = 0  # files removed by [prune] since the ledger was made
     daemon: dict[str, Any] = field(default_factory=dict)
     stale_reason: str | None = None
 
@@ -155,6 +158,9 @@ def _from_ledger(ledger: Ledger, st: Status, now: datetime) -> Status:
     st.git_problem = _text(summary.get("git_problem"))
     st.source_error = _text(summary.get("source_error"))
     st.pass_error = _text(summary.get("error"))
+    st.prune_problem = _text(summary.get("prune_problem"))
+    st.prune_error = _text(summary.get("prune_error"))
+    st.pruned_total = _int(ledger.totals().get("pruned_files"))
     sources = ledger.cached_sources()
     for f in sorted(ledger.failures().values(), key=lambda f: f.dest):
         item = {"dest": f.dest, "attempts": f.attempts, "error": f.last_error, "since": f.first_failed_at}
@@ -187,7 +193,7 @@ def _from_ledger(ledger: Ledger, st: Status, now: datetime) -> Status:
 def problem_count(st: Status) -> int:
     c = st.counts
     n = c["failing"] + c["refused"] + c["invalid_manifests"] + c["pending"]
-    return n + sum(1 for e in (st.git_error, st.source_error, st.pass_error) if e)
+    return n + sum(1 for e in (st.git_error, st.source_error, st.pass_error, st.prune_error) if e)
 
 
 _GIT_HINT = {
@@ -222,6 +228,10 @@ def render(st: Status, now: datetime | None = None) -> str:
         lines.append(f"  git      {st.git_error} → {hint}")
     if st.source_error:
         lines.append(f"  source   {st.source_error} → fix [source] path or the repository layout")
+    if st.prune_error:
+        lines.append(
+            f"  prune    {st.prune_error} → check the branch; if the removal is meant, syncd prune --confirm"
+        )
     for f in st.failing[:MAX_LISTED]:
         lines.append(
             f"  failing  {f['dest']}: {f['attempts']} attempt(s) since {f['since']}: {f['error']}"
@@ -243,7 +253,7 @@ def render(st: Status, now: datetime | None = None) -> str:
         sample = ", ".join(st.pending[:5]) + (" …" if st.counts["pending"] > 5 else "")
         lines.append(f"  pending  {st.counts['pending']} asset(s) not yet downloaded: {sample} → next pass")
     for o in st.orphaned[:MAX_LISTED]:
-        lines.append(f"  orphaned {o['dest']} (since {o['since']}) → no manifest lists it; left in place")
+        lines.append(f"  orphaned {o['dest']} (since {o['since']}) → no manifest lists it; see syncd prune")
     lines += _more(st.orphaned)
     if st.state == "stale" and d.get("next_poll_at"):
         lines.append(f"  next poll was due {d['next_poll_at']} → systemctl status syncd; journalctl -u syncd")

@@ -108,6 +108,7 @@ def status_line(
     parts += [f"{st.pending} pending"] if st.pending else []
     parts += [_GIT_WORDS.get(last.git_problem or "", "git error")] if last.git_error else []
     parts += ["[source] path missing"] if last.source_error else []
+    parts += [f"prune refused ({last.prune_problem})"] if last.prune_problem else []
     serving = f"serving {last.commit[:7]}" if last.commit else "nothing served"
     return f"{', '.join(parts)} · {serving} · last success {success} · {when} (syncd status)"
 
