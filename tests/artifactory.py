@@ -46,6 +46,7 @@ class StorageApi(Stoppable):
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._sums: dict[tuple[str, int, int], dict[str, str]] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         nonblocking_accept(self._server)
@@ -86,18 +87,35 @@ class StorageApi(Stoppable):
         if path.is_dir():
             children = [{"uri": "/" + c.name, "folder": c.is_dir()} for c in sorted(path.iterdir())]
             return 200, {**base, "children": children}
-        data = path.read_bytes()
-        sums = {"sha1": hashlib.sha1(data).hexdigest(), "md5": hashlib.md5(data).hexdigest()}  # noqa: S324
-        if rel not in self.no_sha256:
-            sums["sha256"] = hashlib.sha256(data).hexdigest()
+        sums, size = self._checksums(path)
+        if rel in self.no_sha256:
+            sums = {k: v for k, v in sums.items() if k != "sha256"}
         return 200, {
             **base,
             "downloadUri": f"{self.url}/{rel}",
             "mimeType": "application/octet-stream",
-            "size": str(len(data)),
+            "size": str(size),
             "checksums": sums,
             "originalChecksums": dict(sums),
         }
+
+    def _checksums(self, path: Path) -> tuple[dict[str, str], int]:
+        """The file's checksums, computed once per (path, size, mtime): Artifactory stores them, so the
+        stand-in should not make each info request cost a hash of the file."""
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            hit = self._sums.get(key)
+        if hit is None:
+            data = path.read_bytes()
+            hit = {
+                "sha1": hashlib.sha1(data).hexdigest(),  # noqa: S324 - Artifactory's field, not security
+                "md5": hashlib.md5(data).hexdigest(),  # noqa: S324
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+            with self._lock:
+                self._sums[key] = hit
+        return dict(hit), st.st_size
 
     def _list(self, rel: str) -> tuple[int, Any]:
         top = self.root / rel
@@ -106,14 +124,14 @@ class StorageApi(Stoppable):
         files = []
         for p in sorted(top.rglob("*")):
             if p.is_file():
-                data = p.read_bytes()
+                sums, size = self._checksums(p)
                 files.append(
                     {
                         "uri": "/" + str(p.relative_to(top)),
-                        "size": len(data),
+                        "size": size,
                         "lastModified": datetime.fromtimestamp(p.stat().st_mtime, UTC).isoformat(),
                         "folder": False,
-                        "sha1": hashlib.sha1(data).hexdigest(),  # noqa: S324
+                        "sha1": sums["sha1"],
                     }
                 )
         return 200, {"uri": f"{self.url}/api/storage/{rel}", "created": "", "files": files}

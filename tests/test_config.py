@@ -1033,3 +1033,37 @@ def test_a_password_over_plain_smtp_to_another_host_is_a_warning(confdir: Path) 
     cfg = load(write(confdir, SSH_SOURCE, ARTIFACTORY, EXPORT, SMTP_HEAD + smtp))
     assert cfg.notify is not None and cfg.notify.smtp is not None and cfg.notify.smtp.port == 25
     assert any("notify.smtp.security" in w and "unencrypted" in w for w in cfg.warnings)
+
+
+# [prune] ----------------------------------------------------------------------------------------------
+
+
+def test_prune_is_off_by_default_and_reads_its_keys(confdir: Path) -> None:
+    """No [prune]: off, 7 days, 100 files, 5 %; the keys as given otherwise."""
+    cfg = load(write(confdir, HTTPS_SOURCE, ARTIFACTORY, EXPORT))
+    assert (cfg.prune.enabled, cfg.prune.grace, cfg.prune.max_files, cfg.prune.max_fraction) == (
+        False, 7 * 86400.0, 100, 0.05,
+    )  # fmt: skip
+    section = '[prune]\nenabled = true\ngrace = "36h"\nmax_files = 5000\nmax_fraction = 1\n'
+    cfg = load(write(confdir, HTTPS_SOURCE, ARTIFACTORY, EXPORT, section))
+    assert (cfg.prune.enabled, cfg.prune.grace, cfg.prune.max_files, cfg.prune.max_fraction) == (
+        True, 36 * 3600.0, 5000, 1.0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("section", "where"),
+    [
+        ('grace = "0s"', "prune.grace"),
+        ('grace = "soon"', "prune.grace"),
+        ("max_files = -1", "prune.max_files"),
+        ("max_fraction = 1.5", "prune.max_fraction"),
+        ("max_fraction = -0.1", "prune.max_fraction"),
+        ('enabled = "yes"', "prune.enabled"),
+        ("grace_period = 1", "prune.grace_period"),
+    ],
+)
+def test_bad_prune_keys_are_named(confdir: Path, section: str, where: str) -> None:
+    """Each bad [prune] key is a problem naming it."""
+    found = problems(write(confdir, HTTPS_SOURCE, ARTIFACTORY, EXPORT, f"[prune]\n{section}\n"))
+    assert any(p.startswith(f"at '{where}'") for p in found), found

@@ -171,6 +171,8 @@ def test_a_safety_valve_removes_nothing_and_confirm_goes_past_it(
         "ds/v1/f1.bin",
         "ds/v1/f2.bin",
     ]
+    status = json.loads(world.run("status", "--json", "-c", str(world.config_path)).out)
+    assert status["pruned_total"] == 2
     assert world.sync().code == 0  # the valve no longer trips: nothing left to remove
 
 

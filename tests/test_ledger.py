@@ -411,6 +411,7 @@ def test_schema_1_ledger_is_upgraded_in_place(synced: tuple[World, dict[str, byt
             "DROP TABLE notify_open",
             "DROP TABLE notify_sent",
             "DROP TABLE notify_outbox",
+            "DROP TABLE directories",
             "PRAGMA user_version = 1",
         ],
     )

@@ -227,7 +227,7 @@ def test_schema_3_ledger_from_main_upgrades_to_the_current_schema(old3: Path) ->
     finally:
         ledger.close()
     rows_after = _tables(old3)
-    assert rows_after == {**rows_before, **dict.fromkeys(NOTIFY_TABLES, 0)}
+    assert rows_after == {**rows_before, **dict.fromkeys(NOTIFY_TABLES, 0), "directories": 0}
     with structlog.testing.capture_logs() as logs:
         Ledger(old3).close()
     assert not [e for e in logs if e["event"] == "ledger_migrated"]
@@ -276,7 +276,7 @@ def test_schema_4_ledger_from_main_upgrades_to_schema_5(old4: Path) -> None:
         ledger = Ledger(old4)
     try:
         assert [(e["from_schema"], e["to_schema"]) for e in logs if e["event"] == "ledger_migrated"] == [
-            (4, 5)
+            (4, 6)
         ]
         published = ledger.published()
         assert sorted(published) == ["weights/a.bin", "weights/b.bin"]
@@ -292,11 +292,13 @@ def test_schema_4_ledger_from_main_upgrades_to_schema_5(old4: Path) -> None:
         assert ledger.published()["weights/a.bin"].identity == "1:2:3:444"
     finally:
         ledger.close()
-    assert _tables(old4) == rows_before
+    assert _tables(old4) == {**rows_before, "directories": 0}
     Ledger(old4).close()  # the checksums still hold after the in-place updates; no second migration
     db = sqlite3.connect(old4)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert (
+            db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+        )  # (and 6 after it: the directories table)
         cols = [r[1] for r in db.execute("PRAGMA table_info(published)")]
         assert cols[-3:] == ["identity", "damaged", "provenance"]
     finally:
@@ -314,3 +316,67 @@ def test_a_reader_reads_the_schema_4_layout_without_changing_it(old4: Path) -> N
         ledger.close()
     assert old4.read_bytes() == before
     assert sorted(p.name for p in old4.parent.iterdir()) == ["ledger.sqlite3"]
+
+
+FIXTURE5 = Path(__file__).parent / "fixtures" / "ledger-schema5.sqlite3"
+
+
+@pytest.fixture
+def old5(tmp_path: Path) -> Path:
+    return _copy(FIXTURE5, tmp_path)
+
+
+def test_schema_5_ledger_from_main_upgrades_to_schema_6(old5: Path) -> None:
+    """The schema-5 ledger written by main at 6b38963 gains the directories table in one migration; its
+    rows (with identities and provenance) stay as they were, and no directory is known (those created
+    before stay when they empty)."""
+    rows_before = _tables(old5)
+    assert rows_before["published"] == 2 and rows_before["failures"] == 2 and rows_before["passes"] == 2
+    with structlog.testing.capture_logs() as logs:
+        ledger = Ledger(old5)
+    try:
+        assert [(e["from_schema"], e["to_schema"]) for e in logs if e["event"] == "ledger_migrated"] == [
+            (5, 6)
+        ]
+        a = ledger.published()["weights/a.bin"]
+        assert (a.size, a.commit, a.how) == (1000, COMMIT3, How.DOWNLOADED)
+        assert a.identity and a.provenance.get("introduced_commit") == COMMIT3
+        assert ledger.directories() == frozenset()
+        ledger.record_directories(["weights", "weights/sub"])
+        ledger.forget_directories(["weights/sub"])
+        assert ledger.directories() == frozenset({"weights"})
+    finally:
+        ledger.close()
+    assert {k: v for k, v in _tables(old5).items() if k != "directories"} == rows_before
+    Ledger(old5).close()  # no second migration, the checksums hold
+    db = sqlite3.connect(old5)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    finally:
+        db.close()
+
+
+def test_a_reader_reads_the_schema_5_layout_without_changing_it(old5: Path) -> None:
+    """syncd status (read-only) on a schema-5 ledger: read as it is, no directories, no file changed."""
+    before = old5.read_bytes()
+    ledger = Ledger(old5, readonly=True)
+    try:
+        assert ledger.version == 5
+        assert sorted(ledger.published()) == ["weights/a.bin", "weights/b.bin"]
+        assert ledger.directories() == frozenset()
+    finally:
+        ledger.close()
+    assert old5.read_bytes() == before
+
+
+def test_a_directory_row_that_could_leave_the_root_is_garbage(tmp_path: Path) -> None:
+    """A hand-edited directories row with '..' (pruning would rmdir outside the export) is refused."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    Ledger(state / "ledger.sqlite3").close()
+    db = sqlite3.connect(state / "ledger.sqlite3")
+    db.execute("INSERT INTO directories VALUES ('a/../../etc', 'x')")
+    db.commit()
+    db.close()
+    with pytest.raises(LedgerError, match="directories holds rows syncd never writes"):
+        Ledger(state / "ledger.sqlite3")

@@ -175,7 +175,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 pruning = rec.pruning(export, None, git_problem, confirm=confirm)
                 for line in pruning_lines(pruning):
                     print(shown(line))
-                failed = rec.prune(export, pruning, PassResult()) if confirm else 0
+                failed, done = 0, PassResult()
+                if confirm:
+                    failed = rec.prune(export, pruning, done)
+                    rec.ledger.add_totals({"pruned_files": done.pruned, "pruned_bytes": done.pruned_bytes})
             finally:
                 export.close()
         finally:

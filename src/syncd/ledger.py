@@ -390,6 +390,15 @@ def _provenance(text: object) -> dict[str, object]:
     return value if isinstance(value, dict) else {}
 
 
+def _add_totals(db: sqlite3.Connection, totals: Mapping[str, int]) -> None:
+    for name, n in totals.items():
+        db.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+            "value = CAST(CAST(value AS INTEGER) + CAST(excluded.value AS INTEGER) AS TEXT)",
+            (f"total.{name}", str(n)),
+        )
+
+
 def now() -> str:
     """The current UTC time as ISO 8601, the ledger's time format."""
     return datetime.now(UTC).isoformat(timespec="seconds")
@@ -863,16 +872,16 @@ class Ledger:
                 "WHERE id = ?",
                 (t, int(ok), commit, head, json.dumps(summary, sort_keys=True), pass_id),
             )
-            for name, n in (totals or {}).items():
-                db.execute(
-                    "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
-                    "value = CAST(CAST(value AS INTEGER) + CAST(excluded.value AS INTEGER) AS TEXT)",
-                    (f"total.{name}", str(n)),
-                )
+            _add_totals(db, totals or {})
             if head:
                 db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('head_commit', ?)", (head,))
             if ok:
                 db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('last_success_at', ?)", (t,))
+
+    def add_totals(self, totals: Mapping[str, int]) -> None:
+        """Add to the running ``total.*`` counters outside a pass (``syncd prune --confirm``)."""
+        with self._write() as db:
+            _add_totals(db, totals)
 
     def passes(self, limit: int = 1, *, finished: bool = False) -> list[PassRecord]:
         """The newest ``limit`` pass rows, newest first (only finished ones with ``finished``)."""
