@@ -260,3 +260,16 @@ def test_a_refused_signature_is_one_problem_per_status_and_unjudged_assets_stay_
     before = update_open({}, view(failed()), "t1")
     nothing = view(refused, end=finished(git_problem="no_verified_commit", git_error="refused"))
     assert "asset_failed:d/x.bin:http_404" in update_open(before, nothing, "t2")
+
+
+def test_a_tripped_prune_valve_is_one_problem_that_recovers_when_a_pass_prunes_again() -> None:
+    """prune_refused is a prune-scope problem keyed by its valve; the next pass without it recovers it."""
+    v = view(
+        end=finished(prune_problem="max_files", prune_error="120 file(s) would be removed, more than 100")
+    )
+    (alert,) = v.problems.values()
+    assert alert.key == "prune_refused:max_files" and alert.scope == "prune"
+    assert "syncd prune --confirm" in alert.todo and "120 file(s)" in alert.error
+    opened = update_open({}, v, "t1")
+    assert "prune_refused:max_files" in opened
+    assert "prune_refused:max_files" not in update_open(opened, view(end=finished(ok=True)), "t2")

@@ -110,7 +110,7 @@ def test_each_valve_removes_nothing_and_confirm_goes_past_it(kw: dict[str, objec
     removes them (never past the grace)."""
     rows = [row("a"), row("b"), row("c"), row("d", orphaned=None), row("e", orphaned=DAY)]
     p = decide(rows, **kw)
-    assert p.valve == valve and p.remove == []
+    assert p.valve == valve and p.remove == [] and p.would_remove == 3
     assert [(d, why) for d, why in p.kept if why.startswith("safety valve")] == [
         (d, f"safety valve: {valve}") for d in "abc"
     ]

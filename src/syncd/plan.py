@@ -249,10 +249,12 @@ class Pruning:
     kept: list[tuple[str, str]]
     valve: str = ""
     reason: str = ""
+    held: int = 0  # with a valve: the files it kept from removal
 
     @property
     def would_remove(self) -> int:
-        return sum(1 for r in self.remove if not r.gone)
+        """Files that go (or, with a valve, would have gone); a row whose file is gone is not one."""
+        return self.held if self.valve else sum(1 for r in self.remove if not r.gone)
 
 
 def prune(
@@ -305,7 +307,8 @@ def prune(
         )
     else:
         return out
-    return Pruning([], kept + [(r.dest, "safety valve: " + valve[0]) for r in remove], valve[0], valve[1])
+    held = [(r.dest, "safety valve: " + valve[0]) for r in remove]
+    return Pruning([], sorted(kept + held), valve[0], valve[1], held=n)
 
 
 def _keep(

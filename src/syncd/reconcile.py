@@ -377,7 +377,7 @@ class Reconciler:
             self.emit(
                 ev.PruneRefused(
                     valve=pruning.valve,
-                    would_remove=len(pruning.kept),
+                    would_remove=pruning.would_remove,
                     published=len(self.ledger.published()),
                     error=result.prune_error,
                     commit=result.commit,
