@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from artifactory import StorageApi
-from harness import Run, World, manifest_text
+from harness import Run, World, manifest_text, on_a_terminal, syncd_command
+from servers import FaultServer
 
 pytestmark = pytest.mark.e2e
 
@@ -323,3 +324,38 @@ def test_validate_remote_needs_an_artifactory(world: World, tmp_path: Path) -> N
     assert run.code == 2 and "--artifactory URL" in run.err
     run = world.run("validate", "--artifactory", "http://127.0.0.1:9", str(path))
     assert run.code == 2
+
+
+def test_a_redirect_to_another_origin_gets_no_token(
+    world: World, api: StorageApi, token_file: Path, fault_server: FaultServer
+) -> None:
+    """Hashing a file the API has no sha256 for follows Artifactory's redirect to its storage; that other
+    origin never sees the token."""
+    a = world.asset("r/signed.bin", 4096, seed=9)
+    api.no_sha256.add(a["source"])
+    api.redirect_base = fault_server.url
+    fault_server.route(f"/{a['source']}", body=(world.blobs / "r/signed.bin").read_bytes())
+    run = new(world, api, token_file, a["source"])
+    assert run.code == 0, run.err
+    assert f'sha256 = "{a["sha256"]}"' in run.out
+    (request,) = [r for r in fault_server.requests if r[1] == f"/{a['source']}"]
+    assert "authorization" not in request[2]
+    assert all(auth == f"Bearer {api.token}" for _, auth in api.requests)
+
+
+def test_hashing_draws_progress_on_a_terminal(world: World) -> None:
+    """--hash-locally on a terminal draws a progress line (files and bytes hashed)."""
+    a = world.asset("t/big.bin", 3_000_000, seed=4)
+    code, drawn = on_a_terminal(
+        [
+            syncd_command(),
+            "manifest",
+            "new",
+            "--artifactory",
+            world.nginx.open_url(),
+            "--hash-locally",
+            a["source"],
+        ]
+    )
+    assert code == 0, drawn
+    assert "hashing 1/1 files" in drawn and a["sha256"] in drawn
