@@ -118,6 +118,8 @@ def test_parse_info_reads_jfrogs_fields() -> None:
         {"size": "1" * 21},
         {"size": "1", "checksums": {"sha256": "g" * 64}},
         {"size": "1", "checksums": {"sha256": 5}},
+        {"size": "1", "checksums": ["x"]},
+        {"size": "5", "children": []},
     ],
 )
 def test_parse_info_refuses_other_shapes(data: Any) -> None:

@@ -4,6 +4,7 @@ storage API (a real HTTP server on 127.0.0.1) beside the real nginx that serves 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -359,3 +360,65 @@ def test_hashing_draws_progress_on_a_terminal(world: World) -> None:
     )
     assert code == 0, drawn
     assert "hashing 1/1 files" in drawn and a["sha256"] in drawn
+
+
+def test_an_api_answer_redirected_to_another_host_is_refused(world: World, tmp_path: Path) -> None:
+    """Artifactory's API answering with a redirect to another host: that host's JSON is never believed
+    (manifest new and validate --remote both fail, naming the redirect), and it never gets the token."""
+    token = tmp_path / "t.token"
+    token.write_text("tok-" + "5" * 30)
+    token.chmod(0o600)
+    with FaultServer() as origin, FaultServer() as other:
+        planted = json.dumps({"size": "7", "checksums": {"sha256": "c" * 64}}).encode()
+        other.route("/api/storage/repo/f.bin", body=planted)
+        other.route(
+            "/api/storage/repo/d", body=json.dumps({"files": [{"uri": "/planted", "folder": False}]}).encode()
+        )
+        origin.route("/art/api/storage/repo/f.bin", redirect=f"{other.url}/api/storage/repo/f.bin")
+        origin.route("/art/api/storage/repo/d", body=b'{"children": []}')
+        flags = ["--artifactory", f"{origin.url}/art", "--token-file", str(token)]
+        run = world.run("manifest", "new", *flags, "repo/f.bin")
+        assert run.code == 1 and run.out == ""
+        assert "redirected to another host" in run.err
+        path = tmp_path / "m.toml"
+        path.write_text(
+            manifest_text({"source": "repo/f.bin", "sha256": "c" * 64, "size": 7, "dest": "f.bin"})
+        )
+        run = world.run("validate", "--remote", *flags, str(path))
+        assert run.code == 1 and "redirected to another host" in run.out
+        assert all("authorization" not in headers for _, _, headers in other.requests)
+
+
+def test_the_token_never_shows_in_an_answer_syncd_refuses(
+    world: World, api: StorageApi, token_file: Path
+) -> None:
+    """A listing that echoes the token in a bad entry: the error says so without the token."""
+    api.answers[f"{world.tag}/e?list"] = (
+        200, json.dumps({"files": [{"uri": f"/../{api.token}", "folder": False}]}).encode()
+    )  # fmt: skip
+    world.asset("e/x.bin", 10)
+    run = new(world, api, token_file, "--recursive", f"{world.tag}/e")
+    assert run.code == 1 and "not a plain path" in run.err
+    assert api.token not in run.out + run.err and "[redacted]" in run.err
+
+
+def test_output_must_be_a_manifest_name(
+    world: World, api: StorageApi, token_file: Path, tmp_path: Path
+) -> None:
+    """-o out.txt (or OUT.TOML): refused before anything is asked (syncd would not read it), exit 2."""
+    a = world.asset("n.bin", 10)
+    for name in ("out.txt", "OUT.TOML"):
+        run = new(world, api, token_file, "-o", str(tmp_path / name), a["source"])
+        assert run.code == 2 and "ends in exactly '.toml'" in run.err
+        assert not (tmp_path / name).exists()
+    assert api.requests == []
+
+
+def test_a_size_the_download_contradicts_is_an_error(world: World, api: StorageApi, token_file: Path) -> None:
+    """The API gives a size but no sha256, and the file downloads with another size: an error, not a
+    manifest with either number."""
+    a = world.asset("s/short.bin", 10)
+    api.answers[a["source"]] = (200, b'{"size": "5000", "checksums": {"sha1": "x"}}')
+    run = new(world, api, token_file, a["source"])
+    assert run.code == 1 and run.out == ""
+    assert "the storage API says 5000 bytes, but the download gave 10" in run.err

@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -277,3 +278,80 @@ def test_sigkill_mid_prune_converges(world: World) -> None:
     assert "remove " not in listed.out
     pruned = {r["dest"] for r in audit(world) if r["event"] == "pruned"}
     assert pruned <= {f"ds/v1/f{i}.bin" for i in range(10, 160)}
+
+
+def test_an_entry_moved_into_an_invalid_manifest_is_never_pruned(world: World) -> None:
+    """A retired-looking dest whose entry moved into a file with a typo (invalid at the head) stays, in
+    the same commit and when the file breaks later; fixed, the pass keeps serving it."""
+    assets = setup(world, 3)
+    world.manifest("ds.toml", *assets[:1])
+    world.manifest("other.toml", {**assets[1], "bogus": 1})
+    world.manifest("third.toml", assets[2])
+    world.repo.commit("move f1 into a file with a typo, f2 into a good one")
+    assert world.sync().code == 1  # the invalid manifest
+    world.repo.write("assets/third.toml", "[[asset]\n")  # f2's new home breaks later
+    world.repo.commit("break third.toml")
+    time.sleep(GRACE + 0.2)
+    run = world.sync()
+    assert run.code == 1 and not run.named("asset_pruned")
+    assert len(world.export_files()) == 3
+    listed = world.run("prune", "-c", str(world.config_path))
+    assert "invalid at the head (it may still list this dest): nothing is pruned until fixed" in listed.out
+
+
+def test_confirm_plans_at_the_head_so_a_dest_wanted_again_stays(world: World) -> None:
+    """Retired, past its grace, then re-added at the head: syncd prune --confirm (no pass in between)
+    sees the head and keeps it."""
+    assets = setup(world, 3)
+    retire(world, assets, 1)
+    assert world.sync().code == 0
+    time.sleep(GRACE + 0.2)
+    world.manifest("ds.toml", *assets[:2])
+    world.repo.commit("f1 is wanted again")
+    confirmed = world.run("prune", "--confirm", "-c", str(world.config_path))
+    assert confirmed.code == 0, confirmed.err
+    assert "remove    ds/v1/f2.bin" in confirmed.out and "ds/v1/f1.bin" not in confirmed.out
+    assert world.export_files() == ["ds/v1/f0.bin", "ds/v1/f1.bin"]
+
+
+def test_confirm_needs_the_daemon_stopped(world: World) -> None:
+    """--confirm while another syncd holds the state directory: exit 1, a message saying to stop it."""
+    setup(world, 1)
+    hold = (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(30)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(world.state / "lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        run = world.run("prune", "--confirm", "-c", str(world.config_path))
+        assert run.code == 1 and "stop the daemon first" in run.err
+        listed = world.run("prune", "-c", str(world.config_path))
+        assert listed.code == 0, listed.err  # the listing works beside it
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_directory_recreated_at_a_path_syncd_made_is_kept(world: World) -> None:
+    """An admin who removed a syncd-made directory and made a new one at the same path keeps it."""
+    assets = setup(world, 1)
+    world.manifest("ds.toml", {**world.asset("k.bin", 10), "dest": "keep.bin"})
+    world.repo.commit("retire")
+    assert world.sync().code == 0
+    v1 = world.export / "ds" / "v1"
+    (v1 / "f0.bin").chmod(0o644)
+    (v1 / "f0.bin").unlink()
+    v1.rmdir()
+    (world.export / "ds").rmdir()
+    (world.export / "ds" / "v1").mkdir(parents=True)  # the admin's (a new inode, or a reused one: see docs)
+    (world.export / "ds" / "hold").mkdir()  # and one beside it, so the new ds gets a different inode
+    time.sleep(GRACE + 0.2)
+    run = world.sync()
+    assert run.code == 0, run.err
+    pruned = run.one("asset_pruned")
+    assert pruned["gone"] is True and "ds" not in pruned["directories"]
+    assert (world.export / "ds" / "hold").is_dir()
+    assert assets

@@ -341,10 +341,10 @@ def test_schema_5_ledger_from_main_upgrades_to_schema_6(old5: Path) -> None:
         a = ledger.published()["weights/a.bin"]
         assert (a.size, a.commit, a.how) == (1000, COMMIT3, How.DOWNLOADED)
         assert a.identity and a.provenance.get("introduced_commit") == COMMIT3
-        assert ledger.directories() == frozenset()
-        ledger.record_directories(["weights", "weights/sub"])
+        assert ledger.directories() == {}
+        ledger.record_directories([("weights", "1:2"), ("weights/sub", "1:3")])
         ledger.forget_directories(["weights/sub"])
-        assert ledger.directories() == frozenset({"weights"})
+        assert ledger.directories() == {"weights": "1:2"}
     finally:
         ledger.close()
     assert {k: v for k, v in _tables(old5).items() if k != "directories"} == rows_before
@@ -363,7 +363,7 @@ def test_a_reader_reads_the_schema_5_layout_without_changing_it(old5: Path) -> N
     try:
         assert ledger.version == 5
         assert sorted(ledger.published()) == ["weights/a.bin", "weights/b.bin"]
-        assert ledger.directories() == frozenset()
+        assert ledger.directories() == {}
     finally:
         ledger.close()
     assert old5.read_bytes() == before
@@ -375,7 +375,7 @@ def test_a_directory_row_that_could_leave_the_root_is_garbage(tmp_path: Path) ->
     state.mkdir(mode=0o700)
     Ledger(state / "ledger.sqlite3").close()
     db = sqlite3.connect(state / "ledger.sqlite3")
-    db.execute("INSERT INTO directories VALUES ('a/../../etc', 'x')")
+    db.execute("INSERT INTO directories VALUES ('a/../../etc', '1:2', 'x')")
     db.commit()
     db.close()
     with pytest.raises(LedgerError, match="directories holds rows syncd never writes"):

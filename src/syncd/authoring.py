@@ -185,6 +185,11 @@ def _entry(storage: Storage, w: _Wanted, dest: str | None, progress: Progress | 
             entry = Entry(w.source, info.sha256, info.size, where)
         else:
             sha256, size = storage.fetcher.hash_remote(w.source, add)
+            if info is not None and size != info.size:
+                return (
+                    f"{w.source}: the storage API says {info.size} bytes, but the download gave {size}; "
+                    "not written (ask an Artifactory admin to check the file)"
+                )
             entry = Entry(w.source, sha256, size, where, hashed=True)
     except FetchError as exc:
         return f"{w.source}: {exc}"

@@ -20,6 +20,7 @@ from syncd.errors import ConfigError, LockHeldError, SyncdError
 
 if TYPE_CHECKING:  # the commands import what they use when they run: `syncd --help` stays quick
     from syncd.ledger import Published
+    from syncd.reconcile import PassResult
     from syncd.verify import Finding
 
 log = logs.get()
@@ -180,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("-c", "--config", help=cfg_help)
     pr.add_argument("--dry-run", action="store_true", help="change nothing (the default without --confirm)")
     pr.add_argument("--confirm", action="store_true", help="remove the files now, past the safety valves")
-    pr.set_defaults(func=cli_assets.cmd_prune)
+    pr.set_defaults(func=cmd_prune)
 
     c = sub.add_parser("check-config", help="validate the configuration and report every problem")
     c.add_argument("-c", "--config", help=cfg_help)
@@ -211,6 +212,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
+    return _sync(args, "")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """``syncd prune``: one dry-run pass (fetched, or beside the daemon at its last fetched commit) that
+    lists what pruning removes and keeps; ``--confirm``: one real pass (the daemon stopped) with the
+    safety valves lifted."""
+    args.dry_run = args.dry_run or not args.confirm
+    return _sync(args, "list" if args.dry_run else "confirm")
+
+
+def _sync(args: argparse.Namespace, prune_mode: str) -> int:
     from syncd import events
     from syncd.errors import frames, internal_error
     from syncd.metrics import Metrics
@@ -227,6 +240,11 @@ def cmd_sync(args: argparse.Namespace) -> int:
     try:
         lock.acquire(readonly=args.dry_run)  # a dry run creates and writes nothing in the state dir
     except LockHeldError as exc:
+        if prune_mode == "confirm":
+            raise LockHeldError(
+                f"{exc}; syncd prune --confirm removes files from the export: stop the daemon first "
+                "(systemctl stop syncd), or let its passes prune ([prune] enabled = true)"
+            ) from None
         if not args.dry_run:
             raise
         # A dry run beside a running daemon: plan against its last fetched commit, touching nothing.
@@ -239,6 +257,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
             progress_stream=sys.stderr if sys.stderr.isatty() and not args.dry_run else None,
             fetch=not owner,
             events=bus,
+            prune_mode=prune_mode,
         )
         notifier = None
         if cfg.notify is not None and not args.dry_run:
@@ -264,6 +283,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
             rec.close()
     finally:
         lock.release()
+    if prune_mode:
+        return _pruned(cfg, result, prune_mode, owner, audited)
     if args.dry_run:
         print(render_plan(result))
         if owner:
@@ -272,6 +293,25 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if not audited:
         return 1  # the export may be right, but the audit log does not say so yet (audit_failed)
     return 0 if result.ok or (args.dry_run and result.healthy) else 1
+
+
+def _pruned(cfg: config.Config, result: PassResult, mode: str, owner: str, audited: bool) -> int:
+    """What ``syncd prune`` prints after its pass, and its exit code."""
+    from syncd.report import pruning_lines, shown
+
+    pruning = result.pruning
+    for line in pruning_lines(pruning) if pruning is not None else []:
+        print(shown(line))
+    n = pruning.would_remove if pruning is not None else 0
+    kept = len(pruning.kept) if pruning is not None else 0
+    if owner:
+        print(shown(f"(not fetched: {owner.split(';')[0]}; planned against the commit it fetched last)"))
+    if mode == "confirm":
+        print(f"syncd prune: {result.pruned} file(s) removed ({n} to remove), {kept} kept", file=sys.stderr)
+        return 0 if result.ok and result.pruned == n and audited else 1
+    off = "" if cfg.prune.enabled else "; [prune] enabled is false: passes remove nothing"
+    print(f"syncd prune: {n} file(s) would be removed, {kept} kept{off}", file=sys.stderr)
+    return 0
 
 
 def cmd_provenance(args: argparse.Namespace) -> int:

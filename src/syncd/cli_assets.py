@@ -1,8 +1,8 @@
-"""The commands of an asset's life before and after the daemon: ``syncd manifest new`` (write a manifest
-from Artifactory), the ``--remote`` part of ``syncd validate``, and ``syncd prune``.
+"""The commands of an asset's life before the daemon: ``syncd manifest new`` (write a manifest from
+Artifactory) and the ``--remote`` part of ``syncd validate``.
 
 Like :mod:`syncd.cli` (which registers them), these only turn arguments into calls and results into
-lines and exit codes; the work is in :mod:`syncd.authoring`, :mod:`syncd.remote` and the engine.
+lines and exit codes; the work is in :mod:`syncd.authoring` and :mod:`syncd.remote`.
 """
 
 from __future__ import annotations
@@ -69,11 +69,19 @@ def config_problems(command: str, exc: ConfigError) -> int:
 
 def cmd_manifest_new(args: argparse.Namespace) -> int:
     from syncd import authoring
+    from syncd.manifest import is_manifest_name as manifest_name
     from syncd.progress import Progress, human
     from syncd.report import escape_unencodable, shown
     from syncd.storage import Storage
 
     out: Path | None = args.output
+    if out is not None and not manifest_name(out.name):
+        print(
+            f"syncd manifest new: -o {shown(str(out))}: a manifest's name ends in exactly '.toml' "
+            "(syncd reads only those)",
+            file=sys.stderr,
+        )
+        return 2
     if out is not None and out.exists() and not args.force:
         print(f"syncd manifest new: {out} exists; give --force to overwrite it", file=sys.stderr)
         return 2
@@ -138,58 +146,3 @@ def _dest_problem(dest: str) -> str:
     except ValueError as exc:
         return str(exc)
     return ""
-
-
-def cmd_prune(args: argparse.Namespace) -> int:
-    """``syncd prune``: list what the next pass would remove (read-only, beside a running daemon); with
-    ``--confirm``, remove it now, past the safety valves (the daemon must be stopped: it holds the lock)."""
-    from syncd import events
-    from syncd.errors import LockHeldError
-    from syncd.publish import Export
-    from syncd.reconcile import GitProblem, PassResult, Reconciler
-    from syncd.report import pruning_lines, shown
-    from syncd.statedir import StateLock
-
-    cfg = config.load(config.config_path(args.config), secrets=args.confirm)
-    confirm = args.confirm and not args.dry_run
-    lock = StateLock(cfg.state_dir)
-    if confirm:
-        try:
-            lock.acquire()
-        except LockHeldError as exc:
-            raise LockHeldError(
-                f"{exc}; syncd prune --confirm removes files from the export: stop the daemon first "
-                "(systemctl stop syncd), or let its passes prune ([prune] enabled = true)"
-            ) from None
-    try:
-        rec = Reconciler(cfg, dry_run=not confirm, events=events.EventBus([events.LogObserver()]))
-        try:
-            last = rec.ledger.passes(1, finished=True)
-            problem = last[0].summary.get("git_problem") if last else None
-            git_problem = (
-                GitProblem(problem) if isinstance(problem, str) and problem in set(GitProblem) else None
-            )
-            export = Export(cfg.export_root, cfg.staging)
-            export.open(create_staging=confirm)
-            try:
-                pruning = rec.pruning(export, None, git_problem, confirm=confirm)
-                for line in pruning_lines(pruning):
-                    print(shown(line))
-                failed, done = 0, PassResult()
-                if confirm:
-                    failed = rec.prune(export, pruning, done)
-                    rec.ledger.add_totals({"pruned_files": done.pruned, "pruned_bytes": done.pruned_bytes})
-            finally:
-                export.close()
-        finally:
-            rec.close()
-    finally:
-        if confirm:
-            lock.release()
-    n = pruning.would_remove
-    if confirm:
-        print(f"syncd prune: {n - failed} file(s) removed, {failed} could not be", file=sys.stderr)
-        return 1 if failed else 0
-    off = "" if cfg.prune.enabled else "; [prune] enabled is false: passes remove nothing"
-    print(f"syncd prune: {n} file(s) would be removed, {len(pruning.kept)} kept{off}", file=sys.stderr)
-    return 0

@@ -199,7 +199,7 @@ class Fetcher:
                 raise FetchError(f"answer larger than {MAX_JSON >> 20} MiB from {where}", url=where)
 
         try:
-            self._get(url, collect)
+            self._get(url, collect, same_origin=True)
             return json.loads(bytes(body))
         except HTTPStatusError as exc:
             if exc.status == 404:
@@ -261,13 +261,13 @@ class Fetcher:
         finally:
             _Watch.current.watch = None
 
-    def _get(self, url: str, on_chunk: Callable[[bytes], None]) -> None:
-        """One GET of ``url`` (redirects followed, credentials only to the origin), its body to
-        ``on_chunk``; the same time bounds as a download."""
+    def _get(self, url: str, on_chunk: Callable[[bytes], None], *, same_origin: bool = False) -> None:
+        """One GET of ``url`` (redirects followed, credentials only to the origin; with ``same_origin``
+        only within it), its body to ``on_chunk``; the same time bounds as a download."""
         watch = _Watch(self.timeout, self.stop, url)
         _Watch.current.watch = watch
         try:
-            with _Response(self, url, {}, watch) as resp:
+            with _Response(self, url, {}, watch, same_origin=same_origin) as resp:
                 if resp.status_code != 200:
                     what = f"HTTP {resp.status_code} to a request without Range"
                     raise _failure(what, watch, retryable=False)
@@ -379,6 +379,11 @@ class Fetcher:
         if any(s in validator for s in self._secrets):
             return None
         return validator
+
+    def scrub(self, exc: SyncdError) -> None:
+        """Replace any credential in ``exc``'s message, for errors raised about this fetcher's answers
+        elsewhere (:mod:`syncd.storage`)."""
+        self._scrub(exc)
 
     def _scrub(self, exc: SyncdError) -> None:
         """Replace any credential in ``exc``'s message (a last line of defence; none should get there)."""
@@ -634,7 +639,10 @@ class _Transport(httpx.BaseTransport):
 class _Response:
     """Follow redirects by hand (credentials only to the origin) and close the final response."""
 
-    def __init__(self, fetcher: Fetcher, url: str, headers: dict[str, str], watch: _Watch) -> None:
+    def __init__(
+        self, fetcher: Fetcher, url: str, headers: dict[str, str], watch: _Watch, *, same_origin: bool = False
+    ) -> None:
+        self.same_origin = same_origin  # an answer about Artifactory must come from Artifactory itself
         self.fetcher = fetcher
         self.url = url
         self.headers = headers
@@ -663,6 +671,13 @@ class _Response:
             if len(locations) != 1:
                 raise _failure(f"redirect with {len(locations)} Location headers", watch, retryable=False)
             url = _next_url(url, locations[0], watch)
+            if self.same_origin and origin(url) != self.fetcher.origin:
+                raise _failure(
+                    f"redirected to another host ({host_of(url)}): an answer of Artifactory's API must come "
+                    "from Artifactory",
+                    watch,
+                    retryable=False,
+                )
             if url in seen:
                 raise _failure("redirect loop", watch, retryable=False)
             seen.add(url)

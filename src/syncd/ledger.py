@@ -101,7 +101,8 @@ CREATE TABLE IF NOT EXISTS notify_outbox (
     PRIMARY KEY (channel, key));
 """
     + """
-CREATE TABLE IF NOT EXISTS directories (path TEXT PRIMARY KEY, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS directories (
+    path TEXT PRIMARY KEY, identity TEXT NOT NULL, created_at TEXT NOT NULL);
 """
 )
 _NOTIFY_SCHEMA = _SCHEMA[
@@ -140,7 +141,7 @@ _COLUMNS = {
     "notify_open": ("key", "first_seen", "passes", "alert"),
     "notify_sent": ("channel", "key", "announced_at", "alert"),
     "notify_outbox": ("channel", "key", "item", "queued_at"),
-    "directories": ("path", "created_at"),
+    "directories": ("path", "identity", "created_at"),
 }
 # The fields of a published row that its checksum covers (orphaned_at is not: it is updated in place,
 # and a damaged one only changes when an orphan was first reported).
@@ -332,7 +333,9 @@ def _add_identity_and_provenance(db: sqlite3.Connection) -> None:
 def _add_directories(db: sqlite3.Connection) -> None:
     """Schema 5 → 6: the directories syncd created in the export (pruning removes them once empty). A
     directory created before is not known: it stays when it empties."""
-    db.execute("CREATE TABLE directories (path TEXT PRIMARY KEY, created_at TEXT NOT NULL)")
+    db.execute(
+        "CREATE TABLE directories (path TEXT PRIMARY KEY, identity TEXT NOT NULL, created_at TEXT NOT NULL)"
+    )
 
 
 # Each step takes a ledger from schema N to N + 1, in the same transaction as the user_version bump.
@@ -773,18 +776,19 @@ class Ledger:
         with self._write() as db:
             db.execute("DELETE FROM published WHERE dest = ?", (dest,))
 
-    def directories(self) -> frozenset[str]:
-        """The directories (relative to the export root) that syncd created and has not removed."""
+    def directories(self) -> dict[str, str]:
+        """The directories (relative to the export root) that syncd created and has not removed, with
+        the identity (``dev:ino``) each had then."""
         if self.version < 6:
-            return frozenset()
-        return frozenset(str(r[0]) for r in self._read("SELECT path FROM directories"))
+            return {}
+        return {str(r[0]): str(r[1]) for r in self._read("SELECT path, identity FROM directories")}
 
-    def record_directories(self, paths: Iterable[str]) -> None:
-        """syncd created these directories in the export (to publish a file into them)."""
+    def record_directories(self, made: Iterable[tuple[str, str]]) -> None:
+        """syncd created these directories (path, ``dev:ino``) in the export to publish into them."""
         with self._write() as db:
             db.executemany(
-                "INSERT OR IGNORE INTO directories(path, created_at) VALUES (?, ?)",
-                [(p, now()) for p in paths],
+                "INSERT OR REPLACE INTO directories(path, identity, created_at) VALUES (?, ?, ?)",
+                [(p, i, now()) for p, i in made],
             )
 
     def forget_directories(self, paths: Iterable[str]) -> None:
@@ -877,11 +881,6 @@ class Ledger:
                 db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('head_commit', ?)", (head,))
             if ok:
                 db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('last_success_at', ?)", (t,))
-
-    def add_totals(self, totals: Mapping[str, int]) -> None:
-        """Add to the running ``total.*`` counters outside a pass (``syncd prune --confirm``)."""
-        with self._write() as db:
-            _add_totals(db, totals)
 
     def passes(self, limit: int = 1, *, finished: bool = False) -> list[PassRecord]:
         """The newest ``limit`` pass rows, newest first (only finished ones with ``finished``)."""

@@ -273,8 +273,9 @@ def prune(
     """Which orphaned files (``published`` rows with ``orphaned_at``) go this pass.
 
     A file goes when it has been orphaned for at least ``grace`` seconds and is still exactly what syncd
-    recorded (``observed``: a regular file of the recorded identity and size); a file whose manifest is
-    invalid at the head (``invalid``) stays, since its entry may only be unreadable. Then the valves:
+    recorded (``observed``: a regular file of the recorded identity and size). While any manifest is
+    invalid at the head (``invalid``: their paths) nothing goes: an invalid file may hold any entry (one
+    moved there from another file, say), so no orphan is known to be unwanted. Then the valves:
     more than ``max_files`` or ``max_fraction`` of the published files, no asset at the head
     (``head_assets`` == 0), or an untrusted head: nothing goes. ``confirm`` (``syncd prune --confirm``,
     an admin's decision) goes past the valves, never past the grace or the identity check."""
@@ -321,8 +322,13 @@ def _keep(
         return "its orphaned time in the ledger is unreadable", False
     if since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
-    if p.manifest in invalid:
-        return f"its manifest {p.manifest} is invalid at the head (fix it, or remove the entry)", False
+    if invalid:
+        first = min(invalid)
+        more = f" and {len(invalid) - 1} more" if len(invalid) > 1 else ""
+        return (
+            f"{first}{more} invalid at the head (it may still list this dest): nothing is pruned until fixed",
+            False,
+        )
     left = grace - (now - since).total_seconds()
     if left > 0:
         after = since + timedelta(seconds=grace)

@@ -36,7 +36,7 @@ import hashlib
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -112,7 +112,7 @@ class Export:
         self._lock = threading.Lock()
         self._unsynced_dirs: set[tuple[str, ...]] = set()
         self._hashed: dict[str, tuple[int, ...]] = {}  # dest → identity of the file hash_file read
-        self._created: list[str] = []  # directories made to publish into, not yet taken by created()
+        self._created: list[tuple[str, str]] = []  # (path, dev:ino) made to publish into, not yet taken
 
     def open(self, *, create_staging: bool = True) -> None:
         """Check the root and hold a descriptor of it; unless ``create_staging`` is False (a dry run:
@@ -407,9 +407,10 @@ class Export:
         with self._lock:
             self._unsynced_dirs.add(tuple(parents))
 
-    def created(self) -> list[str]:
-        """The directories syncd created since the last call (relative to the root), for the ledger:
-        pruning removes only those, once empty."""
+    def created(self) -> list[tuple[str, str]]:
+        """The directories syncd created since the last call (path relative to the root, ``dev:ino``),
+        for the ledger: pruning removes only those, once empty, and only while they are the same
+        directory."""
         with self._lock:
             out, self._created = self._created, []
         return out
@@ -469,10 +470,11 @@ class Export:
         os.unlink(stem, dir_fd=self._staging_fd)
         raise PublishError(f"{dest}: replaced while being removed; the other file was put back")
 
-    def remove_empty_dirs(self, dest: str, created: frozenset[str]) -> list[str]:
-        """Remove the directories on ``dest``'s path that syncd created (``created``) and that are now
-        empty, deepest first, stopping at the first that is not empty or not syncd's; returns those
-        removed (and those already gone)."""
+    def remove_empty_dirs(self, dest: str, created: Mapping[str, str]) -> list[str]:
+        """Remove the directories on ``dest``'s path that syncd created (``created``: path → ``dev:ino``)
+        and that are now empty, deepest first, stopping at the first that is not empty, not syncd's, or
+        not the directory syncd made (one re-created at the path); returns those removed (and those
+        already gone or re-created, which the ledger then forgets)."""
         parts = _plain_parts(dest)[:-1]
         gone: list[str] = []
         for depth in range(len(parts), 0, -1):
@@ -484,6 +486,10 @@ class Export:
                     if parent is None:
                         gone.append(path)
                         continue
+                    st = os.stat(parts[depth - 1], dir_fd=parent, follow_symlinks=False)
+                    if f"{st.st_dev}:{st.st_ino}" != created[path]:
+                        gone.append(path)  # someone else's directory now: kept, and no longer syncd's
+                        break
                     os.rmdir(parts[depth - 1], dir_fd=parent)
                     os.fsync(parent)
             except FileNotFoundError:
@@ -520,13 +526,16 @@ class Export:
                         fd = -1
                         yield None
                         return
+                    made = True
                     try:
                         os.mkdir(part, 0o755, dir_fd=fd)
-                        with self._lock:
-                            self._created.append("/".join(parts[: i + 1]))
                     except FileExistsError:
-                        pass
+                        made = False
                     nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+                    if made:
+                        st = os.fstat(nfd)
+                        with self._lock:
+                            self._created.append(("/".join(parts[: i + 1]), f"{st.st_dev}:{st.st_ino}"))
                 except OSError as exc:
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                         where = "/".join(parts[: i + 1])

@@ -128,8 +128,12 @@ class Reconciler:
         respect_backoff: bool = False,
         fetch: bool = True,
         periodic_verify: bool = False,
+        prune_mode: str = "",
     ) -> None:
         self.cfg = cfg
+        # "list" (syncd prune: a dry run that plans pruning even when [prune] is off) or "confirm" (syncd
+        # prune --confirm: a pass that prunes past the safety valves).
+        self.prune_mode = prune_mode
         self.fetch = fetch
         self.respect_backoff = respect_backoff
         self.dry_run = dry_run
@@ -321,33 +325,28 @@ class Reconciler:
             self._execute(export, result)
             self.ledger.record_directories(export.created())
             self._settle(desired, result)
-        if self.cfg.prune.enabled:
-            result.pruning = self.pruning(export, desired, result.git_problem)
+        if self.cfg.prune.enabled or self.prune_mode:
+            confirm = self.prune_mode == "confirm"
+            result.pruning = self.pruning(export, desired, result.git_problem, confirm=confirm)
             if not self.dry_run:
                 self.prune(export, result.pruning, result)
 
     def pruning(
-        self, export: Export, desired: Desired | None, problem: GitProblem | None, *, confirm: bool = False
+        self, export: Export, desired: Desired, problem: GitProblem | None, *, confirm: bool = False
     ) -> Pruning:
         """What ``[prune]`` removes now (:func:`syncd.plan.prune`); nothing is changed here.
 
         ``desired``: the assets at the commit this pass serves (a dest it wants is never an orphan; one
-        planned as an orphan but not yet marked counts as orphaned now). None (``syncd prune``): the
-        ledger's view as the last pass left it. ``problem``: why the head was not served (an untrusted
-        head trips a valve)."""
-        rows = self.ledger.published()
-        if desired is not None:
-            wanted = desired.assets.keys() | desired.conflicts.keys()
-            stamp = now()
-            rows = {
-                d: dataclasses.replace(p, orphaned_at=None if d in wanted else p.orphaned_at or stamp)
-                for d, p in rows.items()
-            }
-            head_assets = len(wanted)
-            invalid = frozenset(desired.invalid)
-        else:
-            head_assets = sum(1 for p in rows.values() if p.orphaned_at is None)
-            invalid = frozenset(self.ledger.invalid_manifests())
+        planned as an orphan but not yet marked, in a dry run, counts as orphaned now). ``problem``: why
+        the head was not served (an untrusted head trips a valve)."""
+        wanted = desired.assets.keys() | desired.conflicts.keys()
+        stamp = now()
+        rows = {
+            d: dataclasses.replace(p, orphaned_at=None if d in wanted else p.orphaned_at or stamp)
+            for d, p in self.ledger.published().items()
+        }
+        head_assets = len(wanted)
+        invalid = frozenset(desired.invalid)
         observed = {d: export.observe(d) for d, p in rows.items() if p.orphaned_at is not None}
         cfg = self.cfg.prune
         return prune(

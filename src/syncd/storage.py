@@ -49,7 +49,11 @@ class Storage:
         data = self.fetcher.api_json(f"{API}/{source.strip('/')}")
         if data is None:
             return None
-        return parse_info(source, data)
+        try:
+            return parse_info(source, data)
+        except FetchError as exc:
+            self.fetcher.scrub(exc)  # the answer is the server's text: it may echo the token
+            raise
 
     def listing(self, folder: str) -> list[str] | None:
         """Every file below ``folder``, as sources (``folder/sub/file``), sorted; None on a 404. Raises
@@ -59,7 +63,11 @@ class Storage:
         data = self.fetcher.api_json(f"{API}/{folder}", "list&deep=1&listFolders=0")
         if data is None:
             return None
-        return parse_listing(folder, data)
+        try:
+            return parse_listing(folder, data)
+        except FetchError as exc:
+            self.fetcher.scrub(exc)
+            raise
 
     def exists(self, source: str) -> bool:
         """Whether ``source`` can be downloaded (asked after the storage API answered 404, to tell "no
@@ -72,7 +80,9 @@ def parse_info(source: str, data: Any) -> Info:
     not the shape JFrog documents."""
     if not isinstance(data, dict):
         raise _bad(source, "is not a JSON object")
-    if "children" in data and "size" not in data:
+    if "children" in data:
+        if "size" in data or "checksums" in data:
+            raise _bad(source, "describes both a folder (children) and a file (size, checksums)")
         return Info(source, folder=True)
     size = data.get("size")
     if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
@@ -81,8 +91,10 @@ def parse_info(source: str, data: Any) -> Info:
         n = int(size)
     else:
         raise _bad(source, "has no size of digits")
-    checksums = data.get("checksums")
-    sha256 = checksums.get("sha256") if isinstance(checksums, dict) else None
+    checksums = data.get("checksums", {})
+    if not isinstance(checksums, dict):
+        raise _bad(source, "has checksums that are not a JSON object")
+    sha256 = checksums.get("sha256")
     if sha256 is not None and not (isinstance(sha256, str) and _SHA256.fullmatch(sha256)):
         raise _bad(source, "has a checksums.sha256 that is not 64 hex digits")
     return Info(source, size=n, sha256=sha256.lower() if sha256 else None)
