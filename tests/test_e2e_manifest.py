@@ -371,11 +371,7 @@ def test_an_api_answer_redirected_to_another_host_is_refused(world: World, tmp_p
     with FaultServer() as origin, FaultServer() as other:
         planted = json.dumps({"size": "7", "checksums": {"sha256": "c" * 64}}).encode()
         other.route("/api/storage/repo/f.bin", body=planted)
-        other.route(
-            "/api/storage/repo/d", body=json.dumps({"files": [{"uri": "/planted", "folder": False}]}).encode()
-        )
         origin.route("/art/api/storage/repo/f.bin", redirect=f"{other.url}/api/storage/repo/f.bin")
-        origin.route("/art/api/storage/repo/d", body=b'{"children": []}')
         flags = ["--artifactory", f"{origin.url}/art", "--token-file", str(token)]
         run = world.run("manifest", "new", *flags, "repo/f.bin")
         assert run.code == 1 and run.out == ""
