@@ -27,7 +27,7 @@ from typing import TextIO
 
 import tenacity
 
-from syncd import audit, retry, signatures, verify
+from syncd import audit, prune, retry, signatures, verify
 from syncd import events as ev
 from syncd.audit import AuditObserver
 from syncd.config import Config
@@ -35,7 +35,6 @@ from syncd.desired import Desired, load_desired
 from syncd.errors import (
     FetchError,
     GitError,
-    PublishError,
     StopRequested,
     SyncdError,
     error_class,
@@ -45,7 +44,7 @@ from syncd.fetch import Fetcher
 from syncd.gitsource import ManifestRepo
 from syncd.ledger import How, Ledger, Problem, Published, now
 from syncd.manifest import Asset
-from syncd.plan import Action, Kind, Pruning, plan, prune, signature_gate, verify_slice
+from syncd.plan import Action, Kind, Pruning, plan, signature_gate, verify_slice
 from syncd.progress import Progress
 from syncd.provenance import Tracer
 from syncd.publish import Export
@@ -326,96 +325,16 @@ class Reconciler:
             self.ledger.record_directories(export.created())
             self._settle(desired, result)
         if self.cfg.prune.enabled or self.prune_mode:
+            trusted = result.git_problem not in UNTRUSTED
             confirm = self.prune_mode == "confirm"
-            result.pruning = self.pruning(export, desired, result.git_problem, confirm=confirm)
+            decided = prune.decide(
+                self.ledger, export, desired, self.cfg.prune, trusted=trusted, confirm=confirm
+            )
+            result.pruning = decided
             if not self.dry_run:
-                self.prune(export, result.pruning, result)
-
-    def pruning(
-        self, export: Export, desired: Desired, problem: GitProblem | None, *, confirm: bool = False
-    ) -> Pruning:
-        """What ``[prune]`` removes now (:func:`syncd.plan.prune`); nothing is changed here.
-
-        ``desired``: the assets at the commit this pass serves (a dest it wants is never an orphan; one
-        planned as an orphan but not yet marked, in a dry run, counts as orphaned now). ``problem``: why
-        the head was not served (an untrusted head trips a valve)."""
-        wanted = desired.assets.keys() | desired.conflicts.keys()
-        stamp = now()
-        rows = {
-            d: dataclasses.replace(p, orphaned_at=None if d in wanted else p.orphaned_at or stamp)
-            for d, p in self.ledger.published().items()
-        }
-        head_assets = len(wanted)
-        invalid = frozenset(desired.invalid)
-        observed = {d: export.observe(d) for d, p in rows.items() if p.orphaned_at is not None}
-        cfg = self.cfg.prune
-        return prune(
-            rows,
-            observed,
-            now=datetime.now(UTC),
-            grace=cfg.grace,
-            max_files=cfg.max_files,
-            max_fraction=cfg.max_fraction,
-            head_assets=head_assets,
-            invalid=invalid,
-            trusted=problem not in UNTRUSTED,
-            confirm=confirm,
-        )
-
-    def prune(self, export: Export, pruning: Pruning, result: PassResult) -> int:
-        """Carry out ``pruning``: each file removed (if still the one recorded), then the empty
-        directories syncd created for it, then its ledger row; one event each. A file that cannot be
-        removed stays (``prune_failed``); a tripped valve removes nothing (``prune_refused``). Returns
-        how many files could not be removed."""
-        if pruning.valve:
-            result.prune_problem = pruning.valve
-            result.prune_error = (
-                f"{pruning.reason}; nothing was removed (syncd prune lists the files; syncd prune --confirm "
-                "removes them)"
-            )
-            self.emit(
-                ev.PruneRefused(
-                    valve=pruning.valve,
-                    would_remove=pruning.would_remove,
-                    published=len(self.ledger.published()),
-                    error=result.prune_error,
-                    commit=result.commit,
-                )
-            )
-            return 0
-        failed = 0
-        created = self.ledger.directories()
-        rows = self.ledger.published()
-        for r in pruning.remove:
-            p = rows.get(r.dest)
-            if p is None:
-                continue
-            try:
-                removed = not r.gone and export.remove(r.dest, r.identity, r.size)
-                dirs = export.remove_empty_dirs(r.dest, created)
-            except PublishError as exc:
-                failed += 1
-                self.emit(ev.PruneFailed(dest=r.dest, error=str(exc)))
-                continue
-            self.ledger.forget(r.dest)
-            self.ledger.forget_directories(dirs)
-            if removed:
-                result.pruned += 1
-                result.pruned_bytes += r.size
-            self.emit(
-                ev.AssetPruned(
-                    dest=r.dest,
-                    sha256=p.sha256,
-                    bytes=p.size,
-                    orphaned_since=r.orphaned_at,
-                    source=p.source,
-                    manifest=p.manifest,
-                    published_commit=p.commit,
-                    gone=not removed,
-                    directories=tuple(dirs),
-                )
-            )
-        return failed
+                done = prune.carry_out(self.ledger, export, decided, self.emit, result.commit)
+                result.pruned, result.pruned_bytes = done.pruned, done.pruned_bytes
+                result.prune_problem, result.prune_error = done.problem, done.error
 
     def _slice(self, desired: Desired, published: dict[str, Published]) -> frozenset[str]:
         """``[verify] interval`` (``syncd run`` only): the published files to hash again this pass, so
