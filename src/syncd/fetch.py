@@ -200,25 +200,19 @@ class Fetcher:
 
         try:
             self._get(url, collect, same_origin=True)
-            return json.loads(bytes(body))
         except HTTPStatusError as exc:
             if exc.status == 404:
                 return None
-            self._scrub(exc)
             raise
-        except SyncdError as exc:
-            self._scrub(exc)
-            raise
+        try:
+            return json.loads(bytes(body))
         except (ValueError, RecursionError):
             raise FetchError(f"answer from {redact(url)} is not JSON", url=redact(url)) from None
-        except Exception as exc:
-            raise _unexpected(exc, url) from None
 
     def hash_remote(self, source: str, progress: Callable[[int], None] = lambda n: None) -> tuple[str, int]:
         """Stream ``source`` (a path under the base URL) and return its sha256 and size, storing nothing
         (``syncd manifest new --hash-locally``). Raises as :meth:`api_json` does; a 404 is an
         :class:`HTTPStatusError` (status 404)."""
-        url = f"{self.base}/{quote(source, safe=_SAFE_PATH)}"
         digest = hashlib.sha256()
         size = 0
 
@@ -228,46 +222,38 @@ class Fetcher:
             size += len(chunk)
             progress(len(chunk))
 
-        try:
-            self._get(url, take)
-        except SyncdError as exc:
-            self._scrub(exc)
-            raise
-        except Exception as exc:
-            raise _unexpected(exc, url) from None
+        self._get(f"{self.base}/{quote(source, safe=_SAFE_PATH)}", take)
         return digest.hexdigest(), size
 
     def exists(self, source: str) -> bool:
         """Whether ``source`` can be downloaded: a GET of its first byte, closed once the head arrives
         (an empty file answers 416). False for a 404 or 410; other statuses raise as :meth:`api_json`."""
-        url = f"{self.base}/{quote(source, safe=_SAFE_PATH)}"
-        watch = _Watch(self.timeout, self.stop, url)
-        _Watch.current.watch = watch
         try:
-            with _Response(self, url, {"Range": "bytes=0-0"}, watch):
-                return True
+            self._get(f"{self.base}/{quote(source, safe=_SAFE_PATH)}", None, headers={"Range": "bytes=0-0"})
         except HTTPStatusError as exc:
             if exc.status in (404, 410):
                 return False
-            if exc.status == 416:
-                return True
-            self._scrub(exc)
-            raise
-        except SyncdError as exc:
-            self._scrub(exc)
-            raise
-        except Exception as exc:
-            raise _translate(exc, watch) from None
-        finally:
-            _Watch.current.watch = None
+            if exc.status != 416:
+                raise
+        return True
 
-    def _get(self, url: str, on_chunk: Callable[[bytes], None], *, same_origin: bool = False) -> None:
+    def _get(
+        self,
+        url: str,
+        on_chunk: Callable[[bytes], None] | None,
+        *,
+        headers: dict[str, str] | None = None,
+        same_origin: bool = False,
+    ) -> None:
         """One GET of ``url`` (redirects followed, credentials only to the origin; with ``same_origin``
-        only within it), its body to ``on_chunk``; the same time bounds as a download."""
+        only within it), its body to ``on_chunk`` (None: only the head is read), with the time bounds
+        of a download. Every error is a :class:`SyncdError` without a credential in it."""
         watch = _Watch(self.timeout, self.stop, url)
         _Watch.current.watch = watch
         try:
-            with _Response(self, url, {}, watch, same_origin=same_origin) as resp:
+            with _Response(self, url, headers or {}, watch, same_origin=same_origin) as resp:
+                if on_chunk is None:
+                    return
                 if resp.status_code != 200:
                     what = f"HTTP {resp.status_code} to a request without Range"
                     raise _failure(what, watch, retryable=False)
@@ -275,7 +261,8 @@ class Fetcher:
                 for chunk in resp.iter_raw():
                     on_chunk(chunk)
                     watch.payload(len(chunk))
-        except SyncdError:
+        except SyncdError as exc:
+            self._scrub(exc)
             raise
         except Exception as exc:
             raise _translate(exc, watch) from None
