@@ -418,3 +418,17 @@ def test_a_size_the_download_contradicts_is_an_error(world: World, api: StorageA
     run = new(world, api, token_file, a["source"])
     assert run.code == 1 and run.out == ""
     assert "the storage API says 5000 bytes, but the download gave 10" in run.err
+
+
+def test_an_api_answer_redirected_outside_the_api_on_the_same_host_is_refused(
+    world: World, tmp_path: Path
+) -> None:
+    """The same host also serves what users uploaded: a storage API answer redirected out of
+    {base}/api/ (to an uploaded JSON file) is refused."""
+    with FaultServer() as origin:
+        forged = json.dumps({"size": "7", "checksums": {"sha256": "d" * 64}}).encode()
+        origin.route("/art/uploads/forged.json", body=forged)
+        origin.route("/art/api/storage/repo/f.bin", redirect=f"{origin.url}/art/uploads/forged.json")
+        run = world.run("manifest", "new", "--artifactory", f"{origin.url}/art", "repo/f.bin")
+        assert run.code == 1 and run.out == ""
+        assert "redirected outside the API's path" in run.err

@@ -355,3 +355,33 @@ def test_a_directory_recreated_at_a_path_syncd_made_is_kept(world: World) -> Non
     assert pruned["gone"] is True and "ds" not in pruned["directories"]
     assert (world.export / "ds" / "hold").is_dir()
     assert assets
+
+
+def test_confirm_keeps_what_an_unfetched_or_refused_head_may_want(world: World) -> None:
+    """Past its grace, re-added at a head that cannot be served: git unreachable, the file stays (no
+    valve); a refused force-push, the untrusted_head valve holds even for --confirm."""
+    assets = setup(world, 3)
+    retire(world, assets, 2)
+    assert world.sync().code == 0
+    time.sleep(GRACE + 0.2)
+    world.manifest("ds.toml", *assets)
+    world.repo.commit("f2 is wanted again")
+    bare = world.repo.bare_path
+    hidden = bare.with_name(bare.name + ".away")
+    bare.rename(hidden)
+    try:
+        run = world.run("prune", "--confirm", "-c", str(world.config_path))
+        assert run.code == 1
+        assert "keep      ds/v1/f2.bin  (the branch head could not be fetched" in run.out
+        assert (world.export / "ds/v1/f2.bin").exists()
+    finally:
+        hidden.rename(bare)
+    base = world.repo.git("rev-list", "--max-parents=0", "HEAD").strip()
+    world.repo.force_reset(base)
+    world.manifest("ds.toml", *assets, {**world.asset("n.bin", 10), "dest": "n.bin"})
+    world.repo.commit("rewritten, f2 wanted")
+    world.repo.git("push", "--quiet", "--force", "origin", "HEAD:refs/heads/main")
+    run = world.run("prune", "--confirm", "-c", str(world.config_path))
+    assert run.code == 1
+    assert "prune refused (untrusted_head)" in run.out
+    assert (world.export / "ds/v1/f2.bin").exists()

@@ -116,7 +116,22 @@ def test_each_valve_removes_nothing_and_confirm_goes_past_it(kw: dict[str, objec
         (d, f"safety valve: {valve}") for d in "abc"
     ]
     confirmed = decide(rows, confirm=True, **kw)
-    assert [r.dest for r in confirmed.remove] == ["a", "b", "c"] and confirmed.valve == ""
+    if valve == "untrusted_head":  # an admin's --confirm never prunes against a refused head
+        assert confirmed.valve == valve and confirmed.remove == []
+    else:
+        assert [r.dest for r in confirmed.remove] == ["a", "b", "c"] and confirmed.valve == ""
+
+
+def test_without_a_fetch_nothing_goes_and_no_valve_trips() -> None:
+    """Git unreachable this pass (the head may want a dest again): every orphan stays, even with
+    --confirm, and it is not a prune problem of its own."""
+    for confirm in (False, True):
+        p = decide([row("a"), row("b", orphaned=DAY)], fetched=False, confirm=confirm)
+        assert p.remove == [] and p.valve == ""
+        assert (
+            "a",
+            "the branch head could not be fetched this pass (it may want the dest again); kept",
+        ) in p.kept
 
 
 def test_exactly_at_the_limits_nothing_trips() -> None:

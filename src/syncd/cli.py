@@ -307,7 +307,10 @@ def _pruned(cfg: config.Config, result: PassResult, mode: str, owner: str, audit
     if owner:
         print(shown(f"(not fetched: {owner.split(';')[0]}; planned against the commit it fetched last)"))
     if mode == "confirm":
-        print(f"syncd prune: {result.pruned} file(s) removed ({n} to remove), {kept} kept", file=sys.stderr)
+        why = "" if result.ok else "; the pass is not in sync (see its pass_finished event and syncd status)"
+        print(
+            f"syncd prune: {result.pruned} file(s) removed ({n} to remove), {kept} kept{why}", file=sys.stderr
+        )
         return 0 if result.ok and result.pruned == n and audited else 1
     off = "" if cfg.prune.enabled else "; [prune] enabled is false: passes remove nothing"
     print(f"syncd prune: {n} file(s) would be removed, {kept} kept{off}", file=sys.stderr)

@@ -199,7 +199,7 @@ class Fetcher:
                 raise FetchError(f"answer larger than {MAX_JSON >> 20} MiB from {where}", url=where)
 
         try:
-            self._get(url, collect, same_origin=True)
+            self._get(url, collect, within=f"{self.base}/api/")
         except HTTPStatusError as exc:
             if exc.status == 404:
                 return None
@@ -243,15 +243,15 @@ class Fetcher:
         on_chunk: Callable[[bytes], None] | None,
         *,
         headers: dict[str, str] | None = None,
-        same_origin: bool = False,
+        within: str = "",
     ) -> None:
-        """One GET of ``url`` (redirects followed, credentials only to the origin; with ``same_origin``
-        only within it), its body to ``on_chunk`` (None: only the head is read), with the time bounds
-        of a download. Every error is a :class:`SyncdError` without a credential in it."""
+        """One GET of ``url`` (redirects followed, credentials only to the origin; with ``within``, only
+        to URLs that start with it), its body to ``on_chunk`` (None: only the head is read), with the time
+        bounds of a download. Every error is a :class:`SyncdError` without a credential in it."""
         watch = _Watch(self.timeout, self.stop, url)
         _Watch.current.watch = watch
         try:
-            with _Response(self, url, headers or {}, watch, same_origin=same_origin) as resp:
+            with _Response(self, url, headers or {}, watch, within=within) as resp:
                 if on_chunk is None:
                     return
                 if resp.status_code != 200:
@@ -627,9 +627,11 @@ class _Response:
     """Follow redirects by hand (credentials only to the origin) and close the final response."""
 
     def __init__(
-        self, fetcher: Fetcher, url: str, headers: dict[str, str], watch: _Watch, *, same_origin: bool = False
+        self, fetcher: Fetcher, url: str, headers: dict[str, str], watch: _Watch, *, within: str = ""
     ) -> None:
-        self.same_origin = same_origin  # an answer about Artifactory must come from Artifactory itself
+        # An answer of Artifactory's API must come from that API itself: a redirect may not leave
+        # ``within`` (its URL prefix), where the same host serves what users uploaded.
+        self.within = within
         self.fetcher = fetcher
         self.url = url
         self.headers = headers
@@ -658,10 +660,11 @@ class _Response:
             if len(locations) != 1:
                 raise _failure(f"redirect with {len(locations)} Location headers", watch, retryable=False)
             url = _next_url(url, locations[0], watch)
-            if self.same_origin and origin(url) != self.fetcher.origin:
+            if self.within and not url.startswith(self.within):
+                where = "to another host" if origin(url) != self.fetcher.origin else "outside the API's path"
                 raise _failure(
-                    f"redirected to another host ({host_of(url)}): an answer of Artifactory's API must come "
-                    "from Artifactory",
+                    f"redirected {where} ({host_of(url)}): an answer of Artifactory's API must come from "
+                    "the API itself",
                     watch,
                     retryable=False,
                 )

@@ -268,6 +268,7 @@ def prune(
     head_assets: int,
     invalid: frozenset[str] = frozenset(),
     trusted: bool = True,
+    fetched: bool = True,
     confirm: bool = False,
 ) -> Pruning:
     """Which orphaned files (``published`` rows with ``orphaned_at``) go this pass.
@@ -278,7 +279,9 @@ def prune(
     moved there from another file, say), so no orphan is known to be unwanted. Then the valves:
     more than ``max_files`` or ``max_fraction`` of the published files, no asset at the head
     (``head_assets`` == 0), or an untrusted head: nothing goes. ``confirm`` (``syncd prune --confirm``,
-    an admin's decision) goes past the valves, never past the grace or the identity check."""
+    an admin's decision) goes past the valves but the untrusted head, never past the grace or the
+    identity check. Not ``fetched`` (git unreachable this pass: the head may want a dest again): nothing
+    goes, and no valve trips (the fetch failure is the problem already reported)."""
     remove: list[Removal] = []
     kept: list[tuple[str, str]] = []
     for dest, p in sorted(published.items()):
@@ -291,11 +294,16 @@ def prune(
             remove.append(Removal(dest, p.size, p.orphaned_at, p.identity, gone=gone))
     out = Pruning(remove, kept)
     n = out.would_remove
-    if confirm or n == 0:
+    if not fetched and remove:
+        why = "the branch head could not be fetched this pass (it may want the dest again); kept"
+        return Pruning([], sorted(kept + [(r.dest, why) for r in remove]))
+    if n == 0:
         return out
     total = len(published)
     if not trusted:
         valve = ("untrusted_head", "the branch head was refused (signature or rewritten history)")
+    elif confirm:
+        return out
     elif head_assets == 0:
         valve = ("no_assets", f"the manifests at the head hold no asset, but {total} file(s) are published")
     elif n > max_files:

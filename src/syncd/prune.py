@@ -37,11 +37,19 @@ class Outcome:
 
 
 def decide(
-    ledger: Ledger, export: Export, desired: Desired, cfg: Prune, *, trusted: bool, confirm: bool = False
+    ledger: Ledger,
+    export: Export,
+    desired: Desired,
+    cfg: Prune,
+    *,
+    trusted: bool,
+    fetched: bool = True,
+    confirm: bool = False,
 ) -> Pruning:
     """What pruning removes now. ``desired``: the assets at the commit the pass serves (a dest it wants is
     never an orphan; one planned as an orphan but not yet marked, in a dry run, counts as orphaned now).
-    ``trusted``: the served commit is the fetched head or an earlier good one (not a refused head)."""
+    ``trusted``: the served commit is not in place of a refused head; ``fetched``: the head was fetched
+    this pass (git was reachable)."""
     wanted = desired.assets.keys() | desired.conflicts.keys()
     stamp = now()
     rows = {
@@ -59,6 +67,7 @@ def decide(
         head_assets=len(wanted),
         invalid=frozenset(desired.invalid),
         trusted=trusted,
+        fetched=fetched,
         confirm=confirm,
     )
 

@@ -326,9 +326,16 @@ class Reconciler:
             self._settle(desired, result)
         if self.cfg.prune.enabled or self.prune_mode:
             trusted = result.git_problem not in UNTRUSTED
+            fetched = result.git_problem is not GitProblem.UNREACHABLE
             confirm = self.prune_mode == "confirm"
             decided = prune.decide(
-                self.ledger, export, desired, self.cfg.prune, trusted=trusted, confirm=confirm
+                self.ledger,
+                export,
+                desired,
+                self.cfg.prune,
+                trusted=trusted,
+                fetched=fetched,
+                confirm=confirm,
             )
             result.pruning = decided
             if not self.dry_run:
