@@ -173,10 +173,13 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser(
         "prune",
         help="list the orphaned files the next pass would remove ([prune]); --confirm removes them now",
-        description="Show which published files whose manifest entry is gone would be removed, and why "
-        "others are kept (within [prune] grace, changed since syncd recorded them). Changes nothing, "
-        "beside a running daemon. --confirm removes them now, past the safety valves (the daemon "
-        "stopped); never a file changed since syncd recorded it, never one still in its grace period.",
+        description="One dry-run pass at the branch head (beside a running daemon: at the commit it fetched "
+        "last) that lists which published files whose manifest entry is gone pruning would remove, and why "
+        "others are kept (within [prune] grace, changed since syncd recorded them, a manifest invalid). "
+        "Changes nothing in the export or the ledger. --confirm (the daemon stopped) runs one real pass "
+        "that removes them past the max_files, max_fraction and no_assets valves; never a file changed "
+        "since syncd recorded it, one still in its grace period, or anything while the head is refused or "
+        "cannot be fetched.",
     )
     pr.add_argument("-c", "--config", help=cfg_help)
     pr.add_argument("--dry-run", action="store_true", help="change nothing (the default without --confirm)")
