@@ -24,9 +24,7 @@ from pathlib import Path
 from syncd import manifest
 from syncd.errors import FetchError, ManifestError, SyncdError
 from syncd.progress import Progress, human
-from syncd.storage import Info, Storage
-
-WORKERS = 8  # storage API requests in flight at once
+from syncd.storage import WORKERS, Info, Storage
 
 
 class AuthoringError(SyncdError):

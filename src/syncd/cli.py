@@ -594,11 +594,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         sigs = (mode, trust)
     storage = None
     if args.remote:
-        from syncd import remote
-        from syncd.storage import Storage
+        from syncd.storage import WORKERS, Storage
 
         try:
-            storage = Storage(cli_assets.fetcher(args, remote.WORKERS))
+            storage = Storage(cli_assets.fetcher(args, WORKERS))
         except ConfigError as exc:
             return cli_assets.config_problems("syncd validate", exc)
     elif args.artifactory or args.token_file or args.config:

@@ -72,7 +72,7 @@ def cmd_manifest_new(args: argparse.Namespace) -> int:
     from syncd.manifest import is_manifest_name as manifest_name
     from syncd.progress import Progress, human
     from syncd.report import escape_unencodable, shown
-    from syncd.storage import Storage
+    from syncd.storage import WORKERS, Storage
 
     out: Path | None = args.output
     if out is not None and not manifest_name(out.name):
@@ -90,7 +90,7 @@ def cmd_manifest_new(args: argparse.Namespace) -> int:
         return 2
     escape_unencodable(sys.stdout)
     try:
-        fetch = fetcher(args, authoring.WORKERS)
+        fetch = fetcher(args, WORKERS)
     except ConfigError as exc:
         return config_problems("syncd manifest new", exc)
     tty = sys.stderr if sys.stderr.isatty() else None

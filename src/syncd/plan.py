@@ -233,11 +233,20 @@ VALVES = (
 class Removal:
     """A published file to remove: its manifest entry has been gone for longer than the grace."""
 
-    dest: str
-    size: int
-    orphaned_at: str
-    identity: str
+    row: Published  # what the ledger recorded (its orphaned_at set)
     gone: bool = False  # nothing is at dest any more: only the ledger forgets it
+
+    @property
+    def dest(self) -> str:
+        return self.row.dest
+
+    @property
+    def size(self) -> int:
+        return self.row.size
+
+    @property
+    def orphaned_at(self) -> str:
+        return str(self.row.orphaned_at)
 
 
 @dataclass(frozen=True)
@@ -250,6 +259,7 @@ class Pruning:
     valve: str = ""
     reason: str = ""
     held: int = 0  # with a valve: the files it kept from removal
+    published: int = 0  # the files the ledger knows as published (what max_fraction is a fraction of)
 
     @property
     def would_remove(self) -> int:
@@ -291,15 +301,15 @@ def prune(
         if why:
             kept.append((dest, why))
         else:
-            remove.append(Removal(dest, p.size, p.orphaned_at, p.identity, gone=gone))
-    out = Pruning(remove, kept)
+            remove.append(Removal(p, gone=gone))
+    total = len(published)
+    out = Pruning(remove, kept, published=total)
     n = out.would_remove
     if not fetched and remove:
         why = "the branch head could not be fetched this pass (it may want the dest again); kept"
-        return Pruning([], sorted(kept + [(r.dest, why) for r in remove]))
+        return Pruning([], sorted(kept + [(r.dest, why) for r in remove]), published=total)
     if n == 0:
         return out
-    total = len(published)
     if not trusted:
         valve = ("untrusted_head", "the branch head was refused (signature or rewritten history)")
     elif confirm:
@@ -317,7 +327,7 @@ def prune(
     else:
         return out
     held = [(r.dest, "safety valve: " + valve[0]) for r in remove]
-    return Pruning([], sorted(kept + held), valve[0], valve[1], held=n)
+    return Pruning([], sorted(kept + held), valve[0], valve[1], held=n, published=total)
 
 
 def _keep(

@@ -83,22 +83,18 @@ def carry_out(
             f"{pruning.reason}; nothing was removed (syncd prune lists the files; syncd prune --confirm "
             "removes them)"
         )
-        rows = ledger.published()
         emit(
             ev.PruneRefused(
-                valve=pruning.valve, would_remove=pruning.would_remove, published=len(rows), error=out.error,
-                commit=commit,
+                valve=pruning.valve, would_remove=pruning.would_remove, published=pruning.published,
+                error=out.error, commit=commit,
             )
         )  # fmt: skip
         return out
     created = ledger.directories()
-    rows = ledger.published()
     for r in pruning.remove:
-        p = rows.get(r.dest)
-        if p is None:
-            continue
+        p = r.row
         try:
-            removed = not r.gone and export.remove(r.dest, r.identity, r.size)
+            removed = not r.gone and export.remove(r.dest, p.identity, p.size)
             dirs = export.remove_empty_dirs(r.dest, created)
         except PublishError as exc:
             out.failed += 1

@@ -15,9 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from syncd.errors import FetchError
 from syncd.manifest import Asset
-from syncd.storage import Info, Storage
-
-WORKERS = 8
+from syncd.storage import WORKERS, Info, Storage
 
 
 def changed(assets: list[Asset], base: Mapping[str, Asset] | None) -> list[Asset]:

@@ -21,6 +21,7 @@ from syncd.errors import FetchError
 from syncd.fetch import Fetcher
 
 API = "api/storage"
+WORKERS = 8  # storage API requests in flight at once (manifest new, validate --remote)
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}", re.ASCII)
 _DIGITS = re.compile(r"[0-9]{1,20}", re.ASCII)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
