@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -357,7 +358,7 @@ http {{
     default_type application/octet-stream;
     sendfile on;
     server_tokens off;
-    log_format syncd_test '$request $status $http_range';
+    log_format syncd_test '$request $status $http_range "$http_if_range"';
     access_log "{access_log}" syncd_test;
 
     client_body_temp_path "{tmp}/client_body";
@@ -375,17 +376,17 @@ http {{
             if ($http_authorization != "Bearer {token}") {{
                 return 401;
             }}
-            alias "{root}/";
+            alias "{root}/";{limit}
         }}
 
         location /basic/ {{
             auth_basic "syncd-test";
             auth_basic_user_file "{htpasswd}";
-            alias "{root}/";
+            alias "{root}/";{limit}
         }}
 
         location /open/ {{
-            alias "{root}/";
+            alias "{root}/";{limit}
         }}
 
         location / {{
@@ -421,8 +422,20 @@ def launch_nginx(
     raise RuntimeError(f"could not start {what}: {last_error}")
 
 
-def start_nginx(workdir: Path) -> Nginx:
-    """Start ``nginx -p DIR -c CONF`` (``daemon off``) under `workdir` and wait until it listens."""
+def start_nginx(workdir: Path, *, limit_rate: int | str | None = None) -> Nginx:
+    """Start ``nginx -p DIR -c CONF`` (``daemon off``) under `workdir` and wait until it listens.
+
+    ``limit_rate``: when given, each location that serves files gets ``limit_rate N;`` (nginx's per-request,
+    so per-connection, cap in bytes/s: an int, or a size string such as ``"50m"``, which nginx reads as
+    50 MiB/s). None (the default) leaves the configuration exactly as without it.
+    """
+    limit = ""
+    if limit_rate is not None:
+        if isinstance(limit_rate, bool) or not re.fullmatch(r"[1-9][0-9]*[kKmMgG]?", str(limit_rate)):
+            raise ValueError(
+                f"limit_rate: a positive byte count such as 50000000 or '50m', not {limit_rate!r}"
+            )
+        limit = f"\n            limit_rate {limit_rate};"
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     root = workdir / "root"
@@ -451,6 +464,7 @@ def start_nginx(workdir: Path) -> Nginx:
             token=token,
             root=root,
             htpasswd=htpasswd,
+            limit=limit,
         ),
         "nginx",
     )

@@ -580,6 +580,8 @@ def test_loaded_config_never_shows_secrets(confdir: Path) -> None:
         "staging": "/srv/nfs/ml-assets/.syncd-staging",
         "state_dir": "/var/lib/syncd",
         "concurrency": 4,
+        "segments": 4,
+        "segment_min_size": 64 << 20,
         "timeout_s": 60.0,
         "retries": 5,
         "interval_s": 300.0,
@@ -1067,3 +1069,29 @@ def test_bad_prune_keys_are_named(confdir: Path, section: str, where: str) -> No
     """Each bad [prune] key is a problem naming it."""
     found = problems(write(confdir, HTTPS_SOURCE, ARTIFACTORY, EXPORT, f"[prune]\n{section}\n"))
     assert any(p.startswith(f"at '{where}'") for p in found), found
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [('"64MiB"', 64 << 20), ('"500MB"', 500_000_000), ("1048576", 1 << 20), ('"1 GiB"', 1 << 30), ('"7"', 7)],
+)
+def test_segment_min_size_takes_sizes(confdir: Path, value: str, expected: int) -> None:
+    """[download] segment_min_size reads binary and decimal units or a plain number of bytes."""
+    cfg = load(write(confdir, SSH_SOURCE, ARTIFACTORY, EXPORT, f"[download]\nsegment_min_size = {value}\n"))
+    assert cfg.segment_min_size == expected
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("segment_min_size", '"64 furlongs"'),
+        ("segment_min_size", "0"),
+        ("segment_min_size", "true"),
+        ("segments", "0"),
+        ("segments", "17"),
+    ],
+)
+def test_bad_segment_settings_are_named(confdir: Path, key: str, value: str) -> None:
+    """A bad [download] segments or segment_min_size is reported at its key."""
+    path = write(confdir, SSH_SOURCE, ARTIFACTORY, EXPORT, f"[download]\n{key} = {value}\n")
+    assert any(p.startswith(f"at 'download.{key}'") for p in problems(path)), problems(path)

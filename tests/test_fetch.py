@@ -26,17 +26,9 @@ from hostile import HostileServer, Reply
 from servers import FaultServer, Nginx, free_port, make_asset
 from syncd.config import Artifactory, Secret
 from syncd.errors import FetchError, HTTPStatusError, StopRequested, VerifyError
-from syncd.fetch import (
-    MAX_RETRY_AFTER,
-    Fetcher,
-    _next_url,
-    _retry_after,
-    _translate,
-    _Watch,
-    origin,
-    redact,
-    shown,
-)
+from syncd.fetch import Fetcher
+from syncd.fetch.answers import MAX_RETRY_AFTER, next_url, retry_after
+from syncd.fetch.wire import Watch, origin, redact, shown, translate
 from syncd.manifest import Asset
 
 pytestmark = pytest.mark.integration
@@ -562,18 +554,16 @@ _DATES = st.builds(
 @given(st.one_of(st.none(), st.text(max_size=60), _DATES, st.from_regex(r"\A[0-9]{1,40}\Z")))
 def test_retry_after_never_raises(value: str | None) -> None:
     """Retry-After of any text is None or a finite number of seconds in 0..1 day."""
-    got = _retry_after(value)
+    got = retry_after(value)
     assert got is None or (math.isfinite(got) and 0 <= got <= MAX_RETRY_AFTER)
 
 
 @pytest.mark.unit
 def test_retry_after_date_without_zone_is_utc() -> None:
     """An RFC 2822 date with '-0000' (no zone information) is read as UTC, not a TypeError."""
-    assert _retry_after("Wed, 02 Dec 2099 00:00:00 -0000") == MAX_RETRY_AFTER
-    assert _retry_after("Wed, 02 Dec 2020 00:00:00 -0000") == 0.0
-    assert (
-        _retry_after("7") == 7.0 and _retry_after("²") is None and _retry_after("99999999") == MAX_RETRY_AFTER
-    )
+    assert retry_after("Wed, 02 Dec 2099 00:00:00 -0000") == MAX_RETRY_AFTER
+    assert retry_after("Wed, 02 Dec 2020 00:00:00 -0000") == 0.0
+    assert retry_after("7") == 7.0 and retry_after("²") is None and retry_after("99999999") == MAX_RETRY_AFTER
 
 
 _LOCATIONS = st.one_of(
@@ -595,9 +585,9 @@ _LOCATIONS = st.one_of(
 def test_next_url_is_safe_or_refused(location: str) -> None:
     """Any Location is either refused (non-retryable FetchError) or an http(s) URL without userinfo that
     httpx and origin() accept."""
-    watch = _Watch(1.0, None, "http://127.0.0.1:1/a/b")
+    watch = Watch(1.0, None, "http://127.0.0.1:1/a/b")
     try:
-        url = _next_url("http://127.0.0.1:1/a/b", location, watch)
+        url = next_url("http://127.0.0.1:1/a/b", location, watch)
     except FetchError as exc:
         assert not exc.retryable and "from http://127.0.0.1:1/a/b" in str(exc)
         return
@@ -650,9 +640,9 @@ def _chained(outer: BaseException, inner: BaseException) -> BaseException:
 )
 def test_library_errors_get_our_own_words(exc: BaseException, says: str, retryable: bool) -> None:
     """Each library exception becomes a FetchError by type: our words, the original URL, never its text."""
-    watch = _Watch(1.0, None, "http://h:1/a/b?sig=s")
+    watch = Watch(1.0, None, "http://h:1/a/b?sig=s")
     watch.head("http://h:1/a/b?sig=s")
-    err = _translate(exc, watch)
+    err = translate(exc, watch)
     assert says in str(err) and str(err).endswith("from http://h:1/a/b") and TOKEN not in str(err)
     assert err.retryable is retryable
 

@@ -69,7 +69,40 @@ def parse_duration(value: object, *, allow_zero: bool = False) -> float:
     return seconds
 
 
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$")
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KiB": 1 << 10,
+    "MiB": 1 << 20,
+    "GiB": 1 << 30,
+    "TiB": 1 << 40,
+}
+
+
+def parse_size(value: object) -> int:
+    """Turn ``"64MiB"``, ``"500MB"``, ``"1GiB"`` or a number of bytes into bytes (int, at least 1)."""
+    if isinstance(value, bool):
+        raise ValueError('expected a size such as "64MiB", "500MB" or a number of bytes')
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        size = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    else:
+        raise ValueError(f'{value!r} is not a size: use "64MiB", "500MB", "1GiB" or a number of bytes')
+    if size < 1:
+        raise ValueError("a size must be at least 1 byte")
+    if size > 1 << 50:
+        raise ValueError("a size must be at most 1 PiB")
+    return size
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
 ZeroOrDuration = Annotated[float, BeforeValidator(lambda v: parse_duration(v, allow_zero=True))]
 
 
@@ -267,6 +300,8 @@ class DownloadSection(_Section):
     retries: int = Field(default=5, ge=1, le=100)
     backoff: Duration = Field(default=1.0, strict=False)
     backoff_max: Duration = Field(default=60.0, strict=False)
+    segments: int = Field(default=4, ge=1, le=16)
+    segment_min_size: Size = Field(default=64 << 20, strict=False)
 
 
 class ScheduleSection(_Section):
@@ -457,6 +492,8 @@ class Config:
     retries: int = 5
     backoff: float = 1.0
     backoff_max: float = 60.0
+    segments: int = 4  # [download] segments: ranged requests at once for one big file
+    segment_min_size: int = 64 << 20  # [download] segment_min_size: smaller files come as one stream
     # [status] stale_after: no pass finished within it makes `syncd status` say stale (exit 3)
     stale_after: float = 3 * 300.0 + 600.0
     metrics_textfile: Path | None = None
@@ -638,6 +675,8 @@ class _Resolver:
             retries=download.retries,
             backoff=download.backoff,
             backoff_max=download.backoff_max,
+            segments=download.segments,
+            segment_min_size=download.segment_min_size,
             state_dir=self.plain_path(state.directory),
             interval=schedule.interval,
             jitter=jitter,
@@ -1166,6 +1205,8 @@ def describe(cfg: Config) -> Mapping[str, Any]:
         "staging": str(cfg.staging),
         "state_dir": str(cfg.state_dir),
         "concurrency": cfg.concurrency,
+        "segments": cfg.segments,
+        "segment_min_size": cfg.segment_min_size,
         "timeout_s": cfg.timeout,
         "retries": cfg.retries,
         "interval_s": cfg.interval,

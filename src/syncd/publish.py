@@ -371,11 +371,11 @@ class Export:
         on the export's file system."""
         stem = staging_name(dest)
         try:
-            fd, validator = staging.open_part(self._staging_fd, stem, sha256)
+            fd, validator, ranges = staging.open_part(self._staging_fd, stem, sha256, size)
         except OSError as exc:
             raise os_error("cannot create staging file for", dest, exc) from None
+        kept = sum(b - a for a, b in ranges)
         try:
-            kept = os.lseek(fd, 0, os.SEEK_END)
             need, free = size - min(kept, size), self.free_bytes()
         except OSError as exc:
             os.close(fd)
@@ -387,7 +387,7 @@ class Export:
             raise PublishError(
                 f"not enough space on the export for {dest}: {need} bytes still to download, {free} free"
             )
-        return StagedFile(self._staging_fd, self._publish, dest, stem, fd, sha256, validator, kept, size)
+        return StagedFile(self._staging_fd, self._publish, dest, stem, fd, sha256, validator, ranges, size)
 
     def _publish(self, staged: StagedFile, replace: bool) -> None:
         """Walk to the dest's directory (creating it) and link the verified file there."""

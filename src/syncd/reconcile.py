@@ -143,7 +143,12 @@ class Reconciler:
         self.repo = ManifestRepo(cfg.source, cfg.state_dir, cfg.timeout)
         self.ledger = Ledger.in_state_dir(cfg.state_dir, readonly=dry_run)
         self.fetcher = Fetcher(
-            cfg.artifactory, timeout=cfg.timeout, concurrency=cfg.concurrency, stop=self.stop
+            cfg.artifactory,
+            timeout=cfg.timeout,
+            concurrency=cfg.concurrency,
+            stop=self.stop,
+            segments=cfg.segments,
+            segment_min_size=cfg.segment_min_size,
         )
         src = cfg.source
         self.verifier = (

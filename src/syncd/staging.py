@@ -36,9 +36,11 @@ import json
 import os
 import re
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from syncd import segments
 from syncd.errors import ConfigError, ExportFullError, LockHeldError, PublishError
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -294,22 +296,26 @@ def unlink_names(fd: int, *names: str) -> None:
 # --------------------------------------------------------------------------- one staged file
 
 
-def open_part(fd: int, stem: str, sha256: str) -> tuple[int, str | None]:
-    """A descriptor of ``<stem>.part`` in staging ``fd`` and the validator to resume it with: the partial
-    kept for ``sha256``, else a new empty file (anything unusable by that name is removed). Raises
-    OSError."""
+Kept = tuple[int, str | None, list[segments.Extent]]  # descriptor, validator, byte ranges on disk
+
+
+def open_part(fd: int, stem: str, sha256: str, size: int) -> Kept:
+    """A descriptor of ``<stem>.part`` in staging ``fd``, the validator to resume it with and the byte
+    ranges it holds: the partial kept for ``sha256`` (a ``size``-byte file), else a new empty file
+    (anything unusable by that name is removed). Raises OSError."""
     part = f"{stem}.part"
     create = os.O_RDWR | os.O_CREAT | os.O_EXCL | FILE_FLAGS
     try:
-        return os.open(part, create, 0o600, dir_fd=fd), None
+        return os.open(part, create, 0o600, dir_fd=fd), None, []
     except FileExistsError:
-        kept = _resume(fd, part, f"{stem}.meta", sha256)
-    return kept or (os.open(part, create, 0o600, dir_fd=fd), None)
+        kept = _resume(fd, part, f"{stem}.meta", sha256, size)
+    return kept or (os.open(part, create, 0o600, dir_fd=fd), None, [])
 
 
-def _resume(fd: int, part: str, meta: str, sha256: str) -> tuple[int, str | None] | None:
-    """The kept partial for ``sha256`` and its validator, or None after removing what cannot be resumed
-    (another version, bad metadata, not a plain file of its own)."""
+def _resume(fd: int, part: str, meta: str, sha256: str, size: int) -> Kept | None:
+    """The kept partial for ``sha256``, its validator and byte ranges (``ranges`` in the metadata of a
+    segmented download, else the whole file as one prefix), or None after removing what cannot be
+    resumed (another version, bad metadata, not a plain file of its own)."""
     try:
         with open(meta, "rb", opener=lambda n, f: os.open(n, f | FILE_FLAGS, dir_fd=fd)) as fh:
             info = json.loads(fh.read(_META_MAX))
@@ -323,7 +329,12 @@ def _resume(fd: int, part: str, meta: str, sha256: str) -> tuple[int, str | None
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
             os.close(pfd)  # a FIFO, or a file also linked elsewhere (a dest): never write into it
             raise ValueError("not a plain staging file")
-        return pfd, validator
+        length = min(st.st_size, size)
+        raw = info.get("ranges")
+        ranges = segments.extents_ok(raw, length) if isinstance(raw, list) else None
+        if ranges is None:
+            ranges = [(0, length)] if length else []  # an older syncd's or a single stream's partial
+        return pfd, validator, ranges
     except (OSError, ValueError):
         unlink_names(fd, part, meta)
         return None
@@ -345,10 +356,13 @@ class StagedFile:
         fd: int,
         sha256: str,
         validator: str | None,
-        kept: int,
+        kept: list[segments.Extent],
         expected: int = 0,
     ) -> None:
         self.expected = expected
+        self.ranges = kept
+        self._meta_lock = threading.Lock()
+        self._ranged = False  # a segmented download writes at offsets: the metadata lists its ranges
         self._dir = staging_fd
         self._on_publish = on_publish
         self.dest = dest
@@ -358,10 +372,19 @@ class StagedFile:
         self.fd = fd
         self.sha256 = sha256
         self.validator = validator
-        self.size = kept
-        self.resumed = validator is not None or kept > 0
+        self.size = segments.prefix(kept)
+        self.resumed = validator is not None or bool(kept)
 
     def kept(self) -> Iterator[bytes]:
+        """The kept prefix, for one stream to continue; bytes kept past a hole (a segmented download's)
+        are dropped first."""
+        if self._ranged or self.ranges != ([(0, self.size)] if self.size else []):
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError as exc:
+                raise os_error("cannot reset staging file for", self.dest, exc) from None
+            self.ranges = [(0, self.size)] if self.size else []
+            self._ranged = False
         offset = 0
         while offset < self.size:
             chunk = os.pread(self.fd, min(READ_CHUNK, self.size - offset), offset)
@@ -372,11 +395,12 @@ class StagedFile:
 
     def restart(self, validator: str | None) -> None:
         self.validator = validator
-        if self.size or self.resumed:  # a new, empty file needs no reset (the common case)
+        if self.size or self.resumed or self._ranged:  # a new, empty file needs no reset (common)
             try:
                 os.ftruncate(self.fd, 0)
-                os.lseek(self.fd, 0, os.SEEK_SET)
                 self.size = 0
+                self.ranges = []
+                self._ranged = False
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.meta, dir_fd=self._dir)
             except OSError as exc:
@@ -384,10 +408,53 @@ class StagedFile:
         if self.expected >= RESUME_META_EARLY:
             self._write_meta()  # a big download may be cut by a crash: make it resumable from the start
 
+    def begin_ranges(self, validator: str | None) -> None:
+        """A segmented download starts (or resumes) with ``validator``: writes go to offsets from now on
+        and the resume metadata records which byte ranges are on disk."""
+        self.validator = validator
+        self._ranged = True
+        self._write_meta()
+
+    def write_at(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as exc:
+            raise os_error("cannot write staging file for", self.dest, exc) from None
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        try:
+            return os.pread(self.fd, n, offset)
+        except OSError as exc:
+            raise os_error("cannot read back staging file for", self.dest, exc) from None
+
+    def checkpoint(self, ranges: list[segments.Extent], *, persist: bool = True) -> None:
+        """``ranges`` are on disk now (recorded for a resume when ``persist``); a prefix of them starts
+        the writeback of its last bytes early, so that the flush before the publish has less to do."""
+        self.ranges = ranges
+        self.size = segments.prefix(ranges)
+        if persist:
+            self._write_meta()
+
+    def flush_early(self, start: int, end: int) -> None:
+        """Start writing ``[start, end)`` to disk now (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, not
+        waiting): the durability still comes from the fdatasync in :meth:`publish`. Best effort."""
+        fn = _libc_sync_file_range()
+        if fn is not None and end > start:
+            fn(self.fd, start, end - start, _SYNC_FILE_RANGE_WRITE)
+
     def _write_meta(self) -> None:
+        with self._meta_lock:
+            self._write_meta_locked()
+
+    def _write_meta_locked(self) -> None:
         try:
             tmp = f"{self.meta}.tmp"
-            info = {"dest": self.dest, "sha256": self.sha256, "validator": self.validator}
+            info: dict[str, object] = {"dest": self.dest, "sha256": self.sha256, "validator": self.validator}
+            if self._ranged:  # else the file's length is its kept prefix (one stream writes in order)
+                info["ranges"] = [list(r) for r in self.ranges]
             data = json.dumps(info).encode()
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | FILE_FLAGS, 0o600, dir_fd=self._dir)
             try:
@@ -399,14 +466,10 @@ class StagedFile:
             raise os_error("cannot record resume data for", self.dest, exc) from None
 
     def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        try:
-            while view:
-                n = os.write(self.fd, view)
-                view = view[n:]
-        except OSError as exc:
-            raise os_error("cannot write staging file for", self.dest, exc) from None
+        """Append ``data`` to the kept prefix (one stream)."""
+        self.write_at(self.size, data)
         self.size += len(data)
+        self.ranges = [(0, self.size)]
 
     def publish(self, *, replace: bool = False) -> str:
         """fdatasync, chmod 0444, link into place from the still open descriptor (the directory is fsynced
@@ -516,7 +579,7 @@ class StagedFile:
 
     def keep(self) -> None:
         """Close, leaving the partial bytes in staging for the next attempt to resume."""
-        if self.fd >= 0 and self.size > 0:
+        if self.fd >= 0 and self.ranges:
             self._write_meta()
         if self.fd >= 0:
             os.close(self.fd)
@@ -544,6 +607,20 @@ def _unlinked(fd: int) -> bool:
         return os.fstat(fd).st_nlink == 0
     except OSError:
         return False
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+@functools.cache
+def _libc_sync_file_range() -> Callable[..., int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 @functools.cache

@@ -1,0 +1,382 @@
+"""The wire under :class:`syncd.fetch.Fetcher`: httpcore's pool on a socket stream whose every wait obeys
+a per-request time bound (:class:`Watch`), the URL helpers every message uses, and the one place that
+turns httpx / httpcore / ssl / OS exceptions into syncd's own words (:func:`translate`).
+
+Part of :mod:`syncd.fetch`, the only package that imports httpx and httpcore.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import re
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import httpcore
+import httpx
+
+from syncd.errors import FetchError, StopRequested, SyncdError
+from syncd.segments import Aborted
+
+MIN_SPEED = 1024  # bytes/s of payload, over a whole [download] timeout window: slower is a stalled server
+STOP_SLICE = 1.0  # longest single socket wait, so that a stop request is seen within about a second
+_E = TypeVar("_E", bound=BaseException)
+_T = TypeVar("_T")
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) with the default port filled in, to compare origins.
+
+    Raises ValueError for a port that is not a number in 0-65535."""
+    p = urlsplit(url)
+    port = p.port or (443 if p.scheme == "https" else 80)
+    return p.scheme.lower(), (p.hostname or "").lower(), port
+
+
+def redact(url: str) -> str:
+    """The URL without query, fragment or userinfo: safe for logs and messages (never raises)."""
+    p = urlsplit(url)
+    host = p.hostname or ""
+    try:
+        port = p.port
+    except ValueError:
+        port = None
+    netloc = f"{host}:{port}" if port else host
+    return urlunsplit((p.scheme, netloc, p.path, "", ""))
+
+
+def host_of(url: str) -> str:
+    """``host[:port]`` of ``url``, escaped for a message (server-chosen text: ASCII, bounded)."""
+    p = urlsplit(url)
+    try:
+        port = p.port
+    except ValueError:
+        port = None
+    host = p.hostname or "?"
+    return shown(f"{host}:{port}" if port else host, quote=False)
+
+
+def shown(text: str, limit: int = 64, *, quote: bool = True) -> str:
+    """Untrusted text made safe to print: ASCII only, control characters escaped, at most ``limit``
+    characters of it (``...`` says it was cut). ``quote`` wraps it like ``repr``."""
+    cut = text[:limit]
+    out = ascii(cut) if quote else ascii(cut)[1:-1]
+    return out + ("..." if len(text) > limit else "")
+
+
+# time bounds ---------------------------------------------------------------------------------------
+
+
+class Watch:
+    """The bounds on the request this thread is making, checked before and during every socket wait.
+
+    - head: from the start of a request (connect included) until its final response head has arrived,
+      at most one ``timeout``, however many ``1xx`` responses or slow header lines the server sends;
+    - body: at least ``MIN_SPEED`` bytes/s of payload over each ``timeout`` window; framing (chunk-size
+      lines, extensions, trailers) is not payload, so a server sending only framing is cut off too;
+    - stop: a set ``stop`` event ends the request at the next check (within ``STOP_SLICE``).
+    """
+
+    current = threading.local()  # .watch: the Watch of the request this thread is making, if any
+
+    def __init__(
+        self,
+        timeout: float,
+        stop: threading.Event | None,
+        url: str,
+        *,
+        halted: Callable[[], bool] | None = None,
+    ) -> None:
+        self.timeout = timeout
+        self.stop = stop
+        self.halted = halted  # a segmented download's other worker failed: raise Aborted at the next check
+        self.url = url  # the original URL: every message names it
+        self.target = url  # where the current request goes (after redirects)
+        self.hops = 0
+        self.phase = "connect"
+        self.deadline = math.inf
+        self.window = 0.0
+        self.bytes = 0
+
+    def head(self, target: str) -> None:
+        """A request to ``target`` starts now (the first, or one after a redirect)."""
+        self.target, self.phase = target, "head"
+        self.deadline = time.monotonic() + self.timeout
+
+    def body(self) -> None:
+        """The final response head is in; the body starts."""
+        self.phase, self.deadline = "body", math.inf
+        self.window, self.bytes = time.monotonic(), 0
+
+    def payload(self, n: int) -> None:
+        self.bytes += n
+        self.check()
+
+    def check(self) -> None:
+        """Raise if syncd is stopping, the head is late, or the body too slow."""
+        if self.halted is not None and self.halted():
+            raise Aborted
+        if self.stop is not None and self.stop.is_set():
+            raise StopRequested(
+                f"stopping: download from {redact(self.url)} interrupted (partial kept for resume)",
+                url=redact(self.url),
+            )
+        now = time.monotonic()
+        if now >= self.deadline:
+            raise failure(f"timeout: no complete response head within {self.timeout:g} s", self)
+        if self.phase != "body":
+            return
+        elapsed = now - self.window
+        if elapsed < self.timeout:
+            return
+        if self.bytes < MIN_SPEED * elapsed:
+            raise failure(
+                f"download too slow: {self.bytes} bytes in {elapsed:.0f} s "
+                f"(less than {MIN_SPEED // 1024} KiB/s)",
+                self,
+            )
+        self.window, self.bytes = now, 0
+
+    def wait(self, timeout: float | None) -> float:
+        """How long one socket wait may last: the caller's ``timeout``, cut to the head's deadline, the
+        body's speed window and ``STOP_SLICE``."""
+        now = time.monotonic()
+        limit = min(timeout if timeout is not None else math.inf, self.deadline - now, STOP_SLICE)
+        if self.phase == "body":
+            limit = min(limit, self.window + self.timeout - now)
+        return max(limit, 0.001)
+
+    def bound(self, timeout: float | None) -> float | None:
+        """The caller's ``timeout`` for one operation that cannot be sliced (connect, TLS handshake, a
+        write), cut to the head's deadline."""
+        if math.isinf(self.deadline):
+            return timeout
+        left = max(self.deadline - time.monotonic(), 0.001)
+        return left if timeout is None else min(timeout, left)
+
+    def after(self) -> str:
+        """`` (after N redirect(s), to HOST)`` once a redirect was followed, else ``""``."""
+        if not self.hops:
+            return ""
+        return f" (after {self.hops} redirect(s), to {host_of(self.target)})"
+
+
+def watching() -> Watch | None:
+    watch: Watch | None = getattr(Watch.current, "watch", None)
+    return watch
+
+
+class Stream(httpcore.NetworkStream):
+    """A socket stream whose every wait obeys the thread's :class:`Watch`."""
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        watch = watching()
+        if watch is None:
+            return self._inner.read(max_bytes, timeout)
+        end = time.monotonic() + (timeout if timeout is not None else math.inf)
+        while True:
+            watch.check()
+            left = end - time.monotonic()
+            if left <= 0:
+                raise httpcore.ReadTimeout("read timed out")
+            try:
+                return self._inner.read(max_bytes, watch.wait(left))
+            except httpcore.ReadTimeout:
+                continue  # one slice ended without data: check the bounds, then wait again
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        watch = watching()
+        if watch is not None:
+            watch.check()
+            timeout = watch.bound(timeout)
+        self._inner.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        watch = watching()
+        if watch is not None:
+            watch.check()
+            timeout = watch.bound(timeout)
+        return Stream(self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class Backend(httpcore.NetworkBackend):
+    """httpcore's sync backend, with every stream wrapped in :class:`Stream`."""
+
+    def __init__(self) -> None:
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        watch = watching()
+        if watch is not None:
+            watch.check()
+            timeout = watch.bound(timeout)
+        return Stream(self._inner.connect_tcp(host, port, timeout, local_address, socket_options))
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        raise httpcore.UnsupportedProtocol("unix sockets are not used")
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class Body(httpx.SyncByteStream):
+    def __init__(self, inner: Iterable[bytes]) -> None:
+        self._inner = inner
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._inner
+
+    def close(self) -> None:
+        close = getattr(self._inner, "close", None)
+        if close is not None:
+            close()
+
+
+class Transport(httpx.BaseTransport):
+    """httpx's transport on an httpcore pool with :class:`Backend`. httpcore's exceptions pass through
+    unchanged (syncd maps them by type itself)."""
+
+    def __init__(self, ctx: ssl.SSLContext, *, max_connections: int, max_keepalive_connections: int) -> None:
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=ctx,
+            max_connections=max_connections,
+            max_keepalive_connections=max_keepalive_connections,
+            network_backend=Backend(),
+        )
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(request.stream, Iterable)
+        req = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(
+                scheme=request.url.raw_scheme,
+                host=request.url.raw_host,
+                port=request.url.port,
+                target=request.url.raw_path,
+            ),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        )
+        resp = self._pool.handle_request(req)
+        assert isinstance(resp.stream, Iterable)
+        return httpx.Response(
+            status_code=resp.status,
+            headers=resp.headers,
+            stream=Body(resp.stream),
+            extensions=resp.extensions,
+        )
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+# errors --------------------------------------------------------------------------------------------
+
+
+def failure(what: str, watch: Watch, *, retryable: bool = True) -> FetchError:
+    """A FetchError ``WHAT from ORIGINAL-URL (after redirects, to HOST)``."""
+    exc = FetchError(f"{what} from {redact(watch.url)}{watch.after()}", url=redact(watch.url))
+    exc.retryable = retryable
+    return exc
+
+
+PHASES = {
+    "connect": "before sending the request",
+    "head": "waiting for the response head",
+    "body": "reading the body",
+}
+
+
+def translate(exc: BaseException, watch: Watch) -> FetchError:
+    """An httpx / httpcore / h11 / ssl / OS exception as a FetchError of syncd's own words, by type only:
+    their text can hold a header value (h11 quotes the whole offending header) or a URL."""
+    phase = PHASES.get(watch.phase, "")
+    tls = cause(exc, ssl.SSLError)
+    if tls is not None:
+        reason = getattr(tls, "reason", None)
+        detail = (
+            f" ({reason})" if isinstance(reason, str) and re.fullmatch(r"[A-Z0-9_]{1,64}", reason) else ""
+        )
+        return failure(f"TLS error{detail}", watch)
+    if isinstance(exc, httpx.ConnectTimeout | httpcore.ConnectTimeout):
+        return failure("timed out connecting", watch)
+    if isinstance(exc, httpx.ConnectError | httpcore.ConnectError):
+        return failure(f"could not connect{errno_name(exc)}", watch)
+    if isinstance(exc, httpx.WriteTimeout | httpcore.WriteTimeout):
+        return failure("timed out sending the request", watch)
+    if isinstance(exc, httpx.TimeoutException | httpcore.TimeoutException):
+        return failure(f"timed out {phase}", watch)
+    if isinstance(exc, httpx.LocalProtocolError | httpcore.LocalProtocolError):
+        return failure(
+            "could not send the request (a header value HTTP does not allow)", watch, retryable=False
+        )
+    if isinstance(exc, httpx.RemoteProtocolError | httpcore.RemoteProtocolError):
+        return failure(f"the server broke the HTTP protocol {phase} (malformed or cut off)", watch)
+    if isinstance(exc, httpx.NetworkError | httpcore.NetworkError | OSError):
+        return failure(f"connection failed {phase}{errno_name(exc)}", watch)
+    if isinstance(exc, httpx.UnsupportedProtocol | httpcore.UnsupportedProtocol | httpx.InvalidURL):
+        return failure("URL not usable", watch, retryable=False)
+    return failure(f"unexpected {type(exc).__name__} {phase}", watch, retryable=False)
+
+
+def local(call: Callable[[_T], None], arg: _T, url: str) -> None:
+    """``call(arg)`` for the sink or the progress callback: their errors are not the network's."""
+    try:
+        call(arg)
+    except SyncdError:
+        raise
+    except Exception as exc:
+        raise unexpected(exc, url) from None
+
+
+def unexpected(exc: BaseException, url: str) -> FetchError:
+    err = FetchError(f"unexpected {type(exc).__name__} while downloading {redact(url)}", url=redact(url))
+    err.retryable = False
+    return err
+
+
+def cause(exc: BaseException, kind: type[_E]) -> _E | None:
+    """The first ``kind`` in ``exc``'s chain of causes and contexts, if any (bounded walk)."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return None
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def errno_name(exc: BaseException) -> str:
+    """`` (ECONNREFUSED)`` from the OSError behind ``exc``, or ``""``."""
+    os_error = cause(exc, OSError)
+    if os_error is None or os_error.errno is None:
+        return ""
+    name = errno.errorcode.get(os_error.errno)
+    return f" ({name})" if name else ""
