@@ -1,25 +1,51 @@
 #!/usr/bin/env python3
 """Benchmark ``syncd sync`` against ``aria2c`` and ``curl`` + ``sha256sum`` on the same files.
 
-One run of this script, for each case (one 2 GiB file; 200 files of 10 MiB; 2,000 files of 64 KiB):
+One run of this script, for each case:
+
+- ``big``: one 2 GiB file from nginx on loopback;
+- ``big-capped``: the same file from a second nginx whose file locations have ``limit_rate`` 50,000,000
+  bytes/s (50 MB/s per connection, ``--capped-rate``), like a server or proxy that caps each connection;
+- ``many`` (alias ``medium``, its former name): 200 files of 10 MiB;
+- ``small``: 2,000 files of 64 KiB;
+
+it
 
 1. writes the files (deterministic bytes) under a temporary directory and serves them from a real nginx on
-   127.0.0.1 (``tests/servers.py``'s ``start_nginx``, its bearer-token location);
+   127.0.0.1 (``tests/servers.py``'s ``start_nginx``, its bearer-token location; big-capped is served by its
+   own nginx started with ``limit_rate=``, whose root is the first one's, so the file is written once);
 2. builds a ``file://`` manifest repository (``tests/servers.py``'s ``GitRepo``, one manifest per 100 assets
-   under ``assets/``) and a syncd configuration (concurrency 4, like ``tests/harness.py``);
+   under ``assets/``) and a syncd configuration (concurrency 4, like ``tests/harness.py``; each
+   ``--syncd-config-extra LINE`` is appended to its ``[download]`` section, e.g. ``'segments = 4'``);
 3. times, ``--repeat`` times each and interleaved (syncd, aria2c, curl, syncd, …), from an empty output
    directory (and for syncd an empty state directory):
 
    a. ``syncd sync -c CONFIG``: the whole job (git clone/fetch, download, verify, fsync, publish, ledger);
-   b. ``aria2c -i INPUT`` with a ``checksum=sha-256=…`` per file, ``-j 4``; ``-x 4 -s 4`` for the single
-      big file, ``-x 1 -s 1`` for the many-file cases;
-   c. ``xargs -P 4`` running ``curl -sSf -o FILE URL && echo "HEX  FILE" | sha256sum -c --quiet`` per file;
+   b. ``aria2c -i INPUT`` with a ``checksum=sha-256=…`` per file, ``-j 4``; ``-x 4 -s 4`` (4 connections
+      per file) for big and big-capped, ``-x 1 -s 1`` for the many-file cases;
+   c. ``xargs -P 4`` running ``curl -sSf -o FILE URL && echo "HEX  FILE" | sha256sum -c --quiet`` per file
+      (one connection per file, as a user would run it: a single connection for big and big-capped);
 
 4. checks after every run, untimed, that every output file has the right size and sha256 (Python hashlib),
    so that no tool wins by skipping work;
 5. prints per case: median wall time, MB/s (10^6 bytes/s of payload), peak RSS, CPU time, the ratio of the
    wall time to aria2c's (< 1 means faster than aria2c) and the CPU time the rest of the machine used during
-   the runs (a shared machine makes the figures noisy); ``--json PATH`` writes the same data as JSON.
+   the runs (a shared machine makes the figures noisy), then syncd's targets for the case, each PASS or
+   MISS; at the end all targets in one table. ``--json PATH`` writes the same data as JSON.
+
+Before the cases it measures single-core ``hashlib.sha256`` throughput (a 1 GiB in-memory buffer hashed in
+1 MiB chunks, median of 3): the big target is relative to it, since a single stream that hashes as it
+downloads cannot beat the hash.
+
+Targets (syncd; ratio = syncd median wall / aria2c median wall):
+
+===========  ==============================================================================
+big          MB/s end to end >= 0.45 x hashlib.sha256 MB/s, and ratio <= 0.5 (aria2c -x4 -s4)
+big-capped   ratio <= 1.0 (aria2c -x4 -s4 gets 4 capped connections)
+many         ratio <= 0.5
+small        ratio <= 0.5
+every case   peak RSS < 120 MiB
+===========  ==============================================================================
 
 Peak RSS comes from ``wait4`` in GNU ``/usr/bin/time`` (``%M``) wrapped around the command: Linux reports
 the largest ``ru_maxrss`` of the child and of every descendant it waited for. For syncd and aria2c that is
@@ -32,7 +58,8 @@ pages are flushed with sync(2) before each timed run (untimed) so that one run's
 the next run's time. syncd fsyncs every file and directory it publishes as part of its job; aria2c and curl
 do not fsync, their output may still be in the page cache when their clock stops.
 
-``--scale F`` multiplies every size and count (minimum 1) for a quick smoke run, e.g. ``--scale 0.01``.
+``--scale F`` multiplies every size and count (minimum 1) for a quick smoke run, e.g. ``--scale 0.01``
+(not the cap, and not the 1 GiB hashed for the hashlib figure).
 """
 
 from __future__ import annotations
@@ -44,6 +71,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import statistics
 import struct
@@ -51,6 +79,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,12 +96,32 @@ CONCURRENCY = 4
 ASSETS_PER_MANIFEST = 100
 TOOLS = ("syncd", "aria2c", "curl")
 
-# name -> (file count, file size, description)
-CASES: dict[str, tuple[int, int, str]] = {
-    "big": (1, 2 * GiB, "one 2 GiB file"),
-    "medium": (200, 10 * MiB, "200 files of 10 MiB"),
-    "small": (2000, 64 * KiB, "2,000 files of 64 KiB"),
+RSS_TARGET_MIB = 120.0  # syncd's peak RSS, every case
+CAPPED_RATE = 50_000_000  # big-capped: nginx limit_rate, bytes/s per connection (50 MB/s)
+HASH_BYTES = GiB  # hashed in memory for the single-core hashlib.sha256 figure
+HASH_CHUNK = MiB
+HASH_RUNS = 3
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    count: int
+    size: int
+    description: str
+    data: str  # the files: cases with the same data share them (written once)
+    split: int  # aria2c -x/-s: connections per file
+    ratio_max: float  # target: syncd median wall <= ratio_max x aria2c's
+    hash_fraction_min: float | None = None  # target: syncd MB/s >= this x single-core hashlib.sha256 MB/s
+    capped: bool = False  # served by the nginx with limit_rate
+
+
+CASES: dict[str, CaseSpec] = {
+    "big": CaseSpec(1, 2 * GiB, "one 2 GiB file", "big", split=4, ratio_max=0.5, hash_fraction_min=0.45),
+    "big-capped": CaseSpec(1, 2 * GiB, "one 2 GiB file", "big", split=4, ratio_max=1.0, capped=True),
+    "many": CaseSpec(200, 10 * MiB, "200 files of 10 MiB", "many", split=1, ratio_max=0.5),
+    "small": CaseSpec(2000, 64 * KiB, "2,000 files of 64 KiB", "small", split=1, ratio_max=0.5),
 }
+CASE_ALIASES = {"medium": "many"}  # "medium" was the name of "many" before big-capped came
 
 CURL_SNIPPET = 'curl -sSf -H "$BENCH_AUTH" --create-dirs -o "$2" "$1" && echo "$3  $2" | sha256sum -c --quiet'
 
@@ -93,21 +142,29 @@ class Case:
     count: int
     size: int
     description: str
+    spec: CaseSpec
     files: list[File] = field(default_factory=list)
 
     @property
     def total(self) -> int:
         return self.count * self.size
 
+    @property
+    def data(self) -> str:
+        return self.spec.data
 
-def scaled_cases(names: list[str], scale: float) -> list[Case]:
+
+def scaled_cases(names: list[str], scale: float, capped_rate: int) -> list[Case]:
     out = []
     for name in names:
-        count, size, description = CASES[name]
-        c, s = max(1, round(count * scale)), max(1, round(size * scale))
+        spec = CASES[name]
+        c, s = max(1, round(spec.count * scale)), max(1, round(spec.size * scale))
+        description = spec.description
         if scale != 1:
             description = f"{c} file(s) of {human(s)} (scale {scale:g})"
-        out.append(Case(name, c, s, description))
+        if spec.capped:
+            description += f", nginx limit_rate {capped_rate} B/s ({capped_rate / 1e6:g} MB/s) per connection"
+        out.append(Case(name, c, s, description, spec))
     return out
 
 
@@ -123,11 +180,12 @@ def write_files(root: Path, case: Case, seed: int) -> None:
     """Write the case's files: a random 1 MiB block repeated, each MiB stamped with (file, chunk) numbers.
 
     Fast (memory-speed writes, one sha256 pass) and deterministic; no two chunks of the whole run are equal.
+    The files go under ``root/<case.data>/``, so cases with the same data (big, big-capped) share them.
     """
     block = random.Random(seed).randbytes(MiB)  # noqa: S311 - benchmark data, not crypto
-    case_id = sum(case.name.encode())
+    case_id = sum(case.data.encode())
     for i in range(case.count):
-        rel = f"{case.name}/d{i // 1000:02}/f{i:05}.bin"
+        rel = f"{case.data}/d{i // 1000:02}/f{i:05}.bin"
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
@@ -164,6 +222,36 @@ def verify_output(root: Path, files: list[File]) -> list[str]:
     return problems
 
 
+def hashlib_speed() -> dict[str, Any]:
+    """Single-core ``hashlib.sha256`` throughput: a HASH_BYTES in-memory buffer hashed in HASH_CHUNK
+    pieces, HASH_RUNS times; MB/s (10^6 bytes/s) of the median run, and the other load meanwhile."""
+    block = random.Random(99).randbytes(HASH_CHUNK)  # noqa: S311 - benchmark data, not crypto
+    buf = memoryview(block * (HASH_BYTES // HASH_CHUNK))  # every page touched now, not while timing
+    runs, other = [], []
+    try:
+        for _ in range(HASH_RUNS):
+            busy0, cpu0 = machine_busy_s(), time.process_time()
+            t0 = time.perf_counter()
+            digest = hashlib.sha256()
+            for off in range(0, len(buf), HASH_CHUNK):
+                digest.update(buf[off : off + HASH_CHUNK])
+            digest.hexdigest()
+            runs.append(time.perf_counter() - t0)
+            other.append(max(0.0, machine_busy_s() - busy0 - (time.process_time() - cpu0)))
+    finally:
+        buf.release()
+    del buf
+    wall = statistics.median(runs)
+    return {
+        "bytes": HASH_BYTES,
+        "chunk": HASH_CHUNK,
+        "runs_s": [round(r, 3) for r in runs],
+        "median_s": round(wall, 3),
+        "mb_per_s": round(HASH_BYTES / wall / 1e6, 1),
+        "other_cpu_s": [round(o, 2) for o in other],
+    }
+
+
 # --------------------------------------------------------------------------- syncd world
 
 
@@ -190,42 +278,52 @@ def build_repo(base: Path, case: Case, url_prefix: str) -> GitRepo:
     return repo
 
 
-def write_config(base: Path, repo: GitRepo, nginx: Nginx, export: Path, state: Path) -> Path:
+def write_config(
+    base: Path, repo: GitRepo, nginx: Nginx, export: Path, state: Path, download_extra: list[str]
+) -> Path:
+    """The syncd config; ``download_extra`` are TOML lines appended to its ``[download]`` section."""
     etc = base / "etc"
     etc.mkdir(parents=True, exist_ok=True)
     token = etc / "artifactory.token"
     token.write_text(nginx.token + "\n")
     token.chmod(0o600)
     config = etc / "syncd.conf"
-    config.write_text(
-        "\n".join(
-            [
-                "[source]",
-                f"url = {toml_str(repo.url)}",
-                'branch = "main"',
-                'path = "assets"',
-                "",
-                "[artifactory]",
-                f"url = {toml_str(nginx.bearer_url())}",
-                'token_file = "artifactory.token"',
-                "",
-                "[export]",
-                f"root = {toml_str(str(export))}",
-                "",
-                "[download]",
-                f"concurrency = {CONCURRENCY}",
-                'timeout = "60s"',
-                "",
-                "[state]",
-                f"directory = {toml_str(str(state))}",
-                "",
-            ]
-        )
+    text = "\n".join(
+        [
+            "[source]",
+            f"url = {toml_str(repo.url)}",
+            'branch = "main"',
+            'path = "assets"',
+            "",
+            "[artifactory]",
+            f"url = {toml_str(nginx.bearer_url())}",
+            'token_file = "artifactory.token"',
+            "",
+            "[export]",
+            f"root = {toml_str(str(export))}",
+            "",
+            "[download]",
+            f"concurrency = {CONCURRENCY}",
+            'timeout = "60s"',
+            *download_extra,
+            "",
+            "[state]",
+            f"directory = {toml_str(str(state))}",
+            "",
+        ]
     )
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SystemExit(
+            f"--syncd-config-extra made the syncd config invalid TOML ({exc}):\n{text}"
+        ) from None
+    config.write_text(text)
     return config
 
 
 SYNCD_OVERRIDE: list[str] = []  # set by --syncd
+SYNCD_CONFIG_EXTRA: list[str] = []  # set by --syncd-config-extra: lines for [download]
 
 
 def syncd_command() -> str:
@@ -332,9 +430,12 @@ def fresh_dir(path: Path) -> None:
 class Runner:
     """The three ways to get one case's files, each from an empty output directory."""
 
-    def __init__(self, case: Case, nginx: Nginx, base: Path, url_prefix: str) -> None:
+    def __init__(
+        self, case: Case, nginx: Nginx, base: Path, url_prefix: str, nginx_limit_rate: int | None = None
+    ) -> None:
         self.case = case
         self.nginx = nginx
+        self.nginx_limit_rate = nginx_limit_rate  # bytes/s per connection, None: no cap
         self.base = base
         self.logs = base / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -342,8 +443,8 @@ class Runner:
         self.out = {tool: base / "out" / tool for tool in TOOLS}
         self.state = base / "state"
         repo = build_repo(base / "git", case, url_prefix)
-        self.config = write_config(base, repo, nginx, self.out["syncd"], self.state)
-        self.split = 4 if case.count == 1 else 1
+        self.config = write_config(base, repo, nginx, self.out["syncd"], self.state, SYNCD_CONFIG_EXTRA)
+        self.split = case.spec.split
         self.aria_input = base / "aria2c.input"
         self.aria_input.write_text(
             "".join(
@@ -360,7 +461,8 @@ class Runner:
 
     def describe(self, tool: str) -> str:
         if tool == "syncd":
-            return f"syncd sync -c CONFIG (concurrency {CONCURRENCY})"
+            extra = "".join(f"; {line.strip()}" for line in SYNCD_CONFIG_EXTRA if line.strip())
+            return f"syncd sync -c CONFIG (concurrency {CONCURRENCY}{extra})"
         if tool == "aria2c":
             return f"aria2c -j {CONCURRENCY} -x {self.split} -s {self.split} --check-integrity=true"
         return f"xargs -P {CONCURRENCY} curl + sha256sum -c"
@@ -505,7 +607,64 @@ def machine() -> dict[str, Any]:
     }
 
 
-def summarize(case: Case, runner: Runner, samples: dict[str, list[Sample]]) -> dict[str, Any]:
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "MISS")
+
+
+def target_value(t: dict[str, Any]) -> str:
+    if t["value"] is None:
+        return "n/a"
+    return f"{t['value']:.2f}" if t["kind"] == "ratio" else f"{t['value']:.1f}"
+
+
+def case_targets(
+    case: Case, medians: dict[str, float], rows: dict[str, dict[str, Any]], hash_mb_s: float | None
+) -> list[dict[str, Any]]:
+    """syncd's targets for ``case``: what, the limit, the measured value and PASS / MISS (n/a: not run)."""
+    syncd = rows.get("syncd")
+    out: list[dict[str, Any]] = []
+    if case.spec.hash_fraction_min is not None:
+        frac = case.spec.hash_fraction_min
+        limit = round(frac * hash_mb_s, 1) if hash_mb_s else None
+        value = syncd["mb_per_s"] if syncd else None
+        ok = None if limit is None or value is None else value >= limit
+        shown = f"{limit:.1f}" if limit is not None else "n/a"
+        out.append(
+            {
+                "target": f"syncd MB/s >= {frac:g} x hashlib.sha256 MB/s (= {shown})",
+                "limit": limit,
+                "value": value,
+                "kind": "MB/s",
+                "result": verdict(ok),
+            }
+        )
+    ratio = round(medians["syncd"] / medians["aria2c"], 3) if {"syncd", "aria2c"} <= medians.keys() else None
+    split = case.spec.split
+    out.append(
+        {
+            "target": f"syncd wall <= {case.spec.ratio_max:g} x aria2c -x{split} -s{split}",
+            "limit": case.spec.ratio_max,
+            "value": ratio,
+            "kind": "ratio",
+            "result": verdict(None if ratio is None else ratio <= case.spec.ratio_max),
+        }
+    )
+    rss = syncd["peak_rss_mib"] if syncd else None
+    out.append(
+        {
+            "target": f"syncd peak RSS < {RSS_TARGET_MIB:g} MiB",
+            "limit": RSS_TARGET_MIB,
+            "value": rss,
+            "kind": "MiB",
+            "result": verdict(None if rss is None else rss < RSS_TARGET_MIB),
+        }
+    )
+    return out
+
+
+def summarize(
+    case: Case, runner: Runner, samples: dict[str, list[Sample]], hash_mb_s: float | None, loadavg: list[str]
+) -> dict[str, Any]:
     rows = []
     medians = {tool: statistics.median(s.wall for s in ss) for tool, ss in samples.items() if ss}
     for tool, ss in samples.items():
@@ -533,7 +692,10 @@ def summarize(case: Case, runner: Runner, samples: dict[str, list[Sample]]) -> d
         "files": case.count,
         "file_size": case.size,
         "total_bytes": case.total,
+        "nginx_limit_rate": runner.nginx_limit_rate,
+        "loadavg_at_start": loadavg,
         "results": rows,
+        "targets": case_targets(case, medians, {r["tool"]: r for r in rows}, hash_mb_s),
     }
 
 
@@ -543,7 +705,8 @@ def table(summary: dict[str, Any]) -> str:
         f" {'other CPU s':>12}  runs s"
     )
     lines = [
-        f"== {summary['case']}: {summary['description']} ({human(summary['total_bytes'])} in total)",
+        f"== {summary['case']}: {summary['description']} ({human(summary['total_bytes'])} in total;"
+        f" load average at start {' '.join(summary['loadavg_at_start'])})",
         head,
         "-" * len(head),
     ]
@@ -557,6 +720,33 @@ def table(summary: dict[str, Any]) -> str:
         )
     for r in summary["results"]:
         lines.append(f"   {r['tool']}: {r['command']}")
+    for t in summary["targets"]:
+        value = target_value(t)
+        lines.append(f"   target: {t['target']}: {value} {t['result']}")
+    return "\n".join(lines)
+
+
+def targets_table(report: dict[str, Any]) -> str:
+    h = report.get("hashlib_sha256")
+    lines = []
+    if h:
+        lines.append(
+            f"hashlib.sha256, one core: {h['mb_per_s']:.1f} MB/s ({human(h['bytes'])} in {human(h['chunk'])}"
+            f" chunks, median of {', '.join(f'{r:.3f}' for r in h['runs_s'])} s; other CPU s"
+            f" {max(h['other_cpu_s']):.2f}); big target 0.45 x that = {0.45 * h['mb_per_s']:.1f} MB/s"
+        )
+    rows = [(c["case"], t) for c in report["cases"] for t in c["targets"]]
+    width = max([len(t["target"]) for _, t in rows] + [6])
+    lines.append(f"== targets (syncd)\n{'case':<11} {'target':<{width}} {'measured':>9}  result")
+    lines.append("-" * (width + 30))
+    for name, t in rows:
+        value = target_value(t)
+        lines.append(f"{name:<11} {t['target']:<{width}} {value:>9}  {t['result']}")
+    results = [t["result"] for _, t in rows]
+    lines.append(
+        f"{results.count('PASS')} PASS, {results.count('MISS')} MISS"
+        + (f", {results.count('n/a')} n/a (a tool was not run)" if "n/a" in results else "")
+    )
     return "\n".join(lines)
 
 
@@ -569,7 +759,9 @@ NOTES = (
     "that the rest of the machine (neither the tool nor nginx) used during a run, from /proc/stat; well "
     "above 0 means another workload shared the cores. "
     "Page cache: nothing dropped, served files warm; sync(2) before each run, untimed. syncd fsyncs what "
-    "it publishes, aria2c and curl do not. Every output was checked byte-exact (size + sha256), untimed."
+    "it publishes, aria2c and curl do not. Every output was checked byte-exact (size + sha256), untimed. "
+    "big-capped: nginx limit_rate caps each connection (request), so aria2c -x4 -s4 may get 4 times the "
+    "cap, curl and a single-stream syncd once."
 )
 
 
@@ -578,10 +770,30 @@ NOTES = (
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", default="big,medium,small", help="comma-separated: big, medium, small")
+    p.add_argument(
+        "--cases",
+        default=",".join(CASES),
+        help=f"comma-separated: {', '.join(CASES)} (medium = many); default all",
+    )
     p.add_argument("--tools", default=",".join(TOOLS), help="comma-separated: syncd, aria2c, curl")
     p.add_argument("--repeat", type=int, default=3, help="runs per tool and case (median reported)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every size and count (smoke: 0.01)")
+    p.add_argument(
+        "--capped-rate",
+        type=int,
+        default=CAPPED_RATE,
+        metavar="BYTES",
+        help=f"big-capped: nginx limit_rate per connection, bytes/s (default {CAPPED_RATE}, 50 MB/s)",
+    )
+    p.add_argument(
+        "--syncd-config-extra",
+        action="append",
+        default=[],
+        metavar="TOML",
+        help="a TOML line to append to the [download] section of the syncd config (repeatable; newlines "
+        "split one value into lines), e.g. 'segments = 4' 'segment_min_size = \"64MiB\"'",
+    )
+    p.add_argument("--no-hash", action="store_true", help="skip the hashlib.sha256 measurement (big: n/a)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp"), help="where the temporary directory goes")
     p.add_argument("--json", type=Path, help="also write the results as JSON to this path")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
@@ -591,16 +803,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the syncd executable to time (default: the one next to this Python, else on PATH)",
     )
     args = p.parse_args(argv)
-    args.case_names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    names = [CASE_ALIASES.get(c.strip(), c.strip()) for c in args.cases.split(",") if c.strip()]
+    args.case_names = list(dict.fromkeys(names))
     args.tool_names = [t.strip() for t in args.tools.split(",") if t.strip()]
     for c in args.case_names:
         if c not in CASES:
-            p.error(f"unknown case {c!r} (choose from {', '.join(CASES)})")
+            p.error(f"unknown case {c!r} (choose from {', '.join([*CASES, *CASE_ALIASES])})")
     for t in args.tool_names:
         if t not in TOOLS:
             p.error(f"unknown tool {t!r} (choose from {', '.join(TOOLS)})")
-    if args.repeat < 1 or args.scale <= 0:
-        p.error("--repeat must be >= 1 and --scale > 0")
+    if args.repeat < 1 or args.scale <= 0 or args.capped_rate < 1:
+        p.error("--repeat and --capped-rate must be >= 1 and --scale > 0")
+    args.config_extra = [
+        line for value in args.syncd_config_extra for line in value.splitlines() if line.strip()
+    ]
+    for line in args.config_extra:
+        if re.match(r"\s*\[", line):
+            p.error(f"--syncd-config-extra adds keys to [download], not a table header: {line!r}")
     return args
 
 
@@ -608,10 +827,15 @@ def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def loadavg() -> list[str]:
+    return Path("/proc/loadavg").read_text().split()[:3]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.syncd:
         SYNCD_OVERRIDE[:] = [args.syncd]
+    SYNCD_CONFIG_EXTRA[:] = args.config_extra
     missing = [
         t for t in args.tool_names if t != "syncd" and not shutil.which("aria2c" if t == "aria2c" else "curl")
     ]
@@ -622,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"missing tools: {', '.join(missing)}")
         return 2
     tools = [t for t in TOOLS if t in args.tool_names]
-    cases = scaled_cases(args.case_names, args.scale)
+    cases = scaled_cases(args.case_names, args.scale, args.capped_rate)
     args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="syncd-bench-", dir=args.workdir))
     report: dict[str, Any] = {
@@ -631,7 +855,11 @@ def main(argv: list[str] | None = None) -> int:
         "repeat": args.repeat,
         "scale": args.scale,
         "concurrency": CONCURRENCY,
+        "syncd_config_extra": SYNCD_CONFIG_EXTRA,
+        "capped_rate": args.capped_rate,
+        "rss_target_mib": RSS_TARGET_MIB,
         "notes": NOTES,
+        "hashlib_sha256": None,
         "cases": [],
     }
     if not Path(TIME_BIN).exists():
@@ -641,16 +869,41 @@ def main(argv: list[str] | None = None) -> int:
         )
         say(f"warning: {TIME_BIN} missing (apt-get install time); peak RSS figures are upper bounds")
     say(f"workdir {work}; tools {', '.join(tools)}; repeat {args.repeat}; scale {args.scale:g}")
-    nginx = None
+    if SYNCD_CONFIG_EXTRA:
+        say(f"syncd [download] extra: {'; '.join(SYNCD_CONFIG_EXTRA)}")
+    hash_mb_s = None
+    if not args.no_hash:
+        say(f"hashing {human(HASH_BYTES)} in memory with hashlib.sha256, {HASH_RUNS} times ...")
+        report["hashlib_sha256"] = hashlib_speed()
+        hash_mb_s = report["hashlib_sha256"]["mb_per_s"]
+        say(f"hashlib.sha256: {hash_mb_s:.1f} MB/s (runs {report['hashlib_sha256']['runs_s']} s)")
+    nginx = capped = None
     try:
         nginx = start_nginx(work / "nginx")
         say(f"nginx pid {nginx.pid} on {nginx.base_url}")
-        for seed, case in enumerate(cases):
-            say(f"[{case.name}] writing {case.description} ...")
-            t0 = time.perf_counter()
-            write_files(nginx.root, case, seed)
-            say(f"[{case.name}] wrote {human(case.total)} in {time.perf_counter() - t0:.1f}s")
-            runner = Runner(case, nginx, work / "cases" / case.name, url_prefix="")
+        if any(c.spec.capped for c in cases):
+            # its own nginx with the cap, serving the same files: its root is a symlink to the first root
+            (work / "nginx-capped").mkdir()
+            (work / "nginx-capped" / "root").symlink_to(nginx.root, target_is_directory=True)
+            capped = start_nginx(work / "nginx-capped", limit_rate=args.capped_rate)
+            say(f"nginx (limit_rate {args.capped_rate}) pid {capped.pid} on {capped.base_url}")
+        seeds = {name: i for i, name in enumerate(dict.fromkeys(s.data for s in CASES.values()))}
+        written: dict[str, list[File]] = {}
+        for index, case in enumerate(cases):
+            if case.data in written:
+                case.files = list(written[case.data])
+                say(f"[{case.name}] reusing the {case.data} files")
+            else:
+                say(f"[{case.name}] writing {case.description} ...")
+                t0 = time.perf_counter()
+                write_files(nginx.root, case, seeds[case.data])
+                written[case.data] = list(case.files)
+                say(f"[{case.name}] wrote {human(case.total)} in {time.perf_counter() - t0:.1f}s")
+            server = capped if case.spec.capped else nginx
+            assert server is not None
+            limit = args.capped_rate if case.spec.capped else None
+            runner = Runner(case, server, work / "cases" / case.name, url_prefix="", nginx_limit_rate=limit)
+            load = loadavg()
             samples: dict[str, list[Sample]] = {t: [] for t in tools}
             for run_no in range(1, args.repeat + 1):
                 for tool in tools:
@@ -660,13 +913,16 @@ def main(argv: list[str] | None = None) -> int:
                     extra = f", pass {s.extra['pass_s']}s" if "pass_s" in s.extra else ""
                     say(
                         f"[{case.name}] run {run_no} {tool:<6} {s.wall:8.2f}s  "
+                        f"{case.total / s.wall / 1e6:8.1f} MB/s  "
                         f"rss {s.maxrss_kib / KiB:7.1f} MiB  cpu {s.cpu:6.2f}s  nginx {s.server_cpu:5.2f}s  "
                         f"other {s.other_cpu:5.2f}s{extra}"
                     )
-            summary = summarize(case, runner, samples)
+            summary = summarize(case, runner, samples, hash_mb_s, load)
             report["cases"].append(summary)
             print(table(summary) + "\n", flush=True)
-            shutil.rmtree(nginx.root / case.name, ignore_errors=True)  # free the disk before the next case
+            if all(later.data != case.data for later in cases[index + 1 :]):
+                shutil.rmtree(nginx.root / case.data, ignore_errors=True)  # free the disk for the next case
+        print(targets_table(report) + "\n", flush=True)
         print(report["notes"], flush=True)
         m = report["machine"]
         print(
@@ -680,6 +936,8 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(report, indent=2) + "\n")
             say(f"wrote {args.json}")
     finally:
+        if capped is not None:
+            capped.stop()
         if nginx is not None:
             nginx.stop()
         if args.keep:
