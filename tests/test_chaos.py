@@ -3,7 +3,7 @@ and files are deleted by hand; at no moment is a partial or unverified file at a
 converges to the exact export.
 
 Seeded and bounded; the defaults take about half a minute. Environment knobs for a longer run:
-``SYNCD_CHAOS_SEED`` (1234), ``SYNCD_CHAOS_ASSETS`` (200), ``SYNCD_CHAOS_KILLS`` (30) and
+``SYNCD_CHAOS_SEED`` (1234), ``SYNCD_CHAOS_ASSETS`` (300), ``SYNCD_CHAOS_KILLS`` (30) and
 ``SYNCD_CHAOS_WALL_S`` (300: the hard wall-clock bound of the whole test; the kill loop stops at 60 % of
 it). The seed is printed, and added to the failure, so that a failing schedule can be replayed.
 """
@@ -31,11 +31,11 @@ from harness import World, syncd_command
 pytestmark = pytest.mark.e2e
 
 SEED = int(os.environ.get("SYNCD_CHAOS_SEED", "1234"))
-ASSETS = int(os.environ.get("SYNCD_CHAOS_ASSETS", "200"))
+ASSETS = int(os.environ.get("SYNCD_CHAOS_ASSETS", "300"))
 KILLS = int(os.environ.get("SYNCD_CHAOS_KILLS", "30"))
 WALL_S = float(os.environ.get("SYNCD_CHAOS_WALL_S", "300"))
 KNOBS = f"SYNCD_CHAOS_SEED={SEED} SYNCD_CHAOS_ASSETS={ASSETS} SYNCD_CHAOS_KILLS={KILLS}"
-MIN_SIZE, MAX_SIZE = 1024, 2 << 20
+MIN_SIZE, MAX_SIZE = 1024, 2 << 20  # files of 1 MiB and more are segmented (segment_min_size below)
 PER_MANIFEST = 20  # assets per manifest file
 DAEMON_EVERY = 5  # every 5th kill hits a ``syncd run`` instead of a ``syncd sync``
 
@@ -229,7 +229,8 @@ def test_sigkill_at_random_moments_converges(world: World, tmp_path: Path) -> No
     loop_deadline = started + WALL_S * 0.6  # leave time for the final passes and the checks
     logs = tmp_path / "logs"
     logs.mkdir()
-    world.write_config(schedule={"interval": "1s", "jitter": 0})
+    # Files of 1 MiB and more come in segments, the rest through group commit: both paths get killed.
+    world.write_config(schedule={"interval": "1s", "jitter": 0}, download={"segment_min_size": "1MiB"})
     chaos = Chaos(world, random.Random(SEED), logs)  # noqa: S311 - a seeded schedule, not crypto
     with seed_on_failure():
         try:

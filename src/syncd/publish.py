@@ -389,6 +389,11 @@ class Export:
             )
         return StagedFile(self._staging_fd, self._publish, dest, stem, fd, sha256, validator, ranges, size)
 
+    def flush_group(self, files: list[StagedFile]) -> bool:
+        """One flush for many verified staging files before they are published (group commit; see
+        :func:`syncd.staging.flush_group`). False: each publish flushes its own file."""
+        return staging.flush_group(self._staging_fd, files)
+
     def _publish(self, staged: StagedFile, replace: bool) -> None:
         """Walk to the dest's directory (creating it) and link the verified file there."""
         *parents, name = staged.dest.split("/")

@@ -47,11 +47,17 @@ from syncd.manifest import Asset
 from syncd.plan import Action, Kind, Pruning, plan, signature_gate, verify_slice
 from syncd.progress import Progress
 from syncd.provenance import Tracer
-from syncd.publish import Export
+from syncd.publish import Export, StagedFile
 from syncd.report import count_dry
 from syncd.throttle import Throttle
 
 PENDING_SAMPLE = 20  # pending dests kept in a pass's ledger summary for `syncd status`
+# Group commit: verified files under GROUP_MAX_SIZE wait (at most GROUP_WAIT seconds, GROUP_FILES of them)
+# to be made durable by one flush of the file system, then are linked into place one by one. Bigger files
+# flush and publish in their download thread (their own bytes dominate the flush).
+GROUP_MAX_SIZE = 4 << 20
+GROUP_FILES = 128
+GROUP_WAIT = 0.2
 
 
 @dataclass
@@ -112,6 +118,7 @@ class _Outcome:
     how: How = How.DOWNLOADED
     identity: str = ""  # the file's staging.identity at its dest afterwards
     mode_restored: bool = False
+    staged: StagedFile | None = None  # verified, waiting for its group's flush and publish
 
 
 class Reconciler:
@@ -541,26 +548,59 @@ class Reconciler:
             self.ledger.batch(),
         ):
             running: set[Future[_Outcome]] = set()
+            group: list[_Outcome] = []  # verified small files waiting for one flush (group commit)
+            since = 0.0
             while True:
                 for action in itertools.islice(queue, limit - len(running)):
                     running.add(pool.submit(self._work, export, action, progress))
                 if not running:
                     break
-                done, running = wait(running, return_when=FIRST_COMPLETED)
+                done, running = wait(running, timeout=GROUP_WAIT, return_when=FIRST_COMPLETED)
                 for fut in done:
                     out = fut.result()
-                    try:
-                        self._record(out, result)
-                    except SyncdError:
-                        raise  # the ledger is unusable: no pass is possible
-                    except Exception as exc:  # a bug recording one asset fails that asset only
-                        self._record(_Outcome(out.action, error=internal_error(exc)), result)
-                    if isinstance(out.error, FetchError) and out.error.retryable:
-                        keep.add(out.action.dest)
-                    progress.file_done()
+                    if out.staged is not None:
+                        since = since if group else time.monotonic()
+                        group.append(out)
+                    else:
+                        self._settle_one(out, result, keep, progress)
+                if group and (
+                    len(group) >= GROUP_FILES or not running or time.monotonic() - since >= GROUP_WAIT
+                ):
+                    self._commit(export, group, result, keep, progress)
+                    group = []
         progress.finish()
         # Partials stay only for assets still wanted whose download broke on a transport fault.
         export.clean_staging(keep=keep)
+
+    def _commit(
+        self, export: Export, group: list[_Outcome], result: PassResult, keep: set[str], progress: Progress
+    ) -> None:
+        """Publish a group of verified files: one flush makes them all durable (where the file system can
+        do it), then each is linked into place and recorded."""
+        export.flush_group([o.staged for o in group if o.staged is not None])
+        for out in group:
+            assert out.staged is not None
+            try:
+                self._published[out.action.dest] = out.staged.publish(replace=out.action.replace)
+                done = dataclasses.replace(out, staged=None)
+            except SyncdError as exc:
+                out.staged.discard()
+                done = _Outcome(out.action, error=exc)
+            except Exception as exc:  # a bug publishing one asset fails that asset only
+                out.staged.discard()
+                done = _Outcome(out.action, error=internal_error(exc))
+            self._settle_one(done, result, keep, progress)
+
+    def _settle_one(self, out: _Outcome, result: PassResult, keep: set[str], progress: Progress) -> None:
+        try:
+            self._record(out, result)
+        except SyncdError:
+            raise  # the ledger is unusable: no pass is possible
+        except Exception as exc:  # a bug recording one asset fails that asset only
+            self._record(_Outcome(out.action, error=internal_error(exc)), result)
+        if isinstance(out.error, FetchError) and out.error.retryable:
+            keep.add(out.action.dest)
+        progress.file_done()
 
     def _progress(self, files_done: int, files: int, bytes_done: int, total: int) -> None:
         self.emit(ev.PassProgress(files_done, files, bytes_done, total))
@@ -579,18 +619,20 @@ class Reconciler:
             attempts = retry.within_pass(
                 self.cfg.retries, self.cfg.backoff, self.cfg.backoff_max, self.stop, self._retrying(asset)
             )
+            staged = None
             for attempt in attempts:
                 with attempt:
-                    self._attempt(export, action, progress)
+                    staged = self._attempt(export, action, progress)
         except SyncdError as exc:
             return _Outcome(action, error=exc)
         except Exception as exc:  # one asset's work is a hard boundary: a bug here fails only this asset
             return _Outcome(action, error=internal_error(exc))
-        return _Outcome(action, bytes=asset.size, seconds=time.monotonic() - started)
+        return _Outcome(action, bytes=asset.size, seconds=time.monotonic() - started, staged=staged)
 
-    def _attempt(self, export: Export, action: Action, progress: Progress) -> None:
+    def _attempt(self, export: Export, action: Action, progress: Progress) -> StagedFile | None:
         """One download attempt: resume what staging holds, verify, publish. A transport fault keeps the
-        partial for the next attempt; anything else removes it."""
+        partial for the next attempt; anything else removes it. A small file is returned verified but
+        not published: it waits for its group's flush (:meth:`_commit`)."""
         asset = action.asset
         assert asset is not None
         staged = export.stage(asset.dest, asset.sha256, asset.size)
@@ -612,11 +654,14 @@ class Reconciler:
         except BaseException:
             staged.discard()
             raise
+        if asset.size < GROUP_MAX_SIZE:
+            return staged
         try:
             self._published[asset.dest] = staged.publish(replace=action.replace)
         except BaseException:
             staged.discard()
             raise
+        return None
 
     def _retrying(self, asset: Asset) -> Callable[[tenacity.RetryCallState], None]:
         def before_sleep(state: tenacity.RetryCallState) -> None:
