@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 PIECE = 16 << 20  # one ranged request's share of a fresh download
 STEAL_MIN = 1 << 20  # a free worker splits another's rest only when each half is at least this
 READ_BACK = 1 << 20  # bytes read back per step to hash what arrived ahead of the frontier
+SLOW_AFTER = 5.0  # seconds without a byte after which a free worker takes over a piece's whole rest
+SLOW_FACTOR = 4  # ... or when it is this many times slower than the fastest connection so far
+MAX_EXTENTS = 256  # most byte ranges resume metadata may list (a real partial has a few per connection)
 
 Extent = tuple[int, int]  # [start, end) byte offsets
 
@@ -84,6 +88,15 @@ class Piece:
     claimed: int
     done: int
     busy: bool = False
+    touched: float = 0.0  # monotonic time of the last bytes claimed (or of the hand-out)
+    taken_over: bool = False  # another worker took all of its rest: its connection may stop waiting
+    since: float = 0.0  # when it was handed out ...
+    since_at: int = 0  # ... and at which offset (its speed is measured from there)
+
+    def speed(self, now: float) -> float:
+        """Bytes/s claimed since the hand-out (0 within the first second: not known yet)."""
+        elapsed = now - self.since
+        return (self.claimed - self.since_at) / elapsed if elapsed >= 1.0 else 0.0
 
     @property
     def rest(self) -> int:
@@ -114,6 +127,7 @@ class Pieces:
         self._digest = hashlib.sha256()
         self._hashed = 0
         self._hashing = False
+        self._fastest = 0.0  # bytes/s of the fastest connection so far
         self.stopped = False  # set by abort(): every worker stops at its next chunk
 
     # work -------------------------------------------------------------------------------------------
@@ -124,18 +138,33 @@ class Pieces:
         with self._lock:
             if self.stopped:
                 return None
+            now = time.monotonic()
             if self._queue:
                 p = self._queue.pop()
-                p.busy = True
+                p.busy, p.touched, p.since, p.since_at = True, now, now, p.claimed
                 return p
             victim = max((p for p in self._all if p.busy), key=lambda p: p.rest, default=None)
-            if victim is None or victim.rest < 2 * STEAL_MIN:
+            if victim is None or victim.rest <= 0:
                 return None
-            mid = victim.claimed + victim.rest // 2
-            p = Piece(mid, victim.end, mid, mid, busy=True)
+            if victim.rest >= 2 * STEAL_MIN:
+                mid = victim.claimed + victim.rest // 2
+            elif self._lagging(victim, now):
+                mid = victim.claimed  # take over all the slow connection still had to fetch
+                victim.taken_over = True
+            else:
+                return None
+            p = Piece(mid, victim.end, mid, mid, busy=True, touched=now, since=now, since_at=mid)
             victim.end = mid
             self._all.insert(self._all.index(victim) + 1, p)
             return p
+
+    def _lagging(self, p: Piece, now: float) -> bool:
+        """Whether ``p``'s connection stalled (no byte for SLOW_AFTER) or is SLOW_FACTOR times slower than
+        the fastest connection seen, with more than a second's worth of its rest still to come."""
+        if now - p.touched >= SLOW_AFTER:
+            return True
+        speed = p.speed(now)
+        return 0 < speed * SLOW_FACTOR < self._fastest and p.rest > speed
 
     def claim(self, p: Piece, n: int) -> int:
         """How many of ``n`` bytes just received for ``p`` (at ``p.claimed``) may be written: fewer when
@@ -146,6 +175,8 @@ class Pieces:
                 raise Aborted
             k = max(0, min(n, p.end - p.claimed))
             p.claimed += k
+            if k:
+                p.touched = time.monotonic()
             return k
 
     def wrote(self, p: Piece, offset: int, data: bytes, read: Callable[[int, int], bytes]) -> None:
@@ -166,6 +197,9 @@ class Pieces:
         """``p``'s worker stops working on it (done, or failed): unwritten claimed bytes go back to
         ``p``'s rest and an unfinished ``p`` is queued again for another request."""
         with self._lock:
+            now = time.monotonic()
+            if p.done > p.since_at and now > p.since:
+                self._fastest = max(self._fastest, (p.done - p.since_at) / max(now - p.since, 0.001))
             p.busy = False
             p.claimed = p.done
             if p.done < p.end and not self.stopped:
@@ -182,6 +216,11 @@ class Pieces:
         with self._lock:
             spans = [(p.start, p.done) for p in self._all if p.done > p.start]
         return extents_ok(spans, self.size) or []
+
+    def pending(self) -> bool:
+        """Whether some piece is still being fetched (or waits in the queue)."""
+        with self._lock:
+            return any(p.done < p.end for p in self._all)
 
     def complete(self) -> bool:
         with self._lock:

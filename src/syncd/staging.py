@@ -330,12 +330,17 @@ def _resume(fd: int, part: str, meta: str, sha256: str, size: int) -> Kept | Non
             os.close(pfd)  # a FIFO, or a file also linked elsewhere (a dest): never write into it
             raise ValueError("not a plain staging file")
         length = min(st.st_size, size)
-        raw = info.get("ranges")
-        ranges = segments.extents_ok(raw, length) if isinstance(raw, list) else None
+        if "ranges" not in info:
+            return pfd, validator, [(0, length)] if length else []  # one stream's (or an older syncd's)
+        raw = info["ranges"]
+        ranges = None
+        if isinstance(raw, list) and len(raw) <= segments.MAX_EXTENTS:
+            ranges = segments.extents_ok(raw, length)
         if ranges is None:
-            ranges = [(0, length)] if length else []  # an older syncd's or a single stream's partial
+            os.close(pfd)
+            raise ValueError("ranges that do not fit the partial")
         return pfd, validator, ranges
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         unlink_names(fd, part, meta)
         return None
 

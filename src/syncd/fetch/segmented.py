@@ -33,6 +33,7 @@ from syncd.fetch.sink import Sink
 from syncd.fetch.wire import Watch, failure, redact, translate
 from syncd.manifest import Asset
 
+IDLE_POLL = 0.05  # seconds an idle worker waits before looking again for a slow piece to take over
 CHECKPOINT_EVERY = 1.0  # seconds between two records of the written ranges (besides each finished piece)
 
 
@@ -67,7 +68,6 @@ class Segmented:
         self.error: BaseException | None = None
         self.fallback = False
         self.faults = 0
-        self.resolved_again = False
         self._last_checkpoint = time.monotonic()
         self.pieces = segments.Pieces(asset.size, [])
 
@@ -101,12 +101,20 @@ class Segmented:
                 if piece is None:
                     piece = self.pieces.take()
                     if piece is None:
-                        break
+                        if self.pieces.stopped or not self.pieces.pending():
+                            break
+                        time.sleep(IDLE_POLL)  # others still fetch: one may turn out slow enough to take over
+                        continue
+                with self._lock:
+                    probe, used = self.target is None, self.target or self.url
                 try:
-                    self._fetch(piece)
+                    self._fetch(piece, used, probe=probe)
                 except FetchError as exc:
-                    if not self._recoverable(exc):
+                    if not self._recoverable(exc, used):
                         raise
+                except segments.Aborted:
+                    if self.pieces.stopped:
+                        raise  # else another worker took over this piece's rest: take the next one
                 finally:
                     self.pieces.release(piece)
                 piece = None
@@ -120,7 +128,7 @@ class Segmented:
             if first is not None:
                 self.ready.set()
 
-    def _recoverable(self, exc: FetchError) -> bool:
+    def _recoverable(self, exc: FetchError, used: str) -> bool:
         """Whether another request may fetch the rest of a piece after ``exc`` (counted: more faults than
         workers in one attempt fail it). A 416 or any 4xx from a redirect target is answered as well."""
         if isinstance(exc, StopRequested | VerifyError):
@@ -129,10 +137,11 @@ class Segmented:
             if exc.status == 416:
                 raise _Fallback from None  # the file is shorter than the ranges asked for: it changed
             if not exc.retryable:
-                if self.target in (None, self.url) or self.resolved_again:
+                if used == self.url:
                     return False
-                self.resolved_again = True  # a signed URL may have expired: ask the origin again
-                self.target = self.url
+                with self._lock:  # a signed URL may have expired: the next request asks the origin again
+                    if self.target == used:
+                        self.target = None
         with self._lock:
             self.faults += 1
             return self.faults <= self.workers
@@ -149,19 +158,24 @@ class Segmented:
 
     # one request ------------------------------------------------------------------------------------
 
-    def _fetch(self, piece: segments.Piece) -> None:
+    def _fetch(self, piece: segments.Piece, used: str, *, probe: bool) -> None:
+        """One ranged request for the rest of ``piece`` to ``used``: the final URL, or for a ``probe``
+        the asset's URL, whose redirects are followed and whose answer decides the rest."""
         start, end = piece.done, piece.end
         headers = {"Range": f"bytes={start}-{end - 1}"}
         if self.validator is not None:
             headers["If-Range"] = self.validator
-        probe = self.target is None
-        watch = Watch(self.timeout, self.stop, self.url, halted=lambda: self.pieces.stopped)
+        # Stop waiting once the download is aborted or another worker took over this piece's whole rest.
+        watch = Watch(
+            self.timeout, self.stop, self.url, halted=lambda: self.pieces.stopped or piece.taken_over
+        )
         Watch.current.watch = watch
         try:
-            with Response(self.send, self.home, self.target or self.url, headers, watch) as resp:
+            with Response(self.send, self.home, used, headers, watch) as resp:
                 self._accept(resp, watch, start, end, probe=probe)
                 if probe:
-                    self.target = watch.target
+                    with self._lock:
+                        self.target = watch.target
                     self.ready.set()
                 self._body(piece, resp, watch, start, end)
         except (SyncdError, segments.Aborted, _Fallback):
@@ -192,13 +206,11 @@ class Segmented:
             self.validator = self.usable(seen)
             if self.validator is None:
                 raise _Fallback  # no ETag or Last-Modified: ranges of two versions could be spliced
-            self.sink.begin_ranges(self.validator)
         elif seen is not None and seen != self.validator:
             raise _Fallback
         if probe:
             check_headers(self.asset, watch, resp, full=False)
-            if self.sink.ranges or start:
-                self.sink.begin_ranges(self.validator)
+            self.sink.begin_ranges(self.validator)  # from now on the metadata lists the ranges written
 
     def _body(self, piece: segments.Piece, resp: httpx.Response, watch: Watch, start: int, end: int) -> None:
         """Write the answer's bytes at their offsets until the piece is done (or its rest was taken by
