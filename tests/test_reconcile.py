@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness import World, on_a_terminal, syncd_command
-from syncd import config, logs, manifest
+from syncd import config, logs, manifest, reconcile
 from syncd.ledger import Ledger
 from syncd.reconcile import PassResult, Reconciler
 
@@ -54,6 +54,51 @@ def test_unchanged_head_parses_no_manifest(world: World, monkeypatch: pytest.Mon
     calls.clear()
     assert one_pass(world).ok
     assert calls == []
+
+
+def _no_desired(*args: object) -> None:
+    raise AssertionError("the full pass ran: load_desired was called")
+
+
+def test_nothing_new_is_a_stat_walk(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same head, a healthy last pass and every file as recorded: the pass plans nothing (no manifest
+    cache decoded, no plan) and counts every file as skipped."""
+    for i in range(3):
+        world.manifest(f"m{i}.toml", {**world.asset(f"{i}.bin", 100, seed=i), "dest": f"{i}.bin"})
+    world.repo.commit("three")
+    assert one_pass(world).ok
+    monkeypatch.setattr(reconcile, "load_desired", _no_desired)
+    result = one_pass(world)
+    assert result.ok and result.skipped == 3 and result.planned == []
+
+
+@pytest.mark.parametrize("change", ["delete", "chmod", "touch", "ledger_row", "failure"])
+def test_anything_off_takes_the_full_pass(world: World, change: str) -> None:
+    """A file deleted, chmodded or touched, a ledger row lost, or a failure recorded: the full pass runs
+    and puts things right (the stat walk never decides anything itself)."""
+    for i in range(2):
+        world.manifest(f"m{i}.toml", {**world.asset(f"{i}.bin", 100, seed=i), "dest": f"{i}.bin"})
+    world.repo.commit("two")
+    assert one_pass(world).ok
+    target = world.export / "1.bin"
+    if change == "delete":
+        target.unlink()
+    elif change == "chmod":
+        target.chmod(0o644)
+    elif change == "touch":
+        os.utime(target, (1, 1))
+    elif change == "ledger_row":
+        ledger = Ledger.in_state_dir(world.state)
+        ledger.forget("1.bin")
+        ledger.close()
+    else:
+        ledger = Ledger.in_state_dir(world.state)
+        ledger.record_failure("1.bin", "0" * 64, "boom")
+        ledger.close()
+    result = one_pass(world)
+    assert result.ok
+    assert result.planned, "the full pass plans every asset"
+    assert (world.export / "1.bin").read_bytes() == (world.blobs / "1.bin").read_bytes()
 
 
 def test_new_commit_parses_only_changed_files(world: World, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -682,6 +682,14 @@ class Ledger:
                 return self._drop_cache("a cached manifest row does not decode")
         return commit, out
 
+    def cache_intact(self, key: str) -> bool:
+        """Whether the manifest cache was built under ``key`` and still matches its digest (checked
+        without decoding a row: what a pass with nothing new needs to know)."""
+        if self.get("manifests_key") != key:
+            return False
+        rows = self._read("SELECT path, blob, assets, problems FROM manifests ORDER BY path")
+        return self.get("manifests_digest") == _digest(key, self.get("manifests_commit"), rows)
+
     def _drop_cache(self, why: str) -> tuple[None, dict[str, CachedManifest]]:
         log.warning(
             "ledger_cache_dropped", ledger=str(self.path), error=f"{why}; every manifest is read again"
@@ -727,6 +735,28 @@ class Ledger:
             str(r[0]): Published(*r[:7], How(str(r[7])), r[8], str(r[9]), r[10], str(r[11]))  # type: ignore[arg-type, call-arg]
             for r in rows
         }
+
+    def counts(self) -> tuple[int, int, int]:
+        """How many published files are wanted, how many are orphaned, and the wanted files' bytes
+        (counted in SQL: a pass's summary needs no row of its own)."""
+        rows = self._read(
+            "SELECT COALESCE(SUM(orphaned_at IS NULL), 0), COALESCE(SUM(orphaned_at IS NOT NULL), 0), "
+            "COALESCE(SUM(CASE WHEN orphaned_at IS NULL THEN size ELSE 0 END), 0) FROM published"
+        )
+        wanted, orphaned, size = rows[0]
+        return int(wanted), int(orphaned), int(size)  # type: ignore[call-overload]
+
+    def wanted_files(self) -> list[tuple[str, int, str, bool]]:
+        """``(dest, size, identity, damaged)`` of every published file still wanted, by dest: what a
+        pass with nothing new compares the export with (a few columns, no row decoded into objects)."""
+        if self.version < 5:
+            old = self._read("SELECT dest, size FROM published WHERE orphaned_at IS NULL ORDER BY dest")
+            return [(str(r[0]), int(r[1]), "", False) for r in old]  # type: ignore[call-overload]
+        rows = self._read(
+            "SELECT dest, size, identity, damaged IS NOT NULL FROM published WHERE orphaned_at IS NULL "
+            "ORDER BY dest"
+        )
+        return [(str(r[0]), int(r[1]), str(r[2]), bool(r[3])) for r in rows]  # type: ignore[call-overload]
 
     def record_published(
         self,

@@ -18,7 +18,7 @@ import hashlib
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,7 +31,7 @@ from syncd import audit, prune, retry, signatures, verify
 from syncd import events as ev
 from syncd.audit import AuditObserver
 from syncd.config import Config
-from syncd.desired import Desired, load_desired
+from syncd.desired import Desired, cache_key, load_desired
 from syncd.errors import (
     FetchError,
     GitError,
@@ -255,18 +255,17 @@ class Reconciler:
 
     def _finished(self, result: PassResult, started_at: str, seconds: float) -> ev.PassFinished:
         """The PassFinished event for ``result``, with the export's state counted from the ledger."""
-        published = self.ledger.published()
+        wanted, orphaned, wanted_bytes = self.ledger.counts()
         failures = self.ledger.failures()
-        wanted = [p for p in published.values() if p.orphaned_at is None]
         state = ev.Counts(
-            published=len(wanted),
+            published=wanted,
             pending=result.pending,
             failing=sum(1 for f in failures.values() if f.kind is Problem.FAILED),
             refused=sum(1 for f in failures.values() if f.kind is Problem.REFUSED),
-            orphaned=len(published) - len(wanted),
+            orphaned=orphaned,
             deferred=result.deferred,
             invalid_manifests=len(result.invalid),
-            published_bytes=sum(p.size for p in wanted),
+            published_bytes=wanted_bytes,
         )
         if self.dry_run:  # nothing was recorded: count what the plan says instead
             state = dataclasses.replace(state, refused=result.refused, orphaned=result.orphaned)
@@ -310,7 +309,42 @@ class Reconciler:
                 totals={"git_fetch_failed": 1} if git_failed else {},
             )
 
+    def _unchanged(self, export: Export, head: str, result: PassResult) -> bool:
+        """Whether this pass has nothing to do, seen without reading a manifest: the head is the commit
+        the last pass synced and cached, that pass left nothing failing, refused, invalid, deferred or
+        pending, no prune or periodic re-hash is due, and every wanted file is at its dest as recorded
+        (size and identity: a stat each). Then the pass counts them as skipped; anything else (one file
+        touched, missing or damaged) takes the full pass, which plans every asset."""
+        cfg, led = self.cfg, self.ledger
+        if self.dry_run or cfg.prune.enabled or self.prune_mode:
+            return False
+        if self.periodic_verify and cfg.verify_interval is not None:
+            return False
+        if head != led.get("synced_commit") or head != led.get("manifests_commit"):
+            return False
+        if not led.cache_intact(cache_key(cfg.source.path)):
+            return False  # the full pass reads the manifests again (and says why)
+        last = led.passes(1, finished=True)
+        state = last[0].summary.get("state") if last else None
+        if not last or not last[0].ok or last[0].commit != head or not isinstance(state, dict):
+            return False
+        if any(state.get(k) for k in ("failing", "refused", "invalid_manifests", "deferred", "pending")):
+            return False
+        if led.failures():
+            return False
+        files = led.wanted_files()
+        if led.get("wanted_digest") != f"{head}:{_dests_digest(f[0] for f in files)}":
+            return False  # the ledger's files are not exactly the assets the head asks for
+        for dest, size, identity, damaged in files:
+            seen = export.observe(dest)
+            if damaged or not identity or seen.identity != identity or seen.size != size:
+                return False
+        result.skipped = len(files)
+        return True
+
     def _reconcile(self, export: Export, head: str, result: PassResult) -> None:
+        if self._unchanged(export, head, result):
+            return
         desired = load_desired(self.repo, self.ledger, head)
         self._report_invalid(desired, result)
         published = self.ledger.published()
@@ -336,6 +370,7 @@ class Reconciler:
             self._execute(export, result)
             self.ledger.record_directories(export.created())
             self._settle(desired, result)
+            self.ledger.set("wanted_digest", f"{head}:{_dests_digest(sorted(desired.assets))}")
         if self.cfg.prune.enabled or self.prune_mode:
             trusted = result.git_problem not in UNTRUSTED
             fetched = result.git_problem is not GitProblem.UNREACHABLE
@@ -622,17 +657,19 @@ class Reconciler:
             staged = None
             for attempt in attempts:
                 with attempt:
-                    staged = self._attempt(export, action, progress)
+                    staged = self._attempt(export, action, progress, group=True)
         except SyncdError as exc:
             return _Outcome(action, error=exc)
         except Exception as exc:  # one asset's work is a hard boundary: a bug here fails only this asset
             return _Outcome(action, error=internal_error(exc))
         return _Outcome(action, bytes=asset.size, seconds=time.monotonic() - started, staged=staged)
 
-    def _attempt(self, export: Export, action: Action, progress: Progress) -> StagedFile | None:
+    def _attempt(
+        self, export: Export, action: Action, progress: Progress, *, group: bool = False
+    ) -> StagedFile | None:
         """One download attempt: resume what staging holds, verify, publish. A transport fault keeps the
-        partial for the next attempt; anything else removes it. A small file is returned verified but
-        not published: it waits for its group's flush (:meth:`_commit`)."""
+        partial for the next attempt; anything else removes it. With ``group``, a small file is returned
+        verified but not published: it waits for its group's flush (:meth:`_commit`)."""
         asset = action.asset
         assert asset is not None
         staged = export.stage(asset.dest, asset.sha256, asset.size)
@@ -654,7 +691,7 @@ class Reconciler:
         except BaseException:
             staged.discard()
             raise
-        if asset.size < GROUP_MAX_SIZE:
+        if group and asset.size < GROUP_MAX_SIZE:
             return staged
         try:
             self._published[asset.dest] = staged.publish(replace=action.replace)
@@ -939,6 +976,15 @@ class _Damaged(SyncdError):
 
 class _Stopping(StopRequested):
     """The daemon is stopping: not a fault of the asset; its partial is kept for resume."""
+
+
+def _dests_digest(dests: Iterable[str]) -> str:
+    """A digest of a sorted list of dests (what the no-change check compares)."""
+    h = hashlib.sha256()
+    for d in dests:
+        h.update(d.encode())
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 def _totals(result: PassResult) -> dict[str, int]:
