@@ -188,6 +188,17 @@ class Hooks:
             monkeypatch.setattr(cls, name, hooked)
 
         wrap(Export, "observe", "observe", lambda _e, dest: dest)
+        real_all = Export.observe_all
+
+        def observe_all(obj: Any, dests: Any) -> Any:
+            def fed() -> Any:  # each dest's harm lands just before the walk reaches that dest
+                for dest in dests:
+                    self.at("observe", dest)
+                    yield dest
+
+            return real_all(obj, fed())
+
+        monkeypatch.setattr(Export, "observe_all", observe_all)
         wrap(Export, "stage", "stage", lambda _e, dest, *_: dest)
         wrap(StagedFile, "publish", "publish", lambda s, *_: s.dest)
         wrap(Export, "hash_file", "adopt-hash", lambda _e, dest: dest)

@@ -299,6 +299,7 @@ class ManifestRepo:
         self.timeout = timeout
         self.timeout_ms = int(timeout * 1000)
         self._listing: tuple[str, dict[str, str]] | None = None  # see _listed
+        self._blobs: dict[tuple[str, str], str | None] = {}  # (commit, path) -> blob: see _blob_of
         self._repo: pygit2.Repository | None = None
         self._stop: threading.Event | None = None
 
@@ -635,10 +636,10 @@ class ManifestRepo:
         current = self._commit(head)
         seen: dict[str, bool] = {}
         for _ in range(limit):
-            blob = _blob_at(current, path)
+            blob = self._blob_of(current, path)
             step = None
             for parent in current.parents:
-                pblob = _blob_at(parent, path)
+                pblob = self._blob_of(parent, path)
                 if pblob is None:
                     continue
                 if pblob != blob and pblob not in seen:
@@ -650,6 +651,16 @@ class ManifestRepo:
                 break
             current = step
         return str(current.id)
+
+    def _blob_of(self, commit: Any, path: str) -> str | None:
+        """:func:`_blob_at`, memoized (a commit's tree never changes): a pass traces every asset of a
+        manifest through the same commits, and a tree lookup by path is the cost of each step."""
+        key = (str(commit.id), path)
+        if key not in self._blobs:
+            if len(self._blobs) >= 200_000:
+                self._blobs.clear()
+            self._blobs[key] = _blob_at(commit, path)
+        return self._blobs[key]
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import hashlib
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -211,17 +211,37 @@ class Export:
     def observe(self, dest: str) -> Observation:
         """Look at ``dest`` without following symlinks and without creating anything. Never raises: a
         dest that cannot be inspected is :attr:`State.UNREADABLE` (its detail names only the errno)."""
-        *parents, name = dest.split("/")
+        with contextlib.closing(self.observe_all([dest])) as seen:
+            return next(seen)[1]
+
+    def observe_all(self, dests: Iterable[str]) -> Generator[tuple[str, Observation], None, None]:
+        """:meth:`observe` for each of ``dests``, opening a directory once for a run of dests in it (in
+        sorted order, once per directory): what a pass with nothing new costs is this stat walk."""
+        with contextlib.ExitStack() as stack:
+            held: tuple[str, ...] | None = None
+            parent: int | None = None
+            failed: Observation | None = None
+            for dest in dests:
+                *parents, name = dest.split("/")
+                if tuple(parents) != held:
+                    stack.close()
+                    held, parent, failed = tuple(parents), None, None
+                    try:
+                        parent = stack.enter_context(self._walk(parents, create=False))
+                    except _Blocked as b:
+                        failed = Observation(State.BLOCKED, detail=str(b))
+                    except OSError as exc:
+                        failed = Observation(State.UNREADABLE, detail=f"cannot inspect dest: {_reason(exc)}")
+                yield dest, failed or self._observe_in(parent, name)
+
+    @staticmethod
+    def _observe_in(parent: int | None, name: str) -> Observation:
+        if parent is None:
+            return Observation(State.MISSING)
         try:
-            with self._walk(parents, create=False) as parent:
-                if parent is None:
-                    return Observation(State.MISSING)
-                try:
-                    st = os.stat(name, dir_fd=parent, follow_symlinks=False)
-                except FileNotFoundError:
-                    return Observation(State.MISSING)
-        except _Blocked as b:
-            return Observation(State.BLOCKED, detail=str(b))
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return Observation(State.MISSING)
         except OSError as exc:
             return Observation(State.UNREADABLE, detail=f"cannot inspect dest: {_reason(exc)}")
         if stat.S_ISLNK(st.st_mode):

@@ -335,10 +335,10 @@ class Reconciler:
         files = led.wanted_files()
         if led.get("wanted_digest") != f"{head}:{_dests_digest(f[0] for f in files)}":
             return False  # the ledger's files are not exactly the assets the head asks for
-        for dest, size, identity, damaged in files:
-            seen = export.observe(dest)
-            if damaged or not identity or seen.identity != identity or seen.size != size:
-                return False
+        with contextlib.closing(export.observe_all(f[0] for f in files)) as seen:
+            for (_, size, identity, damaged), (_, obs) in zip(files, seen, strict=True):
+                if damaged or not identity or obs.identity != identity or obs.size != size:
+                    return False
         result.skipped = len(files)
         return True
 
@@ -348,7 +348,7 @@ class Reconciler:
         desired = load_desired(self.repo, self.ledger, head)
         self._report_invalid(desired, result)
         published = self.ledger.published()
-        observed = {d: export.observe(d) for d in desired.assets}
+        observed = dict(export.observe_all(sorted(desired.assets)))
         result.planned = plan(
             desired.assets,
             desired.conflicts,
