@@ -369,7 +369,7 @@ class Reconciler:
                 self.ledger.set_identities(baseline)
             self._execute(export, result)
             self.ledger.record_directories(export.created())
-            self._settle(desired, result)
+            self._settle(desired, result, published)
             self.ledger.set("wanted_digest", f"{head}:{_dests_digest(sorted(desired.assets))}")
         if self.cfg.prune.enabled or self.prune_mode:
             trusted = result.git_problem not in UNTRUSTED
@@ -940,9 +940,10 @@ class Reconciler:
             )
         )
 
-    def _settle(self, desired: Desired, result: PassResult) -> None:
+    def _settle(self, desired: Desired, result: PassResult, known: dict[str, Published]) -> None:
+        """Record orphans and their returns, drop failures of dests no longer wanted. ``known``: the
+        published rows the plan was made from (the pass changed none of their orphan marks since)."""
         orphans = [a.dest for a in result.planned if a.kind is Kind.ORPHAN]
-        known = self.ledger.published()
         fresh = [d for d in orphans if known[d].orphaned_at is None]
         for a in result.planned:
             if a.kind is Kind.ORPHAN and a.dest in fresh:
