@@ -101,6 +101,57 @@ def test_anything_off_takes_the_full_pass(world: World, change: str) -> None:
     assert (world.export / "1.bin").read_bytes() == (world.blobs / "1.bin").read_bytes()
 
 
+def _three(world: World) -> None:
+    for i in range(3):
+        world.manifest(f"m{i}.toml", {**world.asset(f"{i}.bin", 100, seed=i), "dest": f"{i}.bin"})
+    world.repo.commit("three")
+    assert one_pass(world).ok
+
+
+def test_one_changed_manifest_plans_only_its_dests(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit that changes one manifest file: only its dests are planned (no full desired state), the
+    other files are stat-checked and skipped, and the next pass is a stat walk again."""
+    _three(world)
+    world.manifest("m1.toml", {**world.asset("1b.bin", 100, seed=9), "dest": "1b.bin"})
+    world.repo.remove("assets/m2.toml")
+    world.repo.commit("change m1, drop m2")
+    monkeypatch.setattr(reconcile, "load_desired", _no_desired)
+    result = one_pass(world)
+    assert result.ok and (result.published, result.skipped, result.orphaned) == (1, 1, 2)
+    assert sorted(a.dest for a in result.planned) == ["1.bin", "1b.bin", "2.bin"]
+    assert (world.export / "1b.bin").read_bytes() == (world.blobs / "1b.bin").read_bytes()
+    again = one_pass(world)
+    assert again.ok and again.planned == [a for a in again.planned if a.kind.value == "orphan"]
+    assert again.skipped == 2 and again.orphaned == 2
+    world.repo.write("README.md", "not a manifest\n")
+    world.repo.commit("docs only")
+    docs = one_pass(world)
+    assert docs.ok and docs.skipped == 2 and docs.published == 0
+
+
+@pytest.mark.parametrize("trouble", ["conflict", "invalid", "touched"])
+def test_changed_manifest_with_trouble_takes_the_full_pass(world: World, trouble: str) -> None:
+    """A changed manifest that claims another file's dest, one that does not parse, or another file
+    touched meanwhile: the full pass runs and reports it as always."""
+    _three(world)
+    if trouble == "conflict":
+        world.manifest("m1.toml", {**world.asset("x.bin", 100, seed=7), "dest": "0.bin"})
+    elif trouble == "invalid":
+        world.repo.write("assets/m1.toml", "[[asset]]\nsource = 3\n")
+    else:
+        world.manifest("m1.toml", {**world.asset("1b.bin", 100, seed=9), "dest": "1b.bin"})
+        (world.export / "0.bin").unlink()
+    world.repo.commit(trouble)
+    result = one_pass(world)
+    assert result.planned and len([a for a in result.planned if a.kind.value != "orphan"]) >= 2
+    if trouble == "conflict":
+        assert result.refused >= 1
+    elif trouble == "invalid":
+        assert result.invalid
+    else:
+        assert (world.export / "0.bin").read_bytes() == (world.blobs / "0.bin").read_bytes()
+
+
 def test_new_commit_parses_only_changed_files(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """A new commit re-reads just the manifest files its tree diff touches."""
     for i in range(3):

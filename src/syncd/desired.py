@@ -41,7 +41,7 @@ def load_desired(repo: ManifestRepo, ledger: Ledger, head: str) -> Desired:
     if cached_commit != head:
         if cached_commit and repo.has_commit(cached_commit):
             change = repo.changes(cached_commit, head)
-            upserts = {p: _parse(repo, p, repo.blob_id(head, p)) for p in sorted(change.changed)}
+            upserts = {p: parse_file(repo, p, repo.blob_id(head, p)) for p in sorted(change.changed)}
             ledger.update_manifests(head, key, upserts, change.deleted)
             for p in change.deleted:
                 cache.pop(p, None)
@@ -49,7 +49,7 @@ def load_desired(repo: ManifestRepo, ledger: Ledger, head: str) -> Desired:
         else:
             blobs = repo.manifests(head)
             cache = {
-                p: cache[p] if p in cache and cache[p].blob == b else _parse(repo, p, b)
+                p: cache[p] if p in cache and cache[p].blob == b else parse_file(repo, p, b)
                 for p, b in sorted(blobs.items())
             }
             ledger.update_manifests(head, key, cache, (), replace_all=True)
@@ -60,7 +60,8 @@ def load_desired(repo: ManifestRepo, ledger: Ledger, head: str) -> Desired:
     return Desired(head, assets, conflicts, invalid)
 
 
-def _parse(repo: ManifestRepo, path: str, blob: str) -> CachedManifest:
+def parse_file(repo: ManifestRepo, path: str, blob: str) -> CachedManifest:
+    """Manifest file ``path`` (blob ``blob``) parsed, or its problems."""
     try:
         return CachedManifest(blob, assets=tuple(manifest.parse(path, repo.read_manifest(path, blob))))
     except ManifestError as exc:

@@ -280,6 +280,21 @@ def _digest(key: str, commit: str | None, rows: Iterable[tuple[object, ...]]) ->
     return h.hexdigest()
 
 
+def _decode_cache(rows: Iterable[tuple[object, ...]]) -> dict[str, CachedManifest] | None:
+    """Manifest cache rows (path, blob, assets, problems) decoded; None when one does not decode."""
+    out = {}
+    for path, blob, assets, problems in rows:
+        try:
+            out[str(path)] = CachedManifest(
+                blob=str(blob),
+                assets=tuple(Asset(**a) for a in json.loads(str(assets or "[]"))),
+                problems=tuple(str(p) for p in json.loads(str(problems or "[]"))),
+            )
+        except (ValueError, TypeError, KeyError):  # bad JSON, or not the fields of an Asset
+            return None
+    return out
+
+
 def _row_checksum(row: Iterable[object]) -> str:
     """A short sha256 over one published row's fields (:data:`_ROW_FIELDS`): SQLite has no checksums,
     and a flipped byte in a size or sha256 would otherwise read as a valid row and refuse that dest."""
@@ -670,17 +685,24 @@ class Ledger:
         rows = self._read("SELECT path, blob, assets, problems FROM manifests ORDER BY path")
         if self.get("manifests_digest") != _digest(key, commit, rows):
             return self._drop_cache("the manifest cache does not match its digest")
-        out = {}
-        for path, blob, assets, problems in rows:
-            try:
-                out[str(path)] = CachedManifest(
-                    blob=str(blob),
-                    assets=tuple(Asset(**a) for a in json.loads(str(assets or "[]"))),
-                    problems=tuple(str(p) for p in json.loads(str(problems or "[]"))),
-                )
-            except (ValueError, TypeError, KeyError):  # bad JSON, or not the fields of an Asset
-                return self._drop_cache("a cached manifest row does not decode")
-        return commit, out
+        decoded = _decode_cache(rows)
+        if decoded is None:
+            return self._drop_cache("a cached manifest row does not decode")
+        return commit, decoded
+
+    def cached_manifests(self, paths: Iterable[str]) -> dict[str, CachedManifest] | None:
+        """Just these files of the manifest cache (absent ones left out), decoded; None when a row does
+        not decode. The caller checked :meth:`cache_intact` in the same pass."""
+        wanted = sorted(set(paths))
+        rows: list[tuple[object, ...]] = []
+        for i in range(0, len(wanted), 500):
+            part = wanted[i : i + 500]
+            rows += self._read(
+                "SELECT path, blob, assets, problems FROM manifests WHERE path IN "  # noqa: S608
+                f"({','.join('?' * len(part))})",
+                part,
+            )
+        return _decode_cache(rows)
 
     def cache_intact(self, key: str) -> bool:
         """Whether the manifest cache was built under ``key`` and still matches its digest (checked
@@ -725,12 +747,20 @@ class Ledger:
             db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", list(meta.items()))
 
     # published --------------------------------------------------------------------------------
-    def published(self) -> dict[str, Published]:
+    def published(self, dests: Iterable[str] | None = None) -> dict[str, Published]:
+        """Every published row (or only those of ``dests``), by dest."""
         fields = "dest, sha256, size, source, manifest, commit_id, published_at, how, orphaned_at"
         if self.version < 5:  # read as it is (a reader of an older ledger)
-            rows = self._read(f"SELECT {fields}, '', NULL, '{{}}' FROM published")  # noqa: S608 (constants)
+            select = f"SELECT {fields}, '', NULL, '{{}}' FROM published"  # noqa: S608 (constants)
         else:
-            rows = self._read(f"SELECT {fields}, identity, damaged, provenance FROM published")  # noqa: S608
+            select = f"SELECT {fields}, identity, damaged, provenance FROM published"  # noqa: S608
+        if dests is None:
+            rows = self._read(select)
+        else:
+            wanted, rows = sorted(set(dests)), []
+            for i in range(0, len(wanted), 500):
+                part = wanted[i : i + 500]
+                rows += self._read(f"{select} WHERE dest IN ({','.join('?' * len(part))})", part)
         return {
             str(r[0]): Published(*r[:7], How(str(r[7])), r[8], str(r[9]), r[10], str(r[11]))  # type: ignore[arg-type, call-arg]
             for r in rows
@@ -745,6 +775,10 @@ class Ledger:
         )
         wanted, orphaned, size = rows[0]
         return int(wanted), int(orphaned), int(size)  # type: ignore[call-overload]
+
+    def orphaned_dests(self) -> list[str]:
+        """Dests of published files no manifest lists any more (kept in place, marked orphaned)."""
+        return [str(r[0]) for r in self._read("SELECT dest FROM published WHERE orphaned_at IS NOT NULL")]
 
     def wanted_files(self) -> list[tuple[str, int, str, bool]]:
         """``(dest, size, identity, damaged)`` of every published file still wanted, by dest: what a

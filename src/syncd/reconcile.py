@@ -18,7 +18,7 @@ import hashlib
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,11 +27,11 @@ from typing import TextIO
 
 import tenacity
 
-from syncd import audit, prune, retry, signatures, verify
+from syncd import audit, incremental, prune, retry, signatures, verify
 from syncd import events as ev
 from syncd.audit import AuditObserver
 from syncd.config import Config
-from syncd.desired import Desired, cache_key, load_desired
+from syncd.desired import Desired, load_desired
 from syncd.errors import (
     FetchError,
     GitError,
@@ -309,46 +309,28 @@ class Reconciler:
                 totals={"git_fetch_failed": 1} if git_failed else {},
             )
 
-    def _unchanged(self, export: Export, head: str, result: PassResult) -> bool:
-        """Whether this pass has nothing to do, seen without reading a manifest: the head is the commit
-        the last pass synced and cached, that pass left nothing failing, refused, invalid, deferred or
-        pending, no prune or periodic re-hash is due, and every wanted file is at its dest as recorded
-        (size and identity: a stat each). Then the pass counts them as skipped; anything else (one file
-        touched, missing or damaged) takes the full pass, which plans every asset."""
-        cfg, led = self.cfg, self.ledger
-        if self.dry_run or cfg.prune.enabled or self.prune_mode:
-            return False
-        if self.periodic_verify and cfg.verify_interval is not None:
-            return False
-        if head != led.get("synced_commit") or head != led.get("manifests_commit"):
-            return False
-        if not led.cache_intact(cache_key(cfg.source.path)):
-            return False  # the full pass reads the manifests again (and says why)
-        last = led.passes(1, finished=True)
-        state = last[0].summary.get("state") if last else None
-        if not last or not last[0].ok or last[0].commit != head or not isinstance(state, dict):
-            return False
-        if any(state.get(k) for k in ("failing", "refused", "invalid_manifests", "deferred", "pending")):
-            return False
-        if led.failures():
-            return False
-        files = led.wanted_files()
-        if led.get("wanted_digest") != f"{head}:{_dests_digest(f[0] for f in files)}":
-            return False  # the ledger's files are not exactly the assets the head asks for
-        with contextlib.closing(export.observe_all(f[0] for f in files)) as seen:
-            for (_, size, identity, damaged), (_, obs) in zip(files, seen, strict=True):
-                if damaged or not identity or obs.identity != identity or obs.size != size:
-                    return False
-        result.skipped = len(files)
-        return True
+    def _narrow(self, export: Export, head: str) -> incremental.Narrow | None:
+        synced = incremental.since_last(
+            self.cfg,
+            self.ledger,
+            dry_run=self.dry_run,
+            prune_mode=self.prune_mode,
+            periodic=self.periodic_verify,
+        )
+        return incremental.narrow(self.cfg, self.ledger, self.repo, export, head, synced) if synced else None
 
     def _reconcile(self, export: Export, head: str, result: PassResult) -> None:
-        if self._unchanged(export, head, result):
-            return
-        desired = load_desired(self.repo, self.ledger, head)
-        self._report_invalid(desired, result)
-        published = self.ledger.published()
-        observed = dict(export.observe_all(sorted(desired.assets)))
+        narrow = self._narrow(export, head)
+        if narrow is not None:  # only the changed manifest files' dests are planned (or none at all)
+            desired, published, observed = narrow.desired, narrow.published, narrow.observed
+            result.skipped = narrow.skipped
+            wanted = narrow.wanted
+        else:
+            desired = load_desired(self.repo, self.ledger, head)
+            self._report_invalid(desired, result)
+            published = self.ledger.published()
+            observed = dict(export.observe_all(sorted(desired.assets)))
+            wanted = sorted(desired.assets)
         result.planned = plan(
             desired.assets,
             desired.conflicts,
@@ -370,7 +352,7 @@ class Reconciler:
             self._execute(export, result)
             self.ledger.record_directories(export.created())
             self._settle(desired, result, published)
-            self.ledger.set("wanted_digest", f"{head}:{_dests_digest(sorted(desired.assets))}")
+            self.ledger.set("wanted_digest", f"{head}:{incremental.dests_digest(wanted)}")
         if self.cfg.prune.enabled or self.prune_mode:
             trusted = result.git_problem not in UNTRUSTED
             fetched = result.git_problem is not GitProblem.UNREACHABLE
@@ -977,15 +959,6 @@ class _Damaged(SyncdError):
 
 class _Stopping(StopRequested):
     """The daemon is stopping: not a fault of the asset; its partial is kept for resume."""
-
-
-def _dests_digest(dests: Iterable[str]) -> str:
-    """A digest of a sorted list of dests (what the no-change check compares)."""
-    h = hashlib.sha256()
-    for d in dests:
-        h.update(d.encode())
-        h.update(b"\0")
-    return h.hexdigest()
 
 
 def _totals(result: PassResult) -> dict[str, int]:
