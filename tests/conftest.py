@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from git_http import GitHttp, start_git_http
 from harness import World
 from servers import FaultServer, GitRepo, Nginx, Sshd, start_nginx, start_sshd
+from syncd.publish import Export
 
 MARKERS = {
     "unit": "pure logic, no sockets",
@@ -118,3 +119,14 @@ def git_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GitHttp]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def staged_export(tmp_path: Path) -> Iterator[Export]:
+    """An open Export on an empty ``tmp_path/export`` (its default staging directory inside), for
+    downloads into real staging files without a whole pass."""
+    ex = Export(tmp_path / "export", tmp_path / "export" / ".syncd-staging")
+    (tmp_path / "export").mkdir()
+    ex.open()
+    yield ex
+    ex.close()

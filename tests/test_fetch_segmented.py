@@ -11,7 +11,6 @@ import random
 import re
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,15 +50,6 @@ def fetcher(url: str, token: str | None = TOKEN, *, segments: int = 4, **kw: obj
     return Fetcher(art, timeout=5, concurrency=1, segments=segments, segment_min_size=MiB, **kw)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def export(tmp_path: Path) -> Iterator[Export]:
-    ex = Export(tmp_path / "export", tmp_path / "export" / ".syncd-staging")
-    (tmp_path / "export").mkdir()
-    ex.open()
-    yield ex
-    ex.close()
-
-
 def fetch_into(ex: Export, f: Fetcher, a: Asset) -> bytes:
     """Download ``a`` through a real staging file, publish it, and return the bytes at its dest."""
     staged = ex.stage(a.dest, a.sha256, a.size)
@@ -92,7 +82,7 @@ def ranges_of(lines: list[str]) -> list[tuple[int, int]]:
 
 
 def test_segmented_download_is_byte_exact_with_if_range_on_every_segment(
-    nginx: Nginx, export: Export
+    nginx: Nginx, staged_export: Export
 ) -> None:
     """A big file comes over several ranged requests (each 206, each but the probe with If-Range), and the
     published bytes are exactly the file's."""
@@ -100,7 +90,7 @@ def test_segmented_download_is_byte_exact_with_if_range_on_every_segment(
     (nginx.root / "seg").mkdir(exist_ok=True)
     (nginx.root / "seg/a.bin").write_bytes(data)
     since = len(nginx.access_log.read_text())
-    got = fetch_into(export, fetcher(nginx.bearer_url(), nginx.token), asset_for(data, "seg/a.bin"))
+    got = fetch_into(staged_export, fetcher(nginx.bearer_url(), nginx.token), asset_for(data, "seg/a.bin"))
     assert got == data
     time.sleep(0.1)  # nginx writes its log line after the response
     lines = nginx_lines(nginx, "/bearer/seg/a.bin", since)
@@ -120,14 +110,15 @@ def test_segmented_download_is_byte_exact_with_if_range_on_every_segment(
     assert at == len(data)
 
 
-def test_small_file_is_one_stream(nginx: Nginx, export: Export) -> None:
+def test_small_file_is_one_stream(nginx: Nginx, staged_export: Export) -> None:
     """Below segment_min_size a file comes as one plain GET."""
     data = blob(MiB - 1, 2)
     (nginx.root / "seg").mkdir(exist_ok=True)
     (nginx.root / "seg/small.bin").write_bytes(data)
     since = len(nginx.access_log.read_text())
     assert (
-        fetch_into(export, fetcher(nginx.bearer_url(), nginx.token), asset_for(data, "seg/small.bin")) == data
+        fetch_into(staged_export, fetcher(nginx.bearer_url(), nginx.token), asset_for(data, "seg/small.bin"))
+        == data
     )
     time.sleep(0.1)
     assert nginx_lines(nginx, "/bearer/seg/small.bin", since) == [
@@ -136,7 +127,7 @@ def test_small_file_is_one_stream(nginx: Nginx, export: Export) -> None:
 
 
 def test_file_replaced_between_segments_falls_back_and_never_splices(
-    tmp_path: Path, export: Export, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, staged_export: Export, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """nginx answers If-Range with the new file (200) once the file changed mid-download: the segments
     stop, the staged bytes are dropped and one stream asks for the new version, which the manifest's
@@ -151,7 +142,7 @@ def test_file_replaced_between_segments_falls_back_and_never_splices(
         swapped = threading.Event()
 
         def swap() -> None:
-            part = export.staging / f"{staging_name(a.dest)}.part"
+            part = staged_export.staging / f"{staging_name(a.dest)}.part"
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:  # until a few MiB are in (nginx logs a request at its end)
                 with contextlib.suppress(FileNotFoundError):
@@ -167,23 +158,23 @@ def test_file_replaced_between_segments_falls_back_and_never_splices(
         t = threading.Thread(target=swap)
         t.start()
         with pytest.raises(VerifyError, match="Content-Length 3145728 differs"):
-            fetch_into(export, f, a)
+            fetch_into(staged_export, f, a)
         t.join()
         assert swapped.is_set()
         time.sleep(0.1)
         lines = nginx_lines(nginx, "/bearer/v.bin")
         assert any(" 200 bytes=" in ln for ln in lines), lines  # If-Range refused: the whole new file
         assert lines[-1].startswith("GET /bearer/v.bin HTTP/1.1 200 - ")  # then one stream
-        assert not (export.root / a.dest).exists()
-        assert os.listdir(export.staging) in ([], [".syncd-staging.lock"]) or all(
-            not n.endswith(".part") for n in os.listdir(export.staging)
+        assert not (staged_export.root / a.dest).exists()
+        assert os.listdir(staged_export.staging) in ([], [".syncd-staging.lock"]) or all(
+            not n.endswith(".part") for n in os.listdir(staged_export.staging)
         )
     finally:
         nginx.stop()
 
 
 def test_stop_mid_segments_keeps_written_ranges_and_resume_asks_only_the_rest(
-    tmp_path: Path, export: Export, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, staged_export: Export, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A stop mid-download keeps the staged ranges (recorded in .meta); the next attempt asks nginx only
     for the ranges that are missing, and the result is byte-exact."""
@@ -197,15 +188,15 @@ def test_stop_mid_segments_keeps_written_ranges_and_resume_asks_only_the_rest(
         f = fetcher(nginx.bearer_url(), nginx.token, stop=stop)
         threading.Timer(1.5, stop.set).start()
         with pytest.raises(StopRequested):
-            fetch_into(export, f, a)
-        meta = json.loads((export.staging / f"{staging_name(a.dest)}.meta").read_text())
+            fetch_into(staged_export, f, a)
+        meta = json.loads((staged_export.staging / f"{staging_name(a.dest)}.meta").read_text())
         kept = [tuple(r) for r in meta["ranges"]]
         assert kept and sum(b - c for c, b in kept) < len(data)
-        part = (export.staging / f"{staging_name(a.dest)}.part").read_bytes()
+        part = (staged_export.staging / f"{staging_name(a.dest)}.part").read_bytes()
         for c, b in kept:
             assert part[c:b] == data[c:b]
         since = len(nginx.access_log.read_text())
-        got = fetch_into(export, fetcher(nginx.bearer_url(), nginx.token), a)
+        got = fetch_into(staged_export, fetcher(nginx.bearer_url(), nginx.token), a)
         assert got == data
         time.sleep(0.1)
         asked = ranges_of(nginx_lines(nginx, "/bearer/r.bin", since))
@@ -220,28 +211,28 @@ def test_stop_mid_segments_keeps_written_ranges_and_resume_asks_only_the_rest(
 # against FaultServer --------------------------------------------------------------------------------
 
 
-def test_server_ignoring_range_falls_back_to_one_stream(export: Export) -> None:
+def test_server_ignoring_range_falls_back_to_one_stream(staged_export: Export) -> None:
     """A 200 to the probe's Range: one plain stream of the whole file."""
     data = blob(3 * MiB, 6)
     with FaultServer() as art:
         art.route("/a/w.bin", body=data, ranges=False)
-        assert fetch_into(export, fetcher(f"{art.url}/a"), asset_for(data, "w.bin")) == data
+        assert fetch_into(staged_export, fetcher(f"{art.url}/a"), asset_for(data, "w.bin")) == data
         reqs = art.requests
     assert "range" in reqs[0][2]
     assert [("range" in h) for _, _, h in reqs[1:]] == [False]
 
 
-def test_no_validator_falls_back_to_one_stream(export: Export) -> None:
+def test_no_validator_falls_back_to_one_stream(staged_export: Export) -> None:
     """Without an ETag or Last-Modified, ranges of two versions could be spliced: one stream instead."""
     data = blob(3 * MiB, 7)
     with FaultServer() as art:
         art.route("/a/w.bin", body=data, headers={"ETag": ""})
-        assert fetch_into(export, fetcher(f"{art.url}/a"), asset_for(data, "w.bin")) == data
+        assert fetch_into(staged_export, fetcher(f"{art.url}/a"), asset_for(data, "w.bin")) == data
         reqs = art.requests
     assert len(reqs) == 2 and "range" not in reqs[1][2]
 
 
-def test_validator_changed_between_segments_is_never_spliced(export: Export) -> None:
+def test_validator_changed_between_segments_is_never_spliced(staged_export: Export) -> None:
     """A server that ignores If-Range but answers a later segment with another ETag: syncd notices,
     drops the segments and takes one stream (here the new version, which the manifest names)."""
     old, new = blob(4 * MiB, 8), blob(4 * MiB, 9)
@@ -259,7 +250,7 @@ def test_validator_changed_between_segments_is_never_spliced(export: Export) -> 
         t = threading.Thread(target=swap)
         t.start()
         try:
-            got = fetch_into(export, fetcher(f"{art.url}/a"), asset_for(new, "w.bin"))
+            got = fetch_into(staged_export, fetcher(f"{art.url}/a"), asset_for(new, "w.bin"))
         finally:
             done.set()
             t.join()
@@ -268,12 +259,12 @@ def test_validator_changed_between_segments_is_never_spliced(export: Export) -> 
     assert "range" not in reqs[-1][2]  # the fallback stream
 
 
-def test_cut_segment_is_asked_again_from_where_it_broke(export: Export) -> None:
+def test_cut_segment_is_asked_again_from_where_it_broke(staged_export: Export) -> None:
     """A connection cut mid-segment: another request asks for exactly the rest of that segment."""
     data = blob(4 * MiB, 10)
     with FaultServer() as art:
         art.route("/a/w.bin", body=data, cut_at=300_000, cut_times=1)
-        assert fetch_into(export, fetcher(f"{art.url}/a"), asset_for(data, "w.bin")) == data
+        assert fetch_into(staged_export, fetcher(f"{art.url}/a"), asset_for(data, "w.bin")) == data
         asked = [h["range"] for _, _, h in art.requests]
     first = asked[0]
     start = int(first.split("=")[1].split("-")[0])
@@ -281,14 +272,14 @@ def test_cut_segment_is_asked_again_from_where_it_broke(export: Export) -> None:
 
 
 def test_signed_url_redirect_is_followed_once_and_segments_go_there_without_credentials(
-    export: Export,
+    staged_export: Export,
 ) -> None:
     """Artifactory is asked once (with the token); every segment goes to the signed URL, without it."""
     data = blob(5 * MiB, 11)
     with FaultServer() as art, FaultServer() as storage:
         storage.route("/blob/xyz", body=data)
         art.route("/a/w.bin", redirect=f"{storage.url}/blob/xyz?sig=SIG")
-        assert fetch_into(export, fetcher(f"{art.url}/a"), asset_for(data, "w.bin")) == data
+        assert fetch_into(staged_export, fetcher(f"{art.url}/a"), asset_for(data, "w.bin")) == data
         assert len(art.requests) == 1
         assert art.requests[0][2]["authorization"] == f"Bearer {TOKEN}"
         hits = storage.requests
@@ -298,17 +289,17 @@ def test_signed_url_redirect_is_followed_once_and_segments_go_there_without_cred
     assert all("if-range" in h for _, _, h in hits[1:])
 
 
-def test_segment_longer_than_asked_fails(export: Export) -> None:
+def test_segment_longer_than_asked_fails(staged_export: Export) -> None:
     """A 206 whose Content-Range is not the range asked for is not written: one stream instead."""
     data = blob(3 * MiB, 12)
     with FaultServer() as art:
         art.route("/a/w.bin", body=data, headers={"Content-Range": "bytes 0-99/3145728"})
         # FaultServer adds its own Content-Range too; syncd refuses the ambiguous answer and streams
-        got = fetch_into(export, fetcher(f"{art.url}/a"), asset_for(data, "w.bin"))
+        got = fetch_into(staged_export, fetcher(f"{art.url}/a"), asset_for(data, "w.bin"))
     assert got == data
 
 
-def test_wrong_total_in_content_range_fails_before_writing(export: Export) -> None:
+def test_wrong_total_in_content_range_fails_before_writing(staged_export: Export) -> None:
     """A 206 naming another file size than the manifest's fails the asset, nothing published."""
     data = blob(3 * MiB, 13)
     a = asset_for(data, "w.bin")
@@ -316,19 +307,19 @@ def test_wrong_total_in_content_range_fails_before_writing(export: Export) -> No
     with FaultServer() as art:
         art.route("/a/w.bin", body=data)
         with pytest.raises(VerifyError, match="Content-Range says"):
-            fetch_into(export, fetcher(f"{art.url}/a"), bigger)
-    assert not (export.root / a.dest).exists()
+            fetch_into(staged_export, fetcher(f"{art.url}/a"), bigger)
+    assert not (staged_export.root / a.dest).exists()
 
 
-def test_staged_file_written_by_ranges_is_checked_before_publish(export: Export) -> None:
+def test_staged_file_written_by_ranges_is_checked_before_publish(staged_export: Export) -> None:
     """The publish still refuses a staging file whose size is not the manifest's (defence in depth)."""
     data = blob(3 * MiB, 14)
     a = asset_for(data, "w.bin")
     with FaultServer() as art:
         art.route("/a/w.bin", body=data)
-        staged: StagedFile = export.stage(a.dest, a.sha256, a.size)
+        staged: StagedFile = staged_export.stage(a.dest, a.sha256, a.size)
         fetcher(f"{art.url}/a").download(a, staged)
     os.ftruncate(staged.fd, a.size + 1)
     with pytest.raises(Exception, match="changed by someone else"):
         staged.publish()
-    assert not (export.root / a.dest).exists()
+    assert not (staged_export.root / a.dest).exists()

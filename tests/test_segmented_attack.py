@@ -19,9 +19,8 @@ import socket
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -276,15 +275,6 @@ def fetcher(url: str, *, basic: bool = False, timeout: float = 2, segs: int = 4,
     return Fetcher(art, timeout=timeout, concurrency=1, segments=segs, segment_min_size=MiB, **kw)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def export(tmp_path: Path) -> Iterator[Export]:
-    ex = Export(tmp_path / "export", tmp_path / "export" / ".syncd-staging")
-    (tmp_path / "export").mkdir()
-    ex.open()
-    yield ex
-    ex.close()
-
-
 def seg_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("syncd-seg")]
 
@@ -376,7 +366,7 @@ def write_state(ex: Export, a: Asset, part: bytes, meta: object, *, size: int | 
 # ======================================================================= hostile local state (.meta)
 
 
-def test_resume_with_validator_but_no_kept_ranges_still_records_ranges(export: Export) -> None:
+def test_resume_with_validator_but_no_kept_ranges_still_records_ranges(staged_export: Export) -> None:
     """BUG HUNT: a segmented attempt that got the probe's head but no body byte leaves .meta with
     {validator, ranges: []}. The next attempt resumes with that validator from offset 0 and never calls
     begin_ranges, so StagedFile._ranged stays False and every checkpoint/keep writes .meta WITHOUT
@@ -397,23 +387,23 @@ def test_resume_with_validator_but_no_kept_ranges_still_records_ranges(export: E
 
     with Rig(handler) as rig:
         with pytest.raises(FetchError) as e1:
-            attempt(export, fetcher(rig.url), a)
+            attempt(staged_export, fetcher(rig.url), a)
         assert e1.value.retryable
-        meta1 = json.loads((export.staging / f"{staging_name(a.dest)}.meta").read_text())
+        meta1 = json.loads((staged_export.staging / f"{staging_name(a.dest)}.meta").read_text())
         assert meta1.get("validator") == ETAG and meta1.get("ranges") == []
 
         phase["n"] = 2
         stop = threading.Event()
         threading.Timer(1.0, stop.set).start()
         with pytest.raises(StopRequested):
-            attempt(export, fetcher(rig.url, stop=stop), a)
-        meta2 = json.loads((export.staging / f"{staging_name(a.dest)}.meta").read_text())
-        part = export.staging / f"{staging_name(a.dest)}.part"
-        kept_is_true(export, a, data)  # the promise behind resume: what is claimed is really there
+            attempt(staged_export, fetcher(rig.url, stop=stop), a)
+        meta2 = json.loads((staged_export.staging / f"{staging_name(a.dest)}.meta").read_text())
+        part = staged_export.staging / f"{staging_name(a.dest)}.part"
+        kept_is_true(staged_export, a, data)  # the promise behind resume: what is claimed is really there
         assert "ranges" in meta2, (meta2, part.stat().st_size)
 
         phase["n"] = 3
-        assert attempt(export, fetcher(rig.url), a) == data
+        assert attempt(staged_export, fetcher(rig.url), a) == data
 
 
 @pytest.mark.parametrize(
@@ -426,7 +416,9 @@ def test_resume_with_validator_but_no_kept_ranges_still_records_ranges(export: E
     ],
     ids=["overlap", "beyond-size", "floats", "junk-item"],
 )
-def test_untrusted_ranges_in_meta_are_not_taken_as_a_prefix(export: Export, ranges: list[object]) -> None:
+def test_untrusted_ranges_in_meta_are_not_taken_as_a_prefix(
+    staged_export: Export, ranges: list[object]
+) -> None:
     """BUG HUNT: ranges that extents_ok rejects ("the partial is then not trusted") are replaced in
     staging._resume by [(0, file length)]: a sparse segmented .part (the right first MiB, zeros after) is
     then taken as fully downloaded, and the download fails with a misleading sha256 mismatch (a
@@ -434,68 +426,68 @@ def test_untrusted_ranges_in_meta_are_not_taken_as_a_prefix(export: Export, rang
     data = blob(4 * MiB, 2)
     a = asset_for(data)
     write_state(
-        export,
+        staged_export,
         a,
         data[:MiB],
         {"dest": a.dest, "sha256": a.sha256, "validator": ETAG, "ranges": ranges},
         size=len(data),
     )
     with Rig(lambda r, o: good(r, o, data)) as rig:
-        got = attempt(export, fetcher(rig.url), a)
+        got = attempt(staged_export, fetcher(rig.url), a)
     assert got == data
 
 
-def test_partial_truncated_below_its_ranges_is_not_trusted_as_a_prefix(export: Export) -> None:
+def test_partial_truncated_below_its_ranges_is_not_trusted_as_a_prefix(staged_export: Export) -> None:
     """BUG HUNT (same root cause): a segmented partial recorded as [[0,1MiB],[3MiB,4MiB]] whose .part is
     now only 2 MiB long (right first MiB, then a hole) is taken as a 2 MiB prefix."""
     data = blob(4 * MiB, 3)
     a = asset_for(data)
     meta = {"dest": a.dest, "sha256": a.sha256, "validator": ETAG, "ranges": [[0, MiB], [3 * MiB, 4 * MiB]]}
-    write_state(export, a, data[:MiB], meta, size=2 * MiB)
+    write_state(staged_export, a, data[:MiB], meta, size=2 * MiB)
     with Rig(lambda r, o: good(r, o, data)) as rig:
-        assert attempt(export, fetcher(rig.url), a) == data
+        assert attempt(staged_export, fetcher(rig.url), a) == data
 
 
-def test_meta_ranges_claiming_wrong_bytes_never_publish(export: Export) -> None:
+def test_meta_ranges_claiming_wrong_bytes_never_publish(staged_export: Export) -> None:
     """Valid ranges whose bytes are not the file's (zeros): the in-order hash catches it; nothing wrong
     is published, and the next attempt starts clean."""
     data = blob(4 * MiB, 4)
     a = asset_for(data)
     meta = {"dest": a.dest, "sha256": a.sha256, "validator": ETAG, "ranges": [[0, MiB], [2 * MiB, 3 * MiB]]}
-    write_state(export, a, data[:MiB], meta, size=3 * MiB)  # [2,3) MiB are zeros
+    write_state(staged_export, a, data[:MiB], meta, size=3 * MiB)  # [2,3) MiB are zeros
     with Rig(lambda r, o: good(r, o, data)) as rig:
         with pytest.raises(VerifyError):
-            attempt(export, fetcher(rig.url), a)
-        assert not (export.root / a.dest).exists()
-        assert attempt(export, fetcher(rig.url), a) == data
+            attempt(staged_export, fetcher(rig.url), a)
+        assert not (staged_export.root / a.dest).exists()
+        assert attempt(staged_export, fetcher(rig.url), a) == data
 
 
-def test_meta_claiming_the_whole_file_with_a_longer_part(export: Export) -> None:
+def test_meta_claiming_the_whole_file_with_a_longer_part(staged_export: Export) -> None:
     """ranges [[0,size]] with a .part longer than the file: not published wrong; next attempt clean."""
     data = blob(3 * MiB, 5)
     a = asset_for(data)
     meta = {"dest": a.dest, "sha256": a.sha256, "validator": ETAG, "ranges": [[0, len(data)]]}
-    write_state(export, a, data + b"TRAILING", meta)
+    write_state(staged_export, a, data + b"TRAILING", meta)
     with Rig(lambda r, o: good(r, o, data)) as rig:
         with contextlib.suppress(SyncdError):
-            attempt(export, fetcher(rig.url), a)
-        dest_ok(export, a, data)
-        if not (export.root / a.dest).exists():
-            assert attempt(export, fetcher(rig.url), a) == data
+            attempt(staged_export, fetcher(rig.url), a)
+        dest_ok(staged_export, a, data)
+        if not (staged_export.root / a.dest).exists():
+            assert attempt(staged_export, fetcher(rig.url), a) == data
 
 
-def test_meta_deeply_nested_json_does_not_wedge_the_asset(export: Export) -> None:
+def test_meta_deeply_nested_json_does_not_wedge_the_asset(staged_export: Export) -> None:
     """A .meta of 60,000 '[' (within _META_MAX): json.loads raises RecursionError, which _resume does
     not catch (only OSError, ValueError): Export.stage raises a non-syncd error and the bad .meta
     stays, so the asset fails on every pass."""
     data = blob(2 * MiB, 6)
     a = asset_for(data)
-    write_state(export, a, b"x" * 100, "[" * 60000)
+    write_state(staged_export, a, b"x" * 100, "[" * 60000)
     with Rig(lambda r, o: good(r, o, data)) as rig:
-        assert attempt(export, fetcher(rig.url), a) == data
+        assert attempt(staged_export, fetcher(rig.url), a) == data
 
 
-def test_meta_huge_list_of_tiny_ranges(export: Export) -> None:
+def test_meta_huge_list_of_tiny_ranges(staged_export: Export) -> None:
     """~3000 one-byte kept ranges (the .part holds the right bytes there; a 48 KB .meta): every gap
     becomes its own piece and its own ranged request (no coalescing of small gaps), ~3000 requests for
     a 2 MiB file (~20 s here). Bounded by a stop at 8 s."""
@@ -506,25 +498,25 @@ def test_meta_huge_list_of_tiny_ranges(export: Export) -> None:
     for x, y in ranges:
         part[x:y] = data[x:y]
     meta = {"dest": a.dest, "sha256": a.sha256, "validator": ETAG, "ranges": ranges}
-    write_state(export, a, bytes(part), meta)
+    write_state(staged_export, a, bytes(part), meta)
     stop = threading.Event()
     timer = threading.Timer(6.0, stop.set)  # keeps the test under 10 s
     with Rig(lambda r, o: good(r, o, data)) as rig:
         timer.start()
         try:
-            assert attempt(export, fetcher(rig.url, stop=stop), a) == data, len(rig.reqs)
+            assert attempt(staged_export, fetcher(rig.url, stop=stop), a) == data, len(rig.reqs)
         finally:
             timer.cancel()
 
 
-def test_meta_validator_echoing_a_credential_is_never_sent(export: Export) -> None:
+def test_meta_validator_echoing_a_credential_is_never_sent(staged_export: Export) -> None:
     """A .meta whose validator holds the token: never sent in If-Range, kept bytes dropped."""
     data = blob(2 * MiB, 8)
     a = asset_for(data)
     meta = {"dest": a.dest, "sha256": a.sha256, "validator": f'"{TOKEN}"', "ranges": [[0, MiB]]}
-    write_state(export, a, data[:MiB], meta)
+    write_state(staged_export, a, data[:MiB], meta)
     with Rig(lambda r, o: good(r, o, data)) as rig:
-        assert attempt(export, fetcher(rig.url), a) == data
+        assert attempt(staged_export, fetcher(rig.url), a) == data
         assert all(TOKEN not in r.headers.get("if-range", "") for r in rig.reqs)
 
 
@@ -545,7 +537,7 @@ def test_meta_validator_echoing_a_credential_is_never_sent(export: Export) -> No
         "bytes 1048575-0/{size}",
     ],
 )
-def test_probe_with_hostile_content_range(export: Export, cr: str) -> None:
+def test_probe_with_hostile_content_range(staged_export: Export, cr: str) -> None:
     data = blob(3 * MiB, 10)
     a = asset_for(data)
 
@@ -558,11 +550,11 @@ def test_probe_with_hostile_content_range(export: Export, cr: str) -> None:
 
     with Rig(handler) as rig:
         try:
-            got = attempt(export, fetcher(rig.url), a)
+            got = attempt(staged_export, fetcher(rig.url), a)
             assert got == data
         except SyncdError as exc:
             clean_error(exc)
-    dest_ok(export, a, data)
+    dest_ok(staged_export, a, data)
 
 
 # ===================================================================== hostile answers to segments
@@ -596,7 +588,7 @@ OTHER = blob(4 * MiB, 99)
         "302-loop",
     ],
 )
-def test_hostile_answer_to_a_later_segment(export: Export, kind: str) -> None:
+def test_hostile_answer_to_a_later_segment(staged_export: Export, kind: str) -> None:
     data = blob(4 * MiB, 11)
     a = asset_for(data)
 
@@ -658,18 +650,18 @@ def test_hostile_answer_to_a_later_segment(export: Export, kind: str) -> None:
 
     with Rig(handler) as rig:
         try:
-            got = attempt(export, fetcher(rig.url), a)
+            got = attempt(staged_export, fetcher(rig.url), a)
             assert got == data
         except SyncdError as exc:
             clean_error(exc)
         n = len(rig.reqs)
-    dest_ok(export, a, data)
+    dest_ok(staged_export, a, data)
     assert n < 40, n  # bounded, whatever the server does
-    if (export.staging / f"{staging_name(a.dest)}.meta").exists():
-        kept_is_true(export, a, data)
+    if (staged_export.staging / f"{staging_name(a.dest)}.meta").exists():
+        kept_is_true(staged_export, a, data)
 
 
-def test_server_ignoring_if_range_with_new_version_never_splices(export: Export) -> None:
+def test_server_ignoring_if_range_with_new_version_never_splices(staged_export: Export) -> None:
     """Later segments come from another version with the SAME ETag (a broken cache): only the hash can
     tell; nothing is published."""
     data = blob(4 * MiB, 12)
@@ -680,23 +672,23 @@ def test_server_ignoring_if_range_with_new_version_never_splices(export: Export)
 
     with Rig(handler) as rig:
         with pytest.raises(VerifyError) as e:
-            attempt(export, fetcher(rig.url), a)
+            attempt(staged_export, fetcher(rig.url), a)
         clean_error(e.value)
-    assert not (export.root / a.dest).exists()
+    assert not (staged_export.root / a.dest).exists()
 
 
-def test_weak_etag_only_falls_back_to_one_stream(export: Export) -> None:
+def test_weak_etag_only_falls_back_to_one_stream(staged_export: Export) -> None:
     data = blob(3 * MiB, 13)
     a = asset_for(data)
     with Rig(lambda r, o: good(r, o, data, etag='W/"w1"')) as rig:
-        assert attempt(export, fetcher(rig.url), a) == data
+        assert attempt(staged_export, fetcher(rig.url), a) == data
         ranged = [r for r in rig.reqs if "range" in r.headers]
     assert len(ranged) == 1
 
 
 @pytest.mark.parametrize("basic", [False, True])
 @pytest.mark.parametrize("where", ["etag", "last-modified"])
-def test_validator_echoing_the_credential(export: Export, basic: bool, where: str) -> None:
+def test_validator_echoing_the_credential(staged_export: Export, basic: bool, where: str) -> None:
     """The server puts the credential into its validator: it is never stored, sent back or shown."""
     data = blob(3 * MiB, 14)
     a = asset_for(data)
@@ -708,26 +700,26 @@ def test_validator_echoing_the_credential(export: Export, basic: bool, where: st
         return good(req, out, data, etag=None, lm=f"Mon, 01 Jan 2024 00:00:00 GMT {secret}")
 
     with Rig(handler) as rig:
-        assert attempt(export, fetcher(rig.url, basic=basic), a) == data
+        assert attempt(staged_export, fetcher(rig.url, basic=basic), a) == data
         assert all(secret not in r.headers.get("if-range", "") for r in rig.reqs)
-    no_secret_on_disk(export)
+    no_secret_on_disk(staged_export)
 
 
-def test_validator_echo_and_stop_leave_no_credential_in_meta(export: Export) -> None:
+def test_validator_echo_and_stop_leave_no_credential_in_meta(staged_export: Export) -> None:
     data = blob(4 * MiB, 15)
     a = asset_for(data)
     stop = threading.Event()
     with Rig(lambda r, o: good(r, o, data, etag=f'"{TOKEN}"', delay=0.05)) as rig:
         threading.Timer(0.5, stop.set).start()
         with contextlib.suppress(StopRequested):
-            attempt(export, fetcher(rig.url, stop=stop), a)
-    no_secret_on_disk(export)
+            attempt(staged_export, fetcher(rig.url, stop=stop), a)
+    no_secret_on_disk(staged_export)
 
 
 # ======================================================================================= redirects
 
 
-def test_segment_redirected_to_another_host_gets_no_credentials(export: Export) -> None:
+def test_segment_redirected_to_another_host_gets_no_credentials(staged_export: Export) -> None:
     """The probe is answered by the origin; later segments are redirected to another host, which must
     never see Authorization (token or basic)."""
     data = blob(4 * MiB, 16)
@@ -741,14 +733,14 @@ def test_segment_redirected_to_another_host_gets_no_credentials(export: Export) 
 
         for basic in (False, True):
             with Rig(origin) as art:
-                if (export.root / a.dest).exists():
-                    (export.root / a.dest).unlink()
-                assert attempt(export, fetcher(art.url, basic=basic), a) == data
+                if (staged_export.root / a.dest).exists():
+                    (staged_export.root / a.dest).unlink()
+                assert attempt(staged_export, fetcher(art.url, basic=basic), a) == data
         assert storage.reqs
         assert all("authorization" not in r.headers for r in storage.reqs)
 
 
-def test_probe_redirect_then_storage_redirects_back_and_forth(export: Export) -> None:
+def test_probe_redirect_then_storage_redirects_back_and_forth(staged_export: Export) -> None:
     """Storage bounces later segments to a third host that loops: bounded, clean error or exact bytes,
     credentials only to the origin."""
     data = blob(4 * MiB, 17)
@@ -760,16 +752,16 @@ def test_probe_redirect_then_storage_redirects_back_and_forth(export: Export) ->
         )
         art.handler = lambda r, o: reply(o, 302, [("Location", f"{storage.url}/blob?sig=S")])
         try:
-            assert attempt(export, fetcher(art.url), a) == data
+            assert attempt(staged_export, fetcher(art.url), a) == data
         except SyncdError as exc:
             clean_error(exc)
         for rig in (storage, third):
             assert all("authorization" not in r.headers for r in rig.reqs)
         assert len(third.reqs) < 100
-    dest_ok(export, a, data)
+    dest_ok(staged_export, a, data)
 
 
-def test_expired_signed_url_mid_download_resolves_again_without_leaking(export: Export) -> None:
+def test_expired_signed_url_mid_download_resolves_again_without_leaking(staged_export: Export) -> None:
     data = blob(4 * MiB, 18)
     a = asset_for(data)
     with Rig() as storage, Rig() as art:
@@ -777,7 +769,7 @@ def test_expired_signed_url_mid_download_resolves_again_without_leaking(export: 
             reply(o, 403, [], b"expired") if "sig=1" in r.target and r.n >= 2 else good(r, o, data)
         )
         art.handler = lambda r, o: reply(o, 302, [("Location", f"{storage.url}/blob?sig={r.n + 1}")])
-        assert attempt(export, fetcher(art.url), a) == data
+        assert attempt(staged_export, fetcher(art.url), a) == data
         assert all("authorization" not in r.headers for r in storage.reqs)
         assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in art.reqs)
 
@@ -785,7 +777,7 @@ def test_expired_signed_url_mid_download_resolves_again_without_leaking(export: 
 # ======================================================================================== stalls, cuts
 
 
-def test_one_segment_stalled_once_does_not_hold_the_download(export: Export) -> None:
+def test_one_segment_stalled_once_does_not_hold_the_download(staged_export: Export) -> None:
     """The first request for piece 2 sends its head and then nothing, forever: the download finishes
     within about one timeout (others steal its rest; it is asked again)."""
     data = blob(4 * MiB, 19)
@@ -801,13 +793,13 @@ def test_one_segment_stalled_once_does_not_hold_the_download(export: Export) -> 
 
     with Rig(handler) as rig:
         t0 = time.monotonic()
-        assert attempt(export, fetcher(rig.url, timeout=1), a) == data
+        assert attempt(staged_export, fetcher(rig.url, timeout=1), a) == data
         took = time.monotonic() - t0
     assert stalled.is_set()
     assert took < 4, took
 
 
-def test_head_stalled_forever_on_the_probe(export: Export) -> None:
+def test_head_stalled_forever_on_the_probe(staged_export: Export) -> None:
     """The probe's head never comes: bounded by the timeout, clean retryable error."""
     data = blob(3 * MiB, 20)
     a = asset_for(data)
@@ -819,13 +811,13 @@ def test_head_stalled_forever_on_the_probe(export: Export) -> None:
     with Rig(handler) as rig:
         t0 = time.monotonic()
         with pytest.raises(FetchError) as e:
-            attempt(export, fetcher(rig.url, timeout=1), a)
+            attempt(staged_export, fetcher(rig.url, timeout=1), a)
         took = time.monotonic() - t0
     assert e.value.retryable
     assert took < 9, took
 
 
-def test_segment_that_always_stalls_fails_in_bounded_time(export: Export) -> None:
+def test_segment_that_always_stalls_fails_in_bounded_time(staged_export: Export) -> None:
     """Every request that starts at 2 MiB stalls after its head: the attempt ends (retryable) within a
     few timeouts, and what is kept is true."""
     data = blob(4 * MiB, 21)
@@ -840,15 +832,15 @@ def test_segment_that_always_stalls_fails_in_bounded_time(export: Export) -> Non
     with Rig(handler) as rig:
         t0 = time.monotonic()
         with pytest.raises(FetchError) as e:
-            attempt(export, fetcher(rig.url, timeout=1), a)
+            attempt(staged_export, fetcher(rig.url, timeout=1), a)
         took = time.monotonic() - t0
     assert e.value.retryable, e.value
     assert took < 9, took
-    rs = kept_is_true(export, a, data)
+    rs = kept_is_true(staged_export, a, data)
     assert sum(y - x for x, y in rs) >= 2 * MiB, rs  # the healthy pieces were kept
 
 
-def test_cut_on_every_segment_is_bounded_and_resumes_to_the_end(export: Export) -> None:
+def test_cut_on_every_segment_is_bounded_and_resumes_to_the_end(staged_export: Export) -> None:
     """Every answer is cut after 200 KiB: each attempt ends after a bounded number of requests, keeps
     true ranges, and attempts in a row finish the file without asking for kept bytes again."""
     data = blob(4 * MiB, 22)
@@ -857,14 +849,14 @@ def test_cut_on_every_segment_is_bounded_and_resumes_to_the_end(export: Export) 
         got = None
         for i in range(60):  # noqa: B007 (i is checked after the loop)
             before = len(rig.reqs)
-            kept = kept_view(export, a) or []
+            kept = kept_view(staged_export, a) or []
             try:
-                got = attempt(export, fetcher(rig.url), a)
+                got = attempt(staged_export, fetcher(rig.url), a)
                 break
             except FetchError as exc:
                 assert exc.retryable, exc
                 assert len(rig.reqs) - before <= 16, len(rig.reqs) - before
-                kept_is_true(export, a, data)
+                kept_is_true(staged_export, a, data)
             finally:
                 for r in rig.reqs[before:]:  # a resume never asks for bytes it holds
                     x, y = r.range(len(data)) or (0, len(data) - 1)
@@ -873,7 +865,7 @@ def test_cut_on_every_segment_is_bounded_and_resumes_to_the_end(export: Export) 
         assert i < 40, i
 
 
-def test_stop_mid_download_keeps_true_ranges_and_resumes_only_the_rest(export: Export) -> None:
+def test_stop_mid_download_keeps_true_ranges_and_resumes_only_the_rest(staged_export: Export) -> None:
     data = blob(6 * MiB, 23)
     a = asset_for(data)
     stop = threading.Event()
@@ -881,19 +873,19 @@ def test_stop_mid_download_keeps_true_ranges_and_resumes_only_the_rest(export: E
         threading.Timer(0.6, stop.set).start()
         t0 = time.monotonic()
         with pytest.raises(StopRequested):
-            attempt(export, fetcher(rig.url, stop=stop), a)
+            attempt(staged_export, fetcher(rig.url, stop=stop), a)
         assert time.monotonic() - t0 < 3
-        rs = kept_is_true(export, a, data)
+        rs = kept_is_true(staged_export, a, data)
         assert rs and sum(y - x for x, y in rs) < len(data)
         before = len(rig.reqs)
-        assert attempt(export, fetcher(rig.url), a) == data
+        assert attempt(staged_export, fetcher(rig.url), a) == data
         for r in rig.reqs[before:]:
             x, y = r.range(len(data)) or (0, len(data) - 1)
             for kx, ky in rs:
                 assert y + 1 <= kx or x >= ky, (x, y, rs)
 
 
-def test_stop_while_probe_is_in_flight_and_others_wait(export: Export) -> None:
+def test_stop_while_probe_is_in_flight_and_others_wait(staged_export: Export) -> None:
     data = blob(4 * MiB, 24)
     a = asset_for(data)
     stop = threading.Event()
@@ -906,11 +898,13 @@ def test_stop_while_probe_is_in_flight_and_others_wait(export: Export) -> None:
         threading.Timer(0.3, stop.set).start()
         t0 = time.monotonic()
         with pytest.raises(StopRequested):
-            attempt(export, fetcher(rig.url, stop=stop, timeout=30), a)
+            attempt(staged_export, fetcher(rig.url, stop=stop, timeout=30), a)
         assert time.monotonic() - t0 < 3
 
 
-def test_disk_error_mid_segment_is_a_clear_error(export: Export, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_error_mid_segment_is_a_clear_error(
+    staged_export: Export, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A pwrite failing (EIO) in one worker: syncd's own error, no thread left, nothing published."""
     data = blob(4 * MiB, 25)
     a = asset_for(data)
@@ -925,22 +919,22 @@ def test_disk_error_mid_segment_is_a_clear_error(export: Export, monkeypatch: py
 
     monkeypatch.setattr(os, "pwrite", flaky)
     with Rig(lambda r, o: good(r, o, data)) as rig, pytest.raises(SyncdError) as e:
-        attempt(export, fetcher(rig.url), a)
+        attempt(staged_export, fetcher(rig.url), a)
     clean_error(e.value)
-    assert not (export.root / a.dest).exists()
+    assert not (staged_export.root / a.dest).exists()
 
 
 # ============================================================================================ memory
 
 
-def test_memory_stays_bounded(export: Export, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_memory_stays_bounded(staged_export: Export, monkeypatch: pytest.MonkeyPatch) -> None:
     """A 48 MiB file over 4 segments with many out-of-order pieces: peak Python memory stays small."""
     monkeypatch.setattr(segments, "PIECE", 4 * MiB)
     data = blob(48 * MiB, 26)
     a = asset_for(data)
     with Rig(lambda r, o: good(r, o, data, chunk=256 * KiB)) as rig:
         f = fetcher(rig.url)
-        staged = export.stage(a.dest, a.sha256, a.size)
+        staged = staged_export.stage(a.dest, a.sha256, a.size)
         tracemalloc.start()
         try:
             f.download(a, staged)
@@ -948,23 +942,26 @@ def test_memory_stays_bounded(export: Export, monkeypatch: pytest.MonkeyPatch) -
         finally:
             tracemalloc.stop()
         staged.publish()
-    assert (export.root / a.dest).read_bytes() == data
+    assert (staged_export.root / a.dest).read_bytes() == data
     assert peak < 24 * MiB, peak / MiB
 
 
-def test_complete_partial_is_published_without_a_request(export: Export) -> None:
+def test_complete_partial_is_published_without_a_request(staged_export: Export) -> None:
     """Idempotence: a staged file whose ranges hold the whole (right) file needs no request."""
     data = blob(3 * MiB, 27)
     a = asset_for(data)
     write_state(
-        export, a, data, {"dest": a.dest, "sha256": a.sha256, "validator": ETAG, "ranges": [[0, len(data)]]}
+        staged_export,
+        a,
+        data,
+        {"dest": a.dest, "sha256": a.sha256, "validator": ETAG, "ranges": [[0, len(data)]]},
     )
     with Rig(lambda r, o: good(r, o, data)) as rig:
-        assert attempt(export, fetcher(rig.url), a) == data
+        assert attempt(staged_export, fetcher(rig.url), a) == data
         assert rig.reqs == []
 
 
-def test_one_slow_connection_does_not_hold_the_rest_of_the_file_hostage(export: Export) -> None:
+def test_one_slow_connection_does_not_hold_the_rest_of_the_file_hostage(staged_export: Export) -> None:
     """One slow (not stalled) connection: the piece at 2 MiB drips at 8 KiB/s, above MIN_SPEED, so it
     never times out; the others are fast. Idle workers split its rest, then take over what is left once
     it is SLOW_FACTOR times slower than the fastest connection: the file completes well before the stop
@@ -983,6 +980,6 @@ def test_one_slow_connection_does_not_hold_the_rest_of_the_file_hostage(export: 
     with Rig(handler) as rig:
         timer.start()
         try:
-            assert attempt(export, fetcher(rig.url, timeout=2, stop=stop), a) == data
+            assert attempt(staged_export, fetcher(rig.url, timeout=2, stop=stop), a) == data
         finally:
             timer.cancel()
