@@ -161,19 +161,25 @@ def _from_ledger(ledger: Ledger, st: Status, now: datetime) -> Status:
     st.prune_problem = _text(summary.get("prune_problem"))
     st.prune_error = _text(summary.get("prune_error"))
     st.pruned_total = _int(ledger.totals().get("pruned_files"))
-    sources = ledger.cached_sources()
-    for f in sorted(ledger.failures().values(), key=lambda f: f.dest):
+    failures = ledger.failures()
+    sources = ledger.cached_sources() if failures else {}  # decoded only when a failure needs its source
+    for f in sorted(failures.values(), key=lambda f: f.dest):
         item = {"dest": f.dest, "attempts": f.attempts, "error": f.last_error, "since": f.first_failed_at}
         if f.kind is Problem.REFUSED:
             st.refused.append(item)
         else:
             st.failing.append({**item, "source": sources.get(f.dest)})
     st.invalid_manifests = [{"path": p, "problems": list(v)} for p, v in ledger.invalid_manifests().items()]
-    st.orphaned = [
-        {"dest": p.dest, "since": p.orphaned_at}
-        for p in sorted(ledger.published().values(), key=lambda p: p.dest)
-        if p.orphaned_at is not None
-    ]
+    orphans = ledger.orphaned_dests()
+    st.orphaned = (
+        [
+            {"dest": p.dest, "since": p.orphaned_at}
+            for p in sorted(ledger.published(orphans).values(), key=lambda p: p.dest)
+            if p.orphaned_at is not None
+        ]
+        if orphans
+        else []
+    )
     age = _age(last.finished_at if last else None, now)
     if age is None:
         st.stale_reason = (
