@@ -747,9 +747,12 @@ def targets_table(report: dict[str, Any]) -> str:
         f"{results.count('PASS')} PASS, {results.count('MISS')} MISS"
         + (f", {results.count('n/a')} n/a (a tool was not run)" if "n/a" in results else "")
     )
+    if "MISS" in results:
+        lines.append(f"Where a target is missed, the measured ceiling and why: {CEILINGS}")
     return "\n".join(lines)
 
 
+CEILINGS = "docs/performance.md, section 'Fast at every size' (profiles, and what would move each)"
 NOTES = (
     "Wall time: median of the runs, from fork to exit, each run into an empty output directory (syncd: "
     "empty export and state directory, so it clones the manifest repo too). MB/s = payload bytes / median "
