@@ -1,6 +1,6 @@
 """Downloads from Artifactory with httpx: streamed, hashed while streaming, size-capped, time-bounded.
 
-The only module that imports httpx (and httpcore, its transport); every error leaves it as a
+The only package that imports httpx, h11 and httpcore; every error leaves it as a
 :class:`~syncd.errors.FetchError` with a message of syncd's own.
 
 - Credentials (Bearer token or basic auth) are attached per request, and only when the request goes to the
@@ -41,10 +41,10 @@ from syncd import segments
 from syncd.config import Artifactory
 from syncd.errors import ConfigError, FetchError, HTTPStatusError, SyncdError, VerifyError
 from syncd.fetch.answers import RANGE, Response, check_headers, continues, grammar, validator_of
+from syncd.fetch.http11 import Transport
 from syncd.fetch.segmented import Segmented
 from syncd.fetch.sink import Sink
 from syncd.fetch.wire import (
-    Transport,
     Watch,
     failure,
     local,

@@ -1,8 +1,9 @@
-"""The wire under :class:`syncd.fetch.Fetcher`: httpcore's pool on a socket stream whose every wait obeys
-a per-request time bound (:class:`Watch`), the URL helpers every message uses, and the one place that
-turns httpx / httpcore / ssl / OS exceptions into syncd's own words (:func:`translate`).
+"""The wire under :class:`syncd.fetch.Fetcher`: httpcore's sync network backend wrapped so that every socket
+wait obeys a per-request time bound (:class:`Watch`), the URL helpers every message uses, and the one
+place that turns httpx / httpcore / h11 / ssl / OS exceptions into syncd's own words (:func:`translate`).
+The HTTP/1.1 exchanges on these sockets are :mod:`syncd.fetch.http11`.
 
-Part of :mod:`syncd.fetch`, the only package that imports httpx and httpcore.
+Part of :mod:`syncd.fetch`, the only package that imports httpx, h11 and httpcore.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -246,58 +247,6 @@ class Backend(httpcore.NetworkBackend):
 
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
-
-
-class Body(httpx.SyncByteStream):
-    def __init__(self, inner: Iterable[bytes]) -> None:
-        self._inner = inner
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self._inner
-
-    def close(self) -> None:
-        close = getattr(self._inner, "close", None)
-        if close is not None:
-            close()
-
-
-class Transport(httpx.BaseTransport):
-    """httpx's transport on an httpcore pool with :class:`Backend`. httpcore's exceptions pass through
-    unchanged (syncd maps them by type itself)."""
-
-    def __init__(self, ctx: ssl.SSLContext, *, max_connections: int, max_keepalive_connections: int) -> None:
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=ctx,
-            max_connections=max_connections,
-            max_keepalive_connections=max_keepalive_connections,
-            network_backend=Backend(),
-        )
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        assert isinstance(request.stream, Iterable)
-        req = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(
-                scheme=request.url.raw_scheme,
-                host=request.url.raw_host,
-                port=request.url.port,
-                target=request.url.raw_path,
-            ),
-            headers=request.headers.raw,
-            content=request.stream,
-            extensions=request.extensions,
-        )
-        resp = self._pool.handle_request(req)
-        assert isinstance(resp.stream, Iterable)
-        return httpx.Response(
-            status_code=resp.status,
-            headers=resp.headers,
-            stream=Body(resp.stream),
-            extensions=resp.extensions,
-        )
-
-    def close(self) -> None:
-        self._pool.close()
 
 
 # errors --------------------------------------------------------------------------------------------
