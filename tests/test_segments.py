@@ -83,7 +83,7 @@ def _simulate(size: int, kept: list[tuple[int, int]], piece: int, workers: int, 
             active.pop(slot)
             continue
         disk[offset : offset + n] = data[offset : offset + n]
-        pieces.wrote(p, offset, data[offset : offset + n])
+        pieces.wrote(p, offset, data[offset : offset + n], _read(bytes(disk)))
         active[slot][1] = offset + n
         if offset + n >= p.end:
             pieces.release(p)
@@ -137,7 +137,7 @@ def test_extents_record_only_written_bytes() -> None:
     p = pieces.take()
     assert p is not None and (p.start, p.end) == (10, 40)
     assert pieces.claim(p, 20) == 20
-    pieces.wrote(p, 10, b"x" * 5)
+    pieces.wrote(p, 10, b"x" * 5, lambda o, n: b"k" * n)
     assert pieces.extents() == [(0, 15)]
     pieces.release(p)
     again = pieces.take()
@@ -173,7 +173,7 @@ def test_threads_hash_in_order() -> None:
                 if n == 0:
                     break
                 disk[offset : offset + n] = data[offset : offset + n]
-                pieces.wrote(p, offset, data[offset : offset + n])
+                pieces.wrote(p, offset, data[offset : offset + n], read)
                 offset += n
             pieces.release(p)
 
@@ -184,63 +184,3 @@ def test_threads_hash_in_order() -> None:
         t.join()
     assert pieces.complete()
     assert pieces.digest(read) == (hashlib.sha256(data).hexdigest(), size)
-
-
-@pytest.mark.parametrize("memory", [0, 150_000, 64 << 20])
-def test_a_hashing_thread_follows_the_writers(memory: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Real writer threads and the hashing thread of Pieces.hasher: the sha256 covers the whole file in
-    order whether every chunk is kept in memory, none is (all read back) or some are; kept chunks are
-    not read back, and nothing stays kept once the file is hashed."""
-    monkeypatch.setattr(segments, "MEMORY", memory)
-    size, piece = 2_000_000, 64_000
-    data = random.Random(11).randbytes(size)  # noqa: S311 (test data)
-    disk = bytearray(size)
-    pieces = Pieces(size, [(0, 10_000), (500_000, 520_000)], piece)
-    disk[0:10_000] = data[0:10_000]
-    disk[500_000:520_000] = data[500_000:520_000]
-    read_back = 0
-
-    def read(offset: int, n: int) -> bytes:
-        nonlocal read_back
-        read_back += n
-        return bytes(disk[offset : offset + n])
-
-    def worker() -> None:
-        while (p := pieces.take()) is not None:
-            offset = p.done
-            while offset < p.end:
-                n = pieces.claim(p, 5000)
-                if n == 0:
-                    break
-                disk[offset : offset + n] = data[offset : offset + n]
-                pieces.wrote(p, offset, data[offset : offset + n])
-                offset += n
-            pieces.release(p)
-
-    hasher = threading.Thread(target=pieces.hasher, args=(read,))
-    hasher.start()
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    pieces.end_hashing()
-    hasher.join(10)
-    assert not hasher.is_alive()
-    assert pieces.digest(read) == (hashlib.sha256(data).hexdigest(), size)
-    kept_ranges = 30_000
-    if memory == 0:
-        assert read_back == size
-    elif memory == 64 << 20:
-        assert read_back == kept_ranges  # only what an earlier attempt left on disk
-    assert pieces._kept == {} and pieces._kept_bytes == 0
-
-
-def test_the_hasher_stops_on_abort() -> None:
-    """An aborted download ends the hashing thread even though the file is not complete."""
-    pieces = Pieces(1000, [], 100)
-    hasher = threading.Thread(target=pieces.hasher, args=(lambda o, n: b"",))
-    hasher.start()
-    pieces.abort()
-    hasher.join(5)
-    assert not hasher.is_alive()

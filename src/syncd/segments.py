@@ -10,17 +10,15 @@ work and reporting every chunk it wrote through :meth:`Pieces.claim` and :meth:`
 - A worker whose queue ran dry takes the upper half of the piece with the most bytes still to come
   (:data:`STEAL_MIN` at least): a slow connection holds at most a small rest of the file hostage, and the
   number of connections never grows beyond the number of workers.
-- The hash: one thread of its own (:meth:`Pieces.hasher`) follows the written prefix, so that no
-  connection waits for it. Written chunks are kept for it in memory, up to :data:`MEMORY` bytes in all;
-  what did not fit (or was kept from an earlier attempt) is read back once, when the frontier reaches it,
-  :data:`READ_BACK` bytes at a time. Memory stays bounded by ``MEMORY`` plus one read-back buffer.
+- The hash: the worker that writes the chunk at the hash frontier hashes it from memory; bytes that
+  arrived ahead of the frontier (or were kept from an earlier attempt) are read back once, when the
+  frontier reaches them. Memory stays bounded: at most one :data:`READ_BACK` buffer per hashing thread.
 - :meth:`Pieces.extents` is what is on disk (for the resume metadata): only bytes already written.
 """
 
 from __future__ import annotations
 
 import hashlib
-import heapq
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -29,7 +27,6 @@ from dataclasses import dataclass
 PIECE = 16 << 20  # one ranged request's share of a fresh download
 STEAL_MIN = 1 << 20  # a free worker splits another's rest only when each half is at least this
 READ_BACK = 1 << 20  # bytes read back per step to hash what arrived ahead of the frontier
-MEMORY = 24 << 20  # bytes of written chunks kept in memory for the hasher (the rest is read back)
 SLOW_AFTER = 5.0  # seconds without a byte after which a free worker takes over a piece's whole rest
 SLOW_FACTOR = 4  # ... or when it is this many times slower than the fastest connection so far
 MAX_EXTENTS = 256  # most byte ranges resume metadata may list (a real partial has a few per connection)
@@ -129,12 +126,7 @@ class Pieces:
         self._cursor = 0  # index in _all of the piece holding the hash frontier
         self._digest = hashlib.sha256()
         self._hashed = 0
-        self._turn = threading.Lock()  # held by the one thread that hashes
-        self._more = threading.Condition(self._lock)  # bytes were written, or the download ends
-        self._kept: dict[int, bytes] = {}  # offset -> a written chunk not yet hashed, in memory
-        self._kept_at: list[int] = []  # heap of those offsets
-        self._kept_bytes = 0
-        self._ending = False  # set by end_hashing(): the hasher stops at the frontier
+        self._hashing = False
         self._fastest = 0.0  # bytes/s of the fastest connection so far
         self.stopped = False  # set by abort(): every worker stops at its next chunk
 
@@ -187,17 +179,19 @@ class Pieces:
                 p.touched = time.monotonic()
             return k
 
-    def wrote(self, p: Piece, offset: int, data: bytes) -> None:
-        """``data`` is written at ``offset`` (inside ``p``): record it, and keep it for the hasher while
-        :data:`MEMORY` allows (only an immutable ``bytes``: a buffer its caller reuses is read back)."""
-        with self._more:
+    def wrote(self, p: Piece, offset: int, data: bytes, read: Callable[[int, int], bytes]) -> None:
+        """``data`` is written at ``offset`` (inside ``p``): record it, and advance the hash over it (from
+        memory when it is at the frontier) and over anything contiguous after it (read back by ``read``)."""
+        with self._lock:
             p.done = offset + len(data)
-            n = len(data)
-            if type(data) is bytes and n and offset >= self._hashed and self._kept_bytes + n <= MEMORY:
-                self._kept[offset] = data
-                heapq.heappush(self._kept_at, offset)
-                self._kept_bytes += n
-            self._more.notify_all()
+            inline = not self._hashing and self._hashed == offset
+            if inline:
+                self._hashing = True
+        if inline:
+            self._digest.update(data)  # outside the lock: hashlib releases the GIL for big buffers
+            with self._lock:
+                self._hashed += len(data)
+            self._catch_up(read, owned=True)
 
     def release(self, p: Piece) -> None:
         """``p``'s worker stops working on it (done, or failed): unwritten claimed bytes go back to
@@ -212,9 +206,8 @@ class Pieces:
                 self._queue.append(p)
 
     def abort(self) -> None:
-        with self._more:
+        with self._lock:
             self.stopped = True
-            self._more.notify_all()
 
     # state ------------------------------------------------------------------------------------------
 
@@ -233,26 +226,12 @@ class Pieces:
         with self._lock:
             return all(p.done == p.end for p in self._all)
 
-    def hasher(self, read: Callable[[int, int], bytes]) -> None:
-        """Hash the written prefix as it grows, until the whole file is hashed, :meth:`end_hashing` is
-        called or the download is aborted: the body of the hashing thread. ``read(offset, n)`` reads
-        written bytes back (at most ``n``) for what is not kept in memory."""
-        with self._turn:
-            self._hash(read, wait=True)
-
-    def end_hashing(self) -> None:
-        """No more bytes will be written: the hasher stops once it reaches the frontier."""
-        with self._more:
-            self._ending = True
-            self._more.notify_all()
-
     def digest(self, read: Callable[[int, int], bytes]) -> tuple[str, int]:
-        """Hash whatever is written and not hashed yet (after :meth:`hasher`, if one ran, returned);
-        return the hex sha256 and how many bytes it covers (the whole file once :meth:`complete`)."""
-        with self._turn:
-            self._hash(read, wait=False)
-            with self._lock:
-                return self._digest.hexdigest(), self._hashed
+        """Hash whatever is written and not hashed yet; return the hex sha256 and how many bytes it
+        covers (the whole file once :meth:`complete`)."""
+        self._catch_up(read, owned=False)
+        with self._lock:
+            return self._digest.hexdigest(), self._hashed
 
     def _frontier(self) -> int:
         """The end of the contiguous written prefix (under the lock)."""
@@ -262,38 +241,28 @@ class Pieces:
             return self.size
         return self._all[self._cursor].done
 
-    def _hash(self, read: Callable[[int, int], bytes], *, wait: bool) -> None:
-        """Advance the hash over the written prefix, from memory where the chunk is kept, else read back;
-        with ``wait``, wait for more bytes until the file is hashed, the download ends or is aborted.
-        The caller holds ``_turn``."""
-        while True:
-            with self._more:
-                while True:
+    def _catch_up(self, read: Callable[[int, int], bytes], *, owned: bool) -> None:
+        """Hash the written prefix beyond the frontier; one thread at a time (``owned``: the caller
+        already holds the hashing turn)."""
+        with self._lock:
+            if not owned:
+                if self._hashing:
+                    return  # the thread that has the turn hashes it
+                self._hashing = True
+        try:
+            while True:
+                with self._lock:
                     start, end = self._hashed, self._frontier()
-                    if start < end:
-                        break
-                    if not wait or self.stopped or self._ending or start >= self.size:
+                    if start >= end:
+                        self._hashing = False
                         return
-                    self._more.wait(1.0)
-                data = self._kept.pop(start, None)
-                if data is not None:
-                    self._kept_bytes -= len(data)
-                else:
-                    n = min(end, self._next_kept(start), start + READ_BACK) - start
-            if data is None:
-                data = read(start, n)  # the lock is free meanwhile: the workers go on
+                data = read(start, min(end - start, READ_BACK))
                 if not data:
                     raise OSError("staging file shorter than the bytes written to it")
-            self._digest.update(data)  # outside the lock: hashlib releases the GIL for big buffers
+                self._digest.update(data)
+                with self._lock:
+                    self._hashed += len(data)
+        except BaseException:
             with self._lock:
-                self._hashed += len(data)
-
-    def _next_kept(self, start: int) -> int:
-        """The lowest offset above ``start`` of a chunk kept in memory (a read-back stops there), or the
-        file's size; forgets kept chunks the hash has passed (under the lock)."""
-        heap = self._kept_at
-        while heap and heap[0] <= start:
-            stale = self._kept.pop(heapq.heappop(heap), None)
-            if stale is not None:
-                self._kept_bytes -= len(stale)
-        return heap[0] if heap else self.size
+                self._hashing = False
+            raise

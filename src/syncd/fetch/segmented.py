@@ -81,23 +81,12 @@ class Segmented:
         if not self.pieces.complete():
             first = self.pieces.take()
             assert first is not None  # something is missing, so something is queued
-            with ThreadPoolExecutor(self.workers, thread_name_prefix="syncd-seg") as pool:
-                hasher = pool.submit(self._hasher)
+            with ThreadPoolExecutor(self.workers - 1, thread_name_prefix="syncd-seg") as pool:
                 others = [pool.submit(self._worker, None) for _ in range(self.workers - 1)]
                 self._worker(first)
                 for f in others:
                     f.result()
-                self.pieces.end_hashing()
-                hasher.result()
         return self._finish()
-
-    def _hasher(self) -> None:
-        """The hashing thread: follows the written prefix (:meth:`segments.Pieces.hasher`). A read error
-        fails the download like a worker's error."""
-        try:
-            self.pieces.hasher(self.sink.read_at)
-        except BaseException as exc:
-            self._fail(exc)
 
     # workers ----------------------------------------------------------------------------------------
 
@@ -237,7 +226,7 @@ class Segmented:
             if n:
                 data = chunk if n == len(chunk) else chunk[:n]
                 self.sink.write_at(offset, data)
-                self.pieces.wrote(piece, offset, data)
+                self.pieces.wrote(piece, offset, data, self.sink.read_at)
                 offset += n
                 self.progress(n)
             watch.payload(len(chunk))
