@@ -25,6 +25,11 @@ it
       per file) for big and big-capped, ``-x 1 -s 1`` for the many-file cases;
    c. ``xargs -P 4`` running ``curl -sSf -o FILE URL && echo "HEX  FILE" | sha256sum -c --quiet`` per file
       (one connection per file, as a user would run it: a single connection for big and big-capped);
+   d. ``lean``: ``bench_ceiling.py lean``, the least a verified, durable download does in Python on this
+      machine (raw sockets, sha256, one ``syncfs`` or ``fdatasync``, rename; 4 ranged connections with the
+      in-order hash for one big file): no framing checks, time bounds, ledger or log. It is the ceiling a
+      Python tool can reach here, printed with every MISS ("why:"), with syncd's start-up time and, for
+      many files, its CPU time per file;
 
 4. checks after every run, untimed, that every output file has the right size and sha256 (Python hashlib),
    so that no tool wins by skipping work;
@@ -94,7 +99,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 CONCURRENCY = 4
 ASSETS_PER_MANIFEST = 100
-TOOLS = ("syncd", "aria2c", "curl")
+TOOLS = ("syncd", "aria2c", "curl", "lean")
 
 RSS_TARGET_MIB = 120.0  # syncd's peak RSS, every case
 CAPPED_RATE = 50_000_000  # big-capped: nginx limit_rate, bytes/s per connection (50 MB/s)
@@ -455,6 +460,8 @@ class Runner:
         )
         self.curl_list = base / "curl.list"
         self.curl_list.write_text("".join(f"{self.url(f)} {f.rel} {f.sha256}\n" for f in case.files))
+        self.lean_list = base / "lean.list"
+        self.lean_list.write_text("".join(f"{self.url(f)} {f.rel} {f.sha256} {f.size}\n" for f in case.files))
 
     def url(self, f: File) -> str:
         return f"{self.nginx.bearer_url()}/{self.url_prefix}{f.rel}"
@@ -465,6 +472,11 @@ class Runner:
             return f"syncd sync -c CONFIG (concurrency {CONCURRENCY}{extra})"
         if tool == "aria2c":
             return f"aria2c -j {CONCURRENCY} -x {self.split} -s {self.split} --check-integrity=true"
+        if tool == "lean":
+            return (
+                "bench_ceiling.py lean: the least a verified, durable download does in Python (raw sockets, "
+                "sha256, syncfs/fdatasync, rename; no checks, bounds, ledger or log): the ceiling"
+            )
         return f"xargs -P {CONCURRENCY} curl + sha256sum -c"
 
     def run(self, tool: str, run_no: int) -> Sample:
@@ -521,6 +533,17 @@ class Runner:
             "--console-log-level=warn",
             "--summary-interval=0",
             "--download-result=hide",
+        ]
+        return measure(argv, log=log, server_pid=self.nginx.pid)
+
+    def _lean(self, log: Path) -> Sample:
+        argv = [
+            sys.executable,
+            str(REPO_ROOT / "bench" / "bench_ceiling.py"),
+            "lean",
+            str(self.lean_list),
+            str(self.out["lean"]),
+            str(self.base / "etc" / "artifactory.token"),
         ]
         return measure(argv, log=log, server_pid=self.nginx.pid)
 
@@ -649,6 +672,10 @@ def case_targets(
             "result": verdict(None if ratio is None else ratio <= case.spec.ratio_max),
         }
     )
+    why = ceiling(case, rows, hash_mb_s)
+    for t in out:
+        if t["result"] == "MISS" and why:
+            t["ceiling"] = why
     rss = syncd["peak_rss_mib"] if syncd else None
     out.append(
         {
@@ -660,6 +687,36 @@ def case_targets(
         }
     )
     return out
+
+
+def ceiling(case: Case, rows: dict[str, dict[str, Any]], hash_mb_s: float | None) -> str:
+    """What bounded syncd in this run, from this run's figures: the lean tool's time (the least a
+    verified, durable download does in Python here), syncd's CPU and its own pass time."""
+    syncd, lean = rows.get("syncd"), rows.get("lean")
+    if syncd is None:
+        return ""
+    parts = []
+    if lean is not None:
+        parts.append(
+            f"ceiling in this run: lean {lean['median_s']:.2f} s ({lean['mb_per_s']:.0f} MB/s), syncd"
+            f" {syncd['median_s'] / lean['median_s']:.2f} x its time"
+        )
+    passes = [x for x in syncd.get("pass_s", []) if isinstance(x, int | float)]
+    if passes:
+        start = syncd["median_s"] - statistics.median(passes)
+        parts.append(f"syncd's start-up, clone and ledger {start:.2f} s of its {syncd['median_s']:.2f} s")
+    if case.count == 1 and hash_mb_s:
+        parts.append(
+            f"the in-order sha256 alone takes {case.total / hash_mb_s / 1e6:.2f} s of one of the 2 cores;"
+            f" recv, page-cache writes, the read-back for the hash and nginx share the other"
+        )
+    else:
+        per_file = syncd["cpu_s_median"] / case.count * 1000
+        parts.append(
+            f"syncd {syncd['cpu_s_median']:.2f} CPU s = {per_file:.2f} ms per file, most of it Python"
+            " that the GIL serialises (request, staging file, ledger row, audit record, log event)"
+        )
+    return "; ".join(parts)
 
 
 def summarize(
@@ -723,6 +780,8 @@ def table(summary: dict[str, Any]) -> str:
     for t in summary["targets"]:
         value = target_value(t)
         lines.append(f"   target: {t['target']}: {value} {t['result']}")
+        if t.get("ceiling"):
+            lines.append(f"      why: {t['ceiling']}")
     return "\n".join(lines)
 
 
@@ -742,6 +801,8 @@ def targets_table(report: dict[str, Any]) -> str:
     for name, t in rows:
         value = target_value(t)
         lines.append(f"{name:<11} {t['target']:<{width}} {value:>9}  {t['result']}")
+        if t.get("ceiling"):
+            lines.append(f"{'':<11}   why: {t['ceiling']}")
     results = [t["result"] for _, t in rows]
     lines.append(
         f"{results.count('PASS')} PASS, {results.count('MISS')} MISS"
