@@ -12,15 +12,18 @@ import contextlib
 import hashlib
 import random
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from servers import make_test_ca
 from syncd.config import Artifactory
 from syncd.errors import FetchError
 from syncd.fetch import Fetcher
@@ -297,3 +300,36 @@ def test_the_pool_never_opens_more_than_its_bound() -> None:
             f.close()
     assert results == [sha(body)] * 8
     assert server.most_open <= 2
+
+
+def test_a_slow_tls_handshake_resumes_across_wait_slices(tmp_path: Path) -> None:
+    """A server that answers the TLS handshake only after 2.5 s (more than two of the 1 s waits syncd
+    slices it into, to see a stop): the handshake goes on where it was and the download succeeds."""
+    ca = make_test_ca(tmp_path / "ca")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(ca.server_cert, ca.server_key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    body = b"through a slow handshake"
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        time.sleep(2.5)  # the client's ClientHello waits unanswered
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            tls.settimeout(5)
+            tls.recv(65536)
+            tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            time.sleep(0.2)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    art = Artifactory(
+        url=f"https://127.0.0.1:{port}", token=None, username=None, password=None, ca_file=ca.cert
+    )
+    f = Fetcher(art, timeout=10, concurrency=1)
+    try:
+        assert f.hash_remote("x") == sha(body)
+    finally:
+        f.close()
+        server.join(10)
+        listener.close()

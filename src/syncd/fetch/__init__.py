@@ -232,7 +232,9 @@ class Fetcher:
             self._scrub(exc)
             raise
         except Exception as exc:
-            raise translate(exc, watch) from None
+            err = translate(exc, watch)  # it names the redirect's host, which the server chose
+            self._scrub(err)
+            raise err from None
         finally:
             Watch.current.watch = None
 
@@ -356,15 +358,46 @@ class Fetcher:
         self._scrub(exc)
 
     def _scrub(self, exc: SyncdError) -> None:
-        """Replace any credential in ``exc``'s message (a last line of defence; none should get there)."""
+        """Replace any credential in ``exc``'s message (a last line of defence; none should get there):
+        a credential in any letter case, and any piece of one of :data:`SCRUB_PIECE` characters or more
+        (a server can echo a token as a redirect's host, lower-cased, or cut to a length)."""
         text = str(exc)
-        if not any(s in text for s in self._secrets):
-            return
-        for s in self._secrets:
-            text = text.replace(s, "[redacted]")
-        exc.args = (text,)
+        scrubbed = scrub(text, self._secrets)
+        if scrubbed != text:
+            exc.args = (scrubbed,)
         if isinstance(exc, VerifyError):
-            exc.actual = "[redacted]" if any(s in exc.actual for s in self._secrets) else exc.actual
+            exc.actual = scrub(exc.actual, self._secrets)
+
+
+SCRUB_PIECE = 8  # the shortest piece of a credential that is redacted where it shows
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    """``text`` with every credential, and every piece of one at least :data:`SCRUB_PIECE` characters
+    long, in any letter case, replaced by ``[redacted]``."""
+    low = text.lower()
+    hidden = [False] * len(text)
+    for secret in secrets:
+        s = secret.lower()
+        n = min(SCRUB_PIECE, len(s))
+        for i in range(len(s) - n + 1):
+            piece = s[i : i + n]
+            at = low.find(piece)
+            while at >= 0:
+                hidden[at : at + n] = [True] * n
+                at = low.find(piece, at + 1)
+    if not any(hidden):
+        return text
+    out, i = [], 0
+    while i < len(text):
+        if hidden[i]:
+            while i < len(text) and hidden[i]:
+                i += 1
+            out.append("[redacted]")
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
 
 
 def _auth_header(art: Artifactory) -> str | None:

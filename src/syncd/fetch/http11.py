@@ -253,20 +253,25 @@ class _Body(httpx.SyncByteStream):
             return
         lead, _ = self._parser.trailing_data  # bytes that came with the head
         left = length
-        extra = False
-        while left > 0 or lead:
+        if left == 0:
+            self._reusable = not lead and _keep_alive(self._head)
+            return
+        while left > 0:
             if lead:
                 data, lead = lead, b""
             else:
                 data = conn.stream.read(min(left, READ_SIZE), self._timeout)
                 if not data:
                     raise httpcore.RemoteProtocolError("peer closed connection before the whole body")
-            if len(data) > left:
-                data, extra = data[:left], True  # more than Content-Length: never reuse this connection
+            extra = len(data) > left  # more than Content-Length: never reuse this connection
+            if extra:
+                data = data[:left]
             left -= len(data)
-            if data:
-                yield data
-        self._reusable = not extra and _keep_alive(self._head)
+            if left == 0:
+                # Decided before the last chunk is handed out: a caller that stops once it has all it
+                # asked for (a ranged piece) still gives a clean connection back to the pool.
+                self._reusable = not extra and _keep_alive(self._head)
+            yield data
 
     def _framed(self, conn: _Conn) -> Iterator[bytes]:
         while True:
@@ -276,8 +281,17 @@ class _Body(httpx.SyncByteStream):
             elif isinstance(event, h11.EndOfMessage):
                 break
         parser = self._parser
-        leftover, _ = parser.trailing_data
-        self._reusable = parser.our_state is h11.DONE and parser.their_state is h11.DONE and not leftover
+        leftover, closed = parser.trailing_data
+        self._reusable = (
+            parser.our_state is h11.DONE
+            and parser.their_state is h11.DONE
+            and not leftover
+            and not closed  # a body framed by the server's close: the connection is gone
+            and _keep_alive(self._head)
+            # Content-Length and Transfer-Encoding together: h11 decoded it as chunked, as HTTP says,
+            # but such a message "ought to be handled as an error" (RFC 9112 6.3): never reuse it.
+            and not any(n == b"content-length" for n, _ in self._head.headers)
+        )
 
     def close(self) -> None:
         conn, self._conn = self._conn, None

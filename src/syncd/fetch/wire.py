@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import errno
 import math
+import os
 import re
+import select
+import socket
 import ssl
 import threading
 import time
@@ -210,21 +213,103 @@ class Stream(httpcore.NetworkStream):
     def start_tls(
         self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
     ) -> httpcore.NetworkStream:
+        """The TLS handshake, in waits of at most ``STOP_SLICE`` (the handshake resumes after each), so
+        that a stop or the head's deadline ends a server that never answers it."""
         watch = watching()
         if watch is not None:
             watch.check()
-            timeout = watch.bound(timeout)
-        return Stream(self._inner.start_tls(ssl_context, server_hostname, timeout))
+        sock = self._inner.get_extra_info("socket")
+        end = _until(timeout, watch)
+        try:
+            tls = ssl_context.wrap_socket(
+                sock, server_hostname=server_hostname, do_handshake_on_connect=False
+            )
+            while True:
+                tls.settimeout(_slice(end, watch))
+                try:
+                    tls.do_handshake()
+                    break
+                except TimeoutError:
+                    continue  # one slice without progress: check the stop and the deadline, go on
+        except OSError as exc:  # ssl.SSLError included
+            sock.close()
+            raise httpcore.ConnectError("TLS handshake failed") from exc
+        except BaseException:
+            sock.close()
+            raise
+        return Stream(Socket(tls))
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
 
 
-class Backend(httpcore.NetworkBackend):
-    """httpcore's sync backend, with every stream wrapped in :class:`Stream`."""
+def _until(timeout: float | None, watch: Watch | None) -> float:
+    """The monotonic time by which a connect or handshake must be done: its own timeout, cut to the
+    head's deadline."""
+    own = time.monotonic() + timeout if timeout is not None else math.inf
+    return min(own, watch.deadline) if watch is not None else own
 
-    def __init__(self) -> None:
-        self._inner = httpcore.SyncBackend()
+
+def _slice(end: float, watch: Watch | None) -> float:
+    """One wait of a connect or handshake: at most ``STOP_SLICE``, after the stop, abort and deadline
+    checks. Raises httpcore's ConnectTimeout once ``end`` has passed."""
+    now = time.monotonic()
+    if now >= end:
+        raise httpcore.ConnectTimeout("timed out connecting")
+    if watch is not None:
+        watch.check()
+    return max(min(end - now, STOP_SLICE), 0.001)
+
+
+class Socket(httpcore.NetworkStream):
+    """A connected (plain or TLS) socket as httpcore's stream interface, its errors as httpcore's types
+    (httpcore's own sync stream is private to it)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        try:
+            self._sock.settimeout(timeout)
+            return self._sock.recv(max_bytes)
+        except TimeoutError as exc:
+            raise httpcore.ReadTimeout("read timed out") from exc
+        except OSError as exc:
+            raise httpcore.ReadError("read failed") from exc
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.sendall(buffer)
+        except TimeoutError as exc:
+            raise httpcore.WriteTimeout("write timed out") from exc
+        except OSError as exc:
+            raise httpcore.WriteError("write failed") from exc
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        raise NotImplementedError("Stream.start_tls does the handshake")
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "socket":
+            return self._sock
+        if info == "is_readable":  # an idle connection with bytes or an EOF waiting: not reusable
+            if self._sock.fileno() < 0:
+                return True
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+            return bool(poller.poll(0))
+        if info == "ssl_object":
+            return self._sock if isinstance(self._sock, ssl.SSLSocket) else None
+        return None
+
+
+class Backend(httpcore.NetworkBackend):
+    """Connections whose every wait obeys the thread's :class:`Watch`, as :class:`Stream`."""
 
     def connect_tcp(
         self,
@@ -234,11 +319,39 @@ class Backend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
+        """A TCP connection, waited for in slices of at most ``STOP_SLICE`` (like every other wait), so that
+        a stop or the head's deadline ends a connect to a host that drops the SYN."""
         watch = watching()
         if watch is not None:
             watch.check()
-            timeout = watch.bound(timeout)
-        return Stream(self._inner.connect_tcp(host, port, timeout, local_address, socket_options))
+        end = _until(timeout, watch)
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise httpcore.ConnectError("name not resolved") from exc
+        last: OSError | None = None
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setblocking(False)
+                err = sock.connect_ex(address)
+                poller = select.poll()
+                poller.register(sock, select.POLLOUT)
+                while err in (errno.EINPROGRESS, errno.EALREADY):
+                    if poller.poll(_slice(end, watch) * 1000):
+                        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err))
+                sock.setblocking(True)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return Stream(Socket(sock))
+            except OSError as exc:
+                sock.close()
+                last = exc
+            except BaseException:
+                sock.close()
+                raise
+        raise httpcore.ConnectError("could not connect") from last
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
