@@ -333,3 +333,31 @@ def test_a_slow_tls_handshake_resumes_across_wait_slices(tmp_path: Path) -> None
         f.close()
         server.join(10)
         listener.close()
+
+
+AROUND = st.text(st.characters(max_codepoint=0x17F, blacklist_characters="\u0130"), max_size=30)
+
+
+@given(
+    secret=st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=4, max_size=40),
+    before=AROUND,
+    after=AROUND,
+    cut=st.integers(0, 40),
+)
+def test_scrub_hides_a_credential_in_any_case_and_in_pieces(
+    secret: str, before: str, after: str, cut: int
+) -> None:
+    """Whatever surrounds it, a credential (printable ASCII, as tokens and passwords in a config are),
+    upper- or lower-cased, or a piece of it of 8 characters or more, never survives scrub()."""
+    from syncd.fetch import SCRUB_PIECE, scrub
+
+    piece = secret[cut : cut + max(SCRUB_PIECE, 1)] if len(secret) - cut >= SCRUB_PIECE else secret
+    for shown in (secret, secret.upper(), secret.lower(), piece):
+        out = scrub(before + shown + after, [secret])
+        if len(secret) >= SCRUB_PIECE:
+            probe = secret.lower()
+            assert all(
+                probe[i : i + SCRUB_PIECE] not in out.lower() for i in range(len(probe) - SCRUB_PIECE + 1)
+            )
+        else:
+            assert secret.lower() not in out.lower()

@@ -375,7 +375,7 @@ SCRUB_PIECE = 8  # the shortest piece of a credential that is redacted where it 
 def scrub(text: str, secrets: list[str]) -> str:
     """``text`` with every credential, and every piece of one at least :data:`SCRUB_PIECE` characters
     long, in any letter case, replaced by ``[redacted]``."""
-    low = text.lower()
+    low = "".join(c.lower() if len(c.lower()) == 1 else c for c in text)  # same length as text
     hidden = [False] * len(text)
     for secret in secrets:
         s = secret.lower()

@@ -1,7 +1,8 @@
-"""The wire under :class:`syncd.fetch.Fetcher`: httpcore's sync network backend wrapped so that every socket
-wait obeys a per-request time bound (:class:`Watch`), the URL helpers every message uses, and the one
-place that turns httpx / httpcore / h11 / ssl / OS exceptions into syncd's own words (:func:`translate`).
-The HTTP/1.1 exchanges on these sockets are :mod:`syncd.fetch.http11`.
+"""The wire under :class:`syncd.fetch.Fetcher`: sockets behind httpcore's network-backend interface whose
+every wait (connect, TLS handshake, read) obeys a per-request time bound (:class:`Watch`), the URL helpers
+every message uses, and the one place that turns httpx / httpcore / h11 / ssl / OS exceptions into
+syncd's own words (:func:`translate`). The HTTP/1.1 exchanges on these sockets are
+:mod:`syncd.fetch.http11`. Name resolution (``getaddrinfo``) is the one wait that is not sliced.
 
 Part of :mod:`syncd.fetch`, the only package that imports httpx, h11 and httpcore.
 """
