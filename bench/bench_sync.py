@@ -707,8 +707,9 @@ def ceiling(case: Case, rows: dict[str, dict[str, Any]], hash_mb_s: float | None
         parts.append(f"syncd's start-up, clone and ledger {start:.2f} s of its {syncd['median_s']:.2f} s")
     if case.count == 1 and hash_mb_s:
         parts.append(
-            f"the in-order sha256 alone takes {case.total / hash_mb_s / 1e6:.2f} s of one of the 2 cores;"
-            f" recv, page-cache writes, the read-back for the hash and nginx share the other"
+            f"the in-order sha256 alone takes {case.total / hash_mb_s / 1e6:.2f} s of one of the"
+            f" {os.cpu_count()} cores; recv, page-cache writes, the read-back for the hash and nginx share"
+            " the rest"
         )
     else:
         per_file = syncd["cpu_s_median"] / case.count * 1000

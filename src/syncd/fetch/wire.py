@@ -304,8 +304,6 @@ class Socket(httpcore.NetworkStream):
             poller = select.poll()
             poller.register(self._sock, select.POLLIN | select.POLLERR | select.POLLHUP)
             return bool(poller.poll(0))
-        if info == "ssl_object":
-            return self._sock if isinstance(self._sock, ssl.SSLSocket) else None
         return None
 
 
