@@ -154,7 +154,7 @@ def configure(
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    factory: Any = structlog.PrintLoggerFactory(out)
+    factory: Any = structlog.WriteLoggerFactory(out)  # one write per event (print makes two)
     if console:
         processors.append(
             structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback, sort_keys=False)

@@ -64,6 +64,13 @@ _NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.
 _RENAME_NOREPLACE = 1
 
 
+@functools.cache
+def _proc_fd_usable(path: str) -> bool:
+    """Whether ``path`` (``/proc/self/fd``) is there to link an open file from: asked once per process
+    and path, not once per published file."""
+    return os.path.isdir(path)
+
+
 def staging_name(dest: str) -> str:
     """The staging file stem for ``dest`` (a hash: dests may be long or nested)."""
     return hashlib.sha256(dest.encode()).hexdigest()[:32]
@@ -537,7 +544,7 @@ class StagedFile:
         self._drop_name()
 
     def _link_new(self, parent: int, name: str) -> None:
-        if os.path.isdir(PROC_FD):
+        if _proc_fd_usable(PROC_FD):
             try:
                 os.link(f"{PROC_FD}/{self.fd}", name, dst_dir_fd=parent, follow_symlinks=True)
                 return
@@ -552,7 +559,7 @@ class StagedFile:
             os.rename(self.part, name, src_dir_fd=self._dir, dst_dir_fd=parent)
 
     def _replace(self, parent: int, name: str) -> None:
-        if os.path.isdir(PROC_FD):
+        if _proc_fd_usable(PROC_FD):
             fresh = f"{self.stem}.pub"
             unlink_names(self._dir, fresh)
             try:
