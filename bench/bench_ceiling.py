@@ -241,6 +241,54 @@ def lean_main(argv: list[str]) -> int:
     return lean_many(entries, out, token, workers=4)
 
 
+def fetch_main(argv: list[str]) -> int:
+    """``bench_ceiling.py fetch LIST OUT TOKEN_FILE``: the same files through syncd's fetch layer alone, in
+    one process: ``syncd.fetch.Fetcher`` (httpx over syncd's transport, every framing check and time
+    bound) into ``syncd.publish.Export`` staging files, one flush per group of 128 (as a pass does), the
+    checked publish and one fsync per directory. No config, git, plan, ledger, audit record or log event:
+    what syncd costs before its records. Exit 1 when a file fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from syncd.config import Artifactory, Secret
+    from syncd.fetch import Fetcher
+    from syncd.manifest import Asset
+    from syncd.publish import Export
+    from syncd.staging import StagedFile
+
+    listing, out, token_file = Path(argv[0]), Path(argv[1]), Path(argv[2])
+    entries = []
+    for line in listing.read_text().splitlines():
+        url, rel, sha, size = line.split()
+        entries.append((url, rel, sha, int(size)))
+    base = entries[0][0][: -len(entries[0][1]) - 1]  # the URLs are BASE/REL
+    out.mkdir(parents=True, exist_ok=True)
+    export = Export(out, out / ".syncd-staging")
+    export.open()
+    art = Artifactory(
+        url=base, token=Secret(token_file.read_text().strip()), username=None, password=None, ca_file=None
+    )
+    fetcher = Fetcher(art, timeout=60, concurrency=4, segments=4, segment_min_size=64 * MiB)
+
+    def one(entry: tuple[str, str, str, int]) -> StagedFile:
+        _, rel, sha, size = entry
+        staged = export.stage(rel, sha, size)
+        fetcher.download(Asset(rel, sha, size, rel, "bench.toml", 0), staged)
+        return staged
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            for i in range(0, len(entries), 128):
+                group = list(pool.map(one, entries[i : i + 128]))
+                export.flush_group(group)
+                for staged in group:
+                    staged.publish()
+        export.sync_dirs()
+    finally:
+        fetcher.close()
+        export.close()
+    return 0
+
+
 def run(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=2048, help="MiB (default 2048)")
@@ -331,4 +379,6 @@ def run(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(lean_main(sys.argv[2:]) if sys.argv[1:2] == ["lean"] else run())
+    if sys.argv[1:2] == ["lean"]:
+        sys.exit(lean_main(sys.argv[2:]))
+    sys.exit(fetch_main(sys.argv[2:]) if sys.argv[1:2] == ["fetch"] else run())

@@ -72,6 +72,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -99,7 +100,8 @@ MiB = 1 << 20
 GiB = 1 << 30
 CONCURRENCY = 4
 ASSETS_PER_MANIFEST = 100
-TOOLS = ("syncd", "aria2c", "curl", "lean")
+TOOLS = ("syncd", "aria2c", "curl", "lean", "fetch")
+TRASH_MIN_FILES = 1000  # cases with this many files move each run's output aside (see Runner.cleanup)
 
 RSS_TARGET_MIB = 120.0  # syncd's peak RSS, every case
 CAPPED_RATE = 50_000_000  # big-capped: nginx limit_rate, bytes/s per connection (50 MB/s)
@@ -472,6 +474,12 @@ class Runner:
             return f"syncd sync -c CONFIG (concurrency {CONCURRENCY}{extra})"
         if tool == "aria2c":
             return f"aria2c -j {CONCURRENCY} -x {self.split} -s {self.split} --check-integrity=true"
+        if tool == "fetch":
+            return (
+                "bench_ceiling.py fetch: syncd's fetch layer alone in one process (syncd.fetch into "
+                "syncd.publish staging, group flush, checked publish; no config, git, plan, ledger, audit "
+                "or log)"
+            )
         if tool == "lean":
             return (
                 "bench_ceiling.py lean: the least a verified, durable download does in Python (raw sockets, "
@@ -496,9 +504,22 @@ class Runner:
         return sample
 
     def cleanup(self, tool: str) -> None:
-        shutil.rmtree(self.out[tool], ignore_errors=True)
-        if tool == "syncd":
-            shutil.rmtree(self.state, ignore_errors=True)
+        """Remove a run's output. With many files it is moved aside and removed after the case
+        (:meth:`purge`): ext4 without a journal (this machine's ``/``) skips inodes freed in the last
+        minute when it allocates new ones (``recently_deleted()``), so thousands of files deleted just
+        before a run slow that run's file creates (lean, small: 0.77 s for a first run, 1.44 s after one)."""
+        gone = [self.out[tool], *([self.state] if tool == "syncd" else [])]
+        for path in gone:
+            if self.case.count >= TRASH_MIN_FILES and path.exists():
+                trash = self.base / "trash"
+                trash.mkdir(exist_ok=True)
+                path.rename(trash / f"{path.name}-{len(list(trash.iterdir()))}")
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def purge(self) -> None:
+        """Remove what :meth:`cleanup` moved aside (after the case's last run)."""
+        shutil.rmtree(self.base / "trash", ignore_errors=True)
 
     def _syncd(self, log: Path) -> Sample:
         env = {k: v for k, v in os.environ.items() if k != "SYNCD_CONFIG"}
@@ -543,6 +564,17 @@ class Runner:
             "lean",
             str(self.lean_list),
             str(self.out["lean"]),
+            str(self.base / "etc" / "artifactory.token"),
+        ]
+        return measure(argv, log=log, server_pid=self.nginx.pid)
+
+    def _fetch(self, log: Path) -> Sample:
+        argv = [
+            sys.executable,
+            str(REPO_ROOT / "bench" / "bench_ceiling.py"),
+            "fetch",
+            str(self.lean_list),
+            str(self.out["fetch"]),
             str(self.base / "etc" / "artifactory.token"),
         ]
         return measure(argv, log=log, server_pid=self.nginx.pid)
@@ -692,7 +724,7 @@ def case_targets(
 def ceiling(case: Case, rows: dict[str, dict[str, Any]], hash_mb_s: float | None) -> str:
     """What bounded syncd in this run, from this run's figures: the lean tool's time (the least a
     verified, durable download does in Python here), syncd's CPU and its own pass time."""
-    syncd, lean = rows.get("syncd"), rows.get("lean")
+    syncd, lean, fetch = rows.get("syncd"), rows.get("lean"), rows.get("fetch")
     if syncd is None:
         return ""
     parts = []
@@ -701,6 +733,10 @@ def ceiling(case: Case, rows: dict[str, dict[str, Any]], hash_mb_s: float | None
             f"ceiling in this run: lean {lean['median_s']:.2f} s ({lean['mb_per_s']:.0f} MB/s), syncd"
             f" {syncd['median_s'] / lean['median_s']:.2f} x its time"
         )
+    if fetch is not None:
+        ratio = fetch.get("ratio_to_aria2c")
+        vs = f" ({ratio:.2f} x aria2c)" if ratio is not None else ""
+        parts.append(f"syncd's fetch layer alone {fetch['median_s']:.2f} s{vs}")
     passes = [x for x in syncd.get("pass_s", []) if isinstance(x, int | float)]
     if passes:
         start = syncd["median_s"] - statistics.median(passes)
@@ -817,8 +853,11 @@ def targets_table(report: dict[str, Any]) -> str:
 CEILINGS = "docs/performance.md, section 'Fast at every size' (profiles, and what would move each)"
 NOTES = (
     "Wall time: median of the runs, from fork to exit, each run into an empty output directory (syncd: "
-    "empty export and state directory, so it clones the manifest repo too). MB/s = payload bytes / median "
-    "wall / 10^6. Peak RSS: largest ru_maxrss over the runs (GNU time %M; for curl the largest single "
+    "empty export and state directory, so it clones the manifest repo too); with 1,000 files or more the "
+    "outputs of earlier runs are moved aside and deleted after the case, not just before a run (on ext4 "
+    "without a journal, inodes freed in the last minute slow the next file creates). "
+    "MB/s = payload bytes / median wall / 10^6. Peak RSS: largest ru_maxrss over the runs (GNU time "
+    "%M; for curl the largest single "
     "process of the pipeline). CPU s: median user+sys of the tool (nginx not included). vs aria2c = median "
     "wall / aria2c's median wall (< 1: faster than aria2c). other CPU s: the most CPU time, over the runs, "
     "that the rest of the machine (neither the tool nor nginx) used during a run, from /proc/stat; well "
@@ -888,6 +927,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def compile_syncd() -> None:
+    """Bring the byte code of this Python's ``syncd`` package up to date, untimed: with
+    ``PYTHONDONTWRITEBYTECODE`` set (as on some build machines) a stale ``.pyc`` would be recompiled in
+    every timed run (about 0.1 s per edited module)."""
+    spec = importlib.util.find_spec("syncd")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    for where in spec.submodule_search_locations:
+        argv = [sys.executable, "-m", "compileall", "-q", where]
+        subprocess.run(argv, check=False, stdout=subprocess.DEVNULL)
+
+
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -911,6 +962,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"missing tools: {', '.join(missing)}")
         return 2
     tools = [t for t in TOOLS if t in args.tool_names]
+    compile_syncd()
     cases = scaled_cases(args.case_names, args.scale, args.capped_rate)
     args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="syncd-bench-", dir=args.workdir))
@@ -982,6 +1034,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"rss {s.maxrss_kib / KiB:7.1f} MiB  cpu {s.cpu:6.2f}s  nginx {s.server_cpu:5.2f}s  "
                         f"other {s.other_cpu:5.2f}s{extra}"
                     )
+            runner.purge()
             summary = summarize(case, runner, samples, hash_mb_s, load)
             report["cases"].append(summary)
             print(table(summary) + "\n", flush=True)
