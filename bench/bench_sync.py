@@ -735,12 +735,18 @@ def ceiling(case: Case, rows: dict[str, dict[str, Any]], hash_mb_s: float | None
         )
     if fetch is not None:
         ratio = fetch.get("ratio_to_aria2c")
-        vs = f" ({ratio:.2f} x aria2c)" if ratio is not None else ""
-        parts.append(f"syncd's fetch layer alone {fetch['median_s']:.2f} s{vs}")
+        vs = f", {ratio:.2f} x aria2c" if ratio is not None else ""
+        parts.append(
+            f"syncd's fetch layer alone {fetch['median_s']:.2f} s ({fetch['mb_per_s']:.0f} MB/s{vs}, its"
+            " start-up included)"
+        )
     passes = [x for x in syncd.get("pass_s", []) if isinstance(x, int | float)]
     if passes:
         start = syncd["median_s"] - statistics.median(passes)
-        parts.append(f"syncd's start-up, clone and ledger {start:.2f} s of its {syncd['median_s']:.2f} s")
+        parts.append(
+            f"syncd's start-up (imports, config, clone, ledger) {start:.2f} s of its"
+            f" {syncd['median_s']:.2f} s, its pass {statistics.median(passes):.2f} s"
+        )
     if case.count == 1 and hash_mb_s:
         parts.append(
             f"the in-order sha256 alone takes {case.total / hash_mb_s / 1e6:.2f} s of one of the"
@@ -751,7 +757,8 @@ def ceiling(case: Case, rows: dict[str, dict[str, Any]], hash_mb_s: float | None
         per_file = syncd["cpu_s_median"] / case.count * 1000
         parts.append(
             f"syncd {syncd['cpu_s_median']:.2f} CPU s = {per_file:.2f} ms per file, most of it Python"
-            " that the GIL serialises (request, staging file, ledger row, audit record, log event)"
+            " that the GIL serialises: the request and head, the staging file and its checks (the fetch"
+            " layer), then the plan and each asset's ledger row, audit record and log event"
         )
     return "; ".join(parts)
 
