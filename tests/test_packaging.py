@@ -150,3 +150,25 @@ def test_example_signature_and_verify_keys_uncommented_pass(tmp_path: Path) -> N
     assert (
         f"verify_signatures = ssh ({allowed})" in out.stdout and "verify_interval_s = 604800.0" in out.stdout
     )
+
+
+def test_version_names_every_component() -> None:
+    """``syncd --version`` prints syncd's, Python's, pygit2's and libgit2's versions and the ledger
+    schema, one per line, and exits 0."""
+    import importlib.metadata
+    import platform
+
+    import pygit2
+
+    import syncd
+    from syncd.ledger import SCHEMA_VERSION
+
+    out = subprocess.run([syncd_command(), "--version"], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        f"syncd {syncd.__version__}",
+        f"Python {platform.python_version()} ({platform.python_implementation()})",
+        f"pygit2 {importlib.metadata.version('pygit2')}",
+        f"libgit2 {pygit2.LIBGIT2_VERSION}",
+        f"ledger schema {SCHEMA_VERSION}",
+    ]

@@ -26,12 +26,44 @@ if TYPE_CHECKING:  # the commands import what they use when they run: `syncd --h
 log = logs.get()
 
 
+def versions() -> str:
+    """What ``syncd --version`` prints: syncd's, Python's, pygit2's and libgit2's versions and the newest
+    ledger schema this syncd reads (``install.sh --rollback`` compares it with the ledger's)."""
+    import platform
+    from importlib.metadata import version
+
+    import pygit2
+
+    from syncd.ledger import SCHEMA_VERSION
+
+    return (
+        f"syncd {__version__}\n"
+        f"Python {platform.python_version()} ({platform.python_implementation()})\n"
+        f"pygit2 {version('pygit2')}\n"
+        f"libgit2 {pygit2.LIBGIT2_VERSION}\n"
+        f"ledger schema {SCHEMA_VERSION}\n"
+    )
+
+
+class _Version(argparse.Action):
+    """``--version``: imports pygit2 only when asked (``syncd --help`` stays quick)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        sys.stdout.write(versions())
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="syncd",
         description="Sync reviewed assets listed in git manifests from Artifactory into an export.",
     )
-    p.add_argument("--version", action="version", version=f"syncd {__version__}")
+    p.add_argument(
+        "--version",
+        action=_Version,
+        nargs=0,
+        help="print the versions of syncd, Python, pygit2, libgit2 and the ledger schema, then exit",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cfg_help = f"configuration file (default: $SYNCD_CONFIG or {config.DEFAULT_PATH})"
 
