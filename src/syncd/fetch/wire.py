@@ -264,26 +264,58 @@ def _slice(end: float, watch: Watch | None) -> float:
 
 class Socket(httpcore.NetworkStream):
     """A connected (plain or TLS) socket as httpcore's stream interface, its errors as httpcore's types
-    (httpcore's own sync stream is private to it)."""
+    (httpcore's own sync stream is private to it).
+
+    The socket stays non-blocking: a read or write is tried first and waited for (``poll``, within its
+    timeout) only when the kernel or TLS has nothing yet. A socket with a timeout would set its mode
+    (``ioctl``) and ``poll`` before every call: two more system calls per read, each a hand-over of the
+    GIL between the download threads, on every small file."""
 
     def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
         self._sock = sock
 
+    def _wait(self, events: int, timeout: float | None, error: type[Exception]) -> None:
+        """Until ``events`` on the socket, or raise ``error`` after ``timeout`` seconds (None: no bound)."""
+        poller = select.poll()
+        poller.register(self._sock, events | select.POLLERR | select.POLLHUP)
+        if not poller.poll(None if timeout is None else max(timeout, 0.0) * 1000):
+            raise error("timed out")
+
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        end = None if timeout is None else time.monotonic() + timeout
         try:
-            self._sock.settimeout(timeout)
-            return self._sock.recv(max_bytes)
-        except TimeoutError as exc:
-            raise httpcore.ReadTimeout("read timed out") from exc
+            while True:
+                try:
+                    return self._sock.recv(max_bytes)
+                except (BlockingIOError, ssl.SSLWantReadError):
+                    events = select.POLLIN
+                except ssl.SSLWantWriteError:  # TLS renegotiation or a key update wants to write first
+                    events = select.POLLOUT
+                left = None if end is None else end - time.monotonic()
+                self._wait(events, left, httpcore.ReadTimeout)
+        except httpcore.ReadTimeout:
+            raise
         except OSError as exc:
             raise httpcore.ReadError("read failed") from exc
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        end = None if timeout is None else time.monotonic() + timeout
+        view = memoryview(buffer)
         try:
-            self._sock.settimeout(timeout)
-            self._sock.sendall(buffer)
-        except TimeoutError as exc:
-            raise httpcore.WriteTimeout("write timed out") from exc
+            while view:
+                try:
+                    sent = self._sock.send(view)
+                    view = view[sent:]
+                    continue
+                except (BlockingIOError, ssl.SSLWantWriteError):
+                    events = select.POLLOUT
+                except ssl.SSLWantReadError:
+                    events = select.POLLIN
+                left = None if end is None else end - time.monotonic()
+                self._wait(events, left, httpcore.WriteTimeout)
+        except httpcore.WriteTimeout:
+            raise
         except OSError as exc:
             raise httpcore.WriteError("write failed") from exc
 
