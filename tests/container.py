@@ -318,6 +318,37 @@ def install_venv(root: Path, wheels: Path, venv: str, package: str) -> None:
         shutil.rmtree(inside, ignore_errors=True)
 
 
+RELEASE_TIMEOUT = 600.0
+
+
+def build_release(project: Path, out: Path, version: str | None = None) -> Path:
+    """``scripts/release [--version VERSION] --out OUT`` of ``project``: the artifact's path."""
+    argv = [str(project / "scripts" / "release"), "--out", str(out)]
+    if version is not None:
+        argv += ["--version", version]
+    run_bounded(argv, timeout=RELEASE_TIMEOUT)
+    found = sorted(out.glob(f"syncd-{version or '*'}-linux-x86_64.tar.gz"))
+    if len(found) != 1:
+        raise ContainerError(f"scripts/release left {found} in {out}")
+    return found[0]
+
+
+def unpack_release(root: Path, artifact: Path, where: str = "/var/tmp") -> str:
+    """Unpack ``artifact`` into the tree under ``where``; the path (in the tree) of its install.sh."""
+    import tarfile
+
+    with tarfile.open(artifact) as t:
+        t.extractall(root / where.lstrip("/"), filter="tar")
+    top = artifact.name.removesuffix("-linux-x86_64.tar.gz")
+    return f"{where}/{top}/install.sh"
+
+
+def install_release(root: Path, artifact: Path) -> str:
+    """Install ``artifact`` into the (not booted) tree with its own install.sh, as on a host with no
+    network: returns install.sh's output."""
+    return chroot(root, unpack_release(root, artifact)).stdout
+
+
 def install_file(root: Path, path: str, data: bytes | str, mode: int = 0o644, owner: int = 0) -> Path:
     """Write ``data`` to ``path`` in the tree (parents created) with ``mode``, uid and gid ``owner``."""
     target = root / path.lstrip("/")

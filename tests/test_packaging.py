@@ -46,7 +46,7 @@ def test_unit_verifies_cleanly() -> None:
         ["systemd-analyze", "verify", str(UNIT)], capture_output=True, text=True, check=False
     )
     lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
-    assert all("/opt/syncd/bin/syncd" in line for line in lines), lines
+    assert all("/opt/syncd/current/bin/syncd" in line for line in lines), lines
 
 
 def test_unit_contract() -> None:

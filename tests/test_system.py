@@ -1,10 +1,11 @@
 """System tests: the shipped syncd.service under a real systemd (a Debian tree booted with systemd-nspawn).
 
-One container per module: the cached debootstrap tree (see container.py) is copied, syncd's wheel is
-installed as /opt/syncd, ``packaging/syncd.service`` goes to /etc/systemd/system unchanged and
-``packaging/syncd.sysusers`` makes the user. syncd pulls manifests from the session's sshd and assets from its
-nginx on the host's loopback (the container shares the host's network). Test-specific unit settings go in
-drop-ins only.
+One container per module: the cached debootstrap tree (see container.py) is copied, and the release
+artifact (scripts/release) is installed by its own install.sh, as on a host with no network:
+/opt/syncd/<version> and /opt/syncd/current, ``packaging/syncd.service`` unchanged as
+/usr/lib/systemd/system/syncd.service, ``packaging/syncd.sysusers`` making the user. syncd pulls manifests
+from the session's sshd and assets from its nginx on the host's loopback (the container shares the host's
+network). Test-specific unit settings go in drop-ins only.
 
 Time here: about 50 s with the cached tree (15-20 s of it to copy the tree, build and install the wheels and
 boot); about 100 s on a machine that must first build the tree (debootstrap, about 55 s more).
@@ -31,10 +32,9 @@ import pytest
 from container import (
     Container,
     boot,
-    build_wheels,
-    chroot,
+    build_release,
     install_file,
-    install_venv,
+    install_release,
     missing_tools,
     prepare_root,
     remove_root,
@@ -55,7 +55,6 @@ pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 
 PROJECT = Path(__file__).resolve().parents[1]
 UNIT = PROJECT / "packaging" / "syncd.service"
-SYSUSERS = PROJECT / "packaging" / "syncd.sysusers"
 CONFIG = "/etc/syncd/syncd.conf"
 EXPORT = "/srv/nfs/ml-assets"
 DROPIN = "/etc/systemd/system/syncd.service.d/50-test-watchdog.conf"
@@ -204,12 +203,11 @@ def system(tmp_path_factory: pytest.TempPathFactory, sshd: Sshd, nginx: Nginx) -
     base = tmp_path_factory.mktemp("system")
     root, _ = prepare_root(base / "root")
     try:
-        build_wheels(PROJECT, base / "wheels")
-        install_venv(root, base / "wheels", "/opt/syncd", "syncd")
-        install_file(root, "/usr/lib/sysusers.d/syncd.conf", SYSUSERS.read_bytes())
-        chroot(root, "systemd-sysusers")
+        # The release artifact, installed by its own install.sh as on a host with no network.
+        installed = install_release(root, build_release(PROJECT, base / "dist"))
+        assert installed.splitlines()[-1].startswith("syncd-install: changed"), installed
         uid, gid = user_ids(root, "syncd")
-        install_file(root, "/etc/systemd/system/syncd.service", UNIT.read_bytes())  # as shipped
+        assert (root / "usr/lib/systemd/system/syncd.service").read_bytes() == UNIT.read_bytes()
         install_file(root, "/etc/syncd/id_ed25519", sshd.client_key.read_bytes(), mode=0o600)
         install_file(root, "/etc/syncd/known_hosts", sshd.known_hosts.read_bytes())
         install_file(root, "/etc/syncd/artifactory.token", nginx.token + "\n", mode=0o600)
@@ -488,7 +486,7 @@ def _sha256_of_file(path: Path) -> str:
 
 def test_check_config_passes_inside(system: System) -> None:
     """`syncd check-config` passes inside: as root reading /etc/syncd, and as syncd given the credentials."""
-    syncd_cmd = ["/opt/syncd/bin/syncd", "check-config", "-c", CONFIG]
+    syncd_cmd = ["/opt/syncd/current/bin/syncd", "check-config", "-c", CONFIG]
     as_root = system.box.run(*syncd_cmd, check=False)  # no $CREDENTIALS_DIRECTORY: secrets from /etc/syncd
     assert as_root.returncode == 0, as_root.stderr
     assert f"{CONFIG}: OK" in as_root.stdout
@@ -535,7 +533,7 @@ def test_status_healthz_and_metrics_under_systemd(syncd: System) -> None:
     syncd.write_config(
         http={"listen": f"127.0.0.1:{port}"}, metrics={"textfile": f"{TEXTFILE_DIR}/syncd.prom"}
     )
-    status_cmd = ["/opt/syncd/bin/syncd", "status", "-c", CONFIG]
+    status_cmd = ["/opt/syncd/current/bin/syncd", "status", "-c", CONFIG]
     try:
         syncd.systemctl("daemon-reload")
         syncd.systemctl("restart", "syncd", timeout=150)
