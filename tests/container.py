@@ -40,7 +40,10 @@ from servers import _pid_alive
 
 SUITE = "bookworm"
 VARIANT = "minbase"
-INCLUDE = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "ca-certificates", "procps")
+INCLUDE = (
+    "systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "ca-certificates", "procps",
+    "openssh-server",  # test_fleet.py: Ansible reaches each host over SSH
+)  # fmt: skip
 DEFAULT_CACHE = Path("/var/cache/syncd-test")
 FALLBACK_MIRROR = "http://deb.debian.org/debian"
 CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,22 @@ def test_version_names_every_component() -> None:
         f"libgit2 {pygit2.LIBGIT2_VERSION}",
         f"ledger schema {SCHEMA_VERSION}",
     ]
+
+
+def test_ansible_role_and_playbook_pass_ansible_lint_production() -> None:
+    """packaging/ansible (the role, the example playbook) passes ansible-lint's production profile."""
+    lint = Path(sys.executable).parent / "ansible-lint"
+    assert lint.exists(), "ansible-lint is missing (a test dependency)"
+    where = ROOT / "packaging" / "ansible"
+    env = {**os.environ, "NO_COLOR": "1", "PATH": f"{lint.parent}:{os.environ.get('PATH', '')}"}
+    done = subprocess.run(
+        [str(lint), "--offline", "--nocolor", "--profile", "production", "playbook.yml", "roles/syncd"],
+        cwd=where,
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Profile 'production' was required, and it passed" in done.stdout + done.stderr
