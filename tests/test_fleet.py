@@ -10,7 +10,8 @@ tests then run in order, each on the state the one before left:
 2. a second run reports changed=0 on both and restarts nothing;
 3. a changed interval reloads syncd (same MainPID); ``--check --diff`` shows a change without making it;
 4. a bad variable fails the play on the canary, and both hosts keep their config and process;
-5. a release with a higher version restarts syncd on it;
+5. a release with a higher version restarts syncd on it and migrates a real schema 5 ledger (backed up
+   first);
 6. ``install.sh --rollback`` brings the old release back.
 
 Time here: about 3-4 minutes (two boots, six plays). Skipped only when debootstrap or systemd-nspawn is not
@@ -25,6 +26,7 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -363,9 +365,36 @@ def test_a_bad_variable_fails_on_the_canary_and_both_keep_the_old_config(
         assert h.active() == "active"
 
 
-def test_a_new_release_restarts_syncd_on_it(fleet: Fleet, first: dict[str, Any]) -> None:
-    """The play with the NEW artifact: /opt/syncd/current is NEW, syncd was restarted (another MainPID)
-    and runs from /opt/syncd/NEW."""
+def ledger_schema(host: Host) -> int:
+    """The ledger's PRAGMA user_version, read inside the host (its sqlite, the WAL included)."""
+    out = host.run(
+        "/usr/bin/python3",
+        "-c",
+        "import sqlite3; print(sqlite3.connect('file:/var/lib/syncd/ledger.sqlite3?mode=ro', uri=True)"
+        ".execute('PRAGMA user_version').fetchone()[0])",
+    ).stdout
+    return int(out.strip())
+
+
+def test_a_new_release_restarts_syncd_on_it_and_migrates_an_old_ledger(
+    fleet: Fleet, first: dict[str, Any]
+) -> None:
+    """The play with the NEW artifact: /opt/syncd/current is NEW, syncd was restarted (another MainPID) and
+    runs from /opt/syncd/NEW. On host1, whose ledger was swapped (syncd stopped) for a real schema 5
+    ledger (tests/fixtures), install.sh backs that ledger up first and the restarted syncd migrates it to
+    the current schema; host0's ledger needed no migration and got no backup."""
+    from syncd.ledger import SCHEMA_VERSION
+
+    old = fleet.hosts[1]
+    old.run("systemctl", "stop", "syncd")
+    state = old.path("/var/lib/syncd")
+    for leftover in ("ledger.sqlite3", "ledger.sqlite3-wal", "ledger.sqlite3-shm"):
+        (state / leftover).unlink(missing_ok=True)
+    uid, gid = user_ids(old.box.root, "syncd")
+    fixture = (PROJECT / "tests/fixtures/ledger-schema5.sqlite3").read_bytes()
+    install_file(old.box.root, "/var/lib/syncd/ledger.sqlite3", fixture, mode=0o600, owner=uid)
+    os.chown(state / "ledger.sqlite3", uid, gid)
+    assert ledger_schema(old) == 5
     pids = {h.name: h.main_pid() for h in fleet.hosts}
     done, recap = fleet.play(
         syncd_schedule={"interval": "9m"}, syncd_release_archive=str(fleet.releases[NEW])
@@ -378,6 +407,12 @@ def test_a_new_release_restarts_syncd_on_it(fleet: Fleet, first: dict[str, Any])
         wait(f"syncd active on {h.name}", lambda h=h: h.active() == "active")
         assert h.main_pid() != pids[h.name]
         assert h.running_release() == NEW
+    backup = state / f"ledger.sqlite3.before-{NEW}"
+    copy = sqlite3.connect(f"file:{backup}?mode=ro", uri=True)
+    assert copy.execute("PRAGMA user_version").fetchone()[0] == 5
+    copy.close()
+    wait("the schema 5 ledger migrated", lambda: ledger_schema(old) == SCHEMA_VERSION)
+    assert not fleet.hosts[0].path(f"/var/lib/syncd/ledger.sqlite3.before-{NEW}").exists()
 
 
 def test_rollback_brings_the_old_release_back(fleet: Fleet, first: dict[str, Any]) -> None:
