@@ -24,14 +24,20 @@ root=/
 python=""
 state_dir=/var/lib/syncd
 rollback=0
+usage() { echo "install.sh: $* (see --help)" >&2; exit 2; }
 while (($#)); do
   case $1 in
-    --python) python=${2:?--python needs a path}; shift 2 ;;
-    --state-dir) state_dir=${2:?--state-dir needs a directory}; shift 2 ;;
-    --root) root=${2:?--root needs a directory}; shift 2 ;;
+    --python|--state-dir|--root)
+      [ $# -ge 2 ] && [ -n "$2" ] || usage "$1 needs a value"
+      case $1 in
+        --python) python=$2 ;;
+        --state-dir) state_dir=$2 ;;
+        --root) root=$2 ;;
+      esac
+      shift 2 ;;
     --rollback) rollback=1; shift ;;
     -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "install.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    *) usage "unknown argument $1" ;;
   esac
 done
 root=${root%/}
@@ -41,6 +47,14 @@ changed=()
 
 say() { echo "install.sh: $*"; }
 fail() { echo "install.sh: $*" >&2; exit 1; }
+
+# One install.sh at a time per host: a second one waits (up to 10 minutes) instead of rebuilding the
+# venv the first is building or flipping the links under it.
+lock() {
+  mkdir -p "$opt"
+  exec 9>>"$opt/.install.lock"
+  flock -w 600 9 || fail "another install.sh has held $opt/.install.lock for 10 minutes; is one hung?"
+}
 
 # A file put in place only when its content differs (then recorded as a change): written beside the
 # target and renamed over it, so that no reader sees half of it.
@@ -70,20 +84,70 @@ link() {
   changed+=("$dest")
 }
 
-# The ledger's schema (PRAGMA user_version, read-only), or nothing when there is no ledger.
+# The ledger's schema (PRAGMA user_version, read-only), or nothing when there is no ledger. Fails
+# (exit 1, with a message) when there is one that cannot be read.
 ledger_schema() {
   local ledger=$root$state_dir/ledger.sqlite3 py=$1
-  [ -f "$ledger" ] || return 0
-  "$py" - "$ledger" <<'PY'
-import sqlite3, sys
-db = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
-print(db.execute("PRAGMA user_version").fetchone()[0])
+  [ -e "$ledger" ] || return 0
+  "$py" - "$ledger" <<'PY' || fail "cannot read the schema of the ledger ${ledger#"$root"}"
+import pathlib, sqlite3, sys
+try:
+    db = sqlite3.connect(pathlib.Path(sys.argv[1]).resolve().as_uri() + "?mode=ro", uri=True)
+    print(int(db.execute("PRAGMA user_version").fetchone()[0]))
+except (sqlite3.Error, OSError) as exc:
+    sys.exit(f"install.sh: {sys.argv[1]}: {exc}")
 PY
 }
 
-# The newest ledger schema a version reads, from its `syncd --version`.
+# The newest ledger schema a version reads, from its `syncd --version` (fails when it does not say).
 reads_schema() {
-  "$opt/$1/bin/syncd" --version | sed -n 's/^ledger schema \([0-9][0-9]*\)$/\1/p'
+  local out n
+  out=$("$opt/$1/bin/syncd" --version 2>&1) || fail "syncd $1 does not run ($opt/$1/bin/syncd --version): $out"
+  n=$(sed -n 's/^ledger schema \([0-9][0-9]*\)$/\1/p' <<<"$out")
+  [ -n "$n" ] || fail "syncd $1 does not say which ledger schema it reads (its --version: $out)"
+  echo "$n"
+}
+
+# Refuse to make version $1 current when the ledger is newer than it reads: it would refuse to start.
+check_schema() {
+  local v=$1 schema reads
+  schema=$(ledger_schema "$opt/$v/bin/python")
+  reads=$(reads_schema "$v")
+  if [ -n "$schema" ] && [ "$schema" -gt "$reads" ]; then
+    fail "refused: the ledger $state_dir/ledger.sqlite3 is at schema $schema, and syncd $v reads" \
+      "schema $reads at most, so it would refuse to start. Stay on the current version, or stop syncd" \
+      "and restore a ledger backed up before the upgrade ($state_dir/ledger.sqlite3.before-*) first."
+  fi
+}
+
+# Before making version $1 current: when it reads a newer schema than the ledger has (it will migrate
+# the ledger when it starts), a consistent copy of the ledger as it is now, refreshed every time:
+# $state_dir/ledger.sqlite3.before-$1 (0600).
+backup_if_migrating() {
+  local v=$1 schema reads backup
+  schema=$(ledger_schema "$opt/$v/bin/python")
+  reads=$(reads_schema "$v")
+  [ -n "$schema" ] && [ "$reads" -gt "$schema" ] || return 0
+  backup=$root$state_dir/ledger.sqlite3.before-$v
+  "$opt/$v/bin/python" - "$root$state_dir/ledger.sqlite3" "$backup" <<'PY' || fail "cannot back up the ledger"
+import os, pathlib, sqlite3, sys
+tmp = sys.argv[2] + ".tmp"
+try:
+    os.unlink(tmp)  # left by a backup that was killed
+except FileNotFoundError:
+    pass
+try:
+    src = sqlite3.connect(pathlib.Path(sys.argv[1]).resolve().as_uri() + "?mode=ro", uri=True)
+    dst = sqlite3.connect(tmp)
+    src.backup(dst)  # SQLite's online backup: consistent while syncd runs
+    dst.close()
+    os.chmod(tmp, 0o600)
+    os.rename(tmp, sys.argv[2])
+except (sqlite3.Error, OSError) as exc:
+    sys.exit(f"install.sh: backing up {sys.argv[1]}: {exc}")
+PY
+  say "backed up the ledger (schema $schema; syncd $v migrates it to $reads) to ${backup#"$root"}"
+  changed+=("$backup")
 }
 
 # The unit, sysusers file, man page and docs of version $1 (the one `current` points at).
@@ -111,12 +175,12 @@ install_system_files() {
   fi
 }
 
-flip() {  # make `current` point at $1, the version it pointed at becomes `previous`
+flip() {  # make `current` point at $1; the version it pointed at becomes `previous`
   local new=$1 old=""
   old=$(readlink "$opt/current" 2>/dev/null || true)
   [ "$old" = "$new" ] && return 0
-  [ -n "$old" ] && link "$old" "$opt/previous"
-  link "$new" "$opt/current"
+  link "$new" "$opt/current"  # first: `current` is what runs, and each rename is atomic on its own
+  if [ -n "$old" ]; then link "$old" "$opt/previous"; fi
 }
 
 finish() {
@@ -131,17 +195,15 @@ finish() {
 }
 
 if ((rollback)); then
+  lock
   previous=$(readlink "$opt/previous" 2>/dev/null || true)
   current=$(readlink "$opt/current" 2>/dev/null || true)
   [ -n "$previous" ] || fail "refused: there is no previous version to roll back to ($opt/previous)"
+  [ "$previous" != "$current" ] ||
+    fail "refused: previous and current are both $current (an interrupted rollback?); install the release you want with its install.sh"
   [ -f "$opt/$previous/.syncd-release" ] || fail "refused: $opt/$previous is not a complete install"
-  schema=$(ledger_schema "$opt/$previous/bin/python")
-  reads=$(reads_schema "$previous")
-  if [ -n "$schema" ] && [ -n "$reads" ] && [ "$schema" -gt "$reads" ]; then
-    fail "refused: the ledger $state_dir/ledger.sqlite3 is at schema $schema, and syncd $previous reads" \
-      "schema $reads at most, so it would refuse to start. Stay on $current, or stop syncd and restore" \
-      "the ledger backed up before the upgrade ($state_dir/ledger.sqlite3.before-$current) first."
-  fi
+  check_schema "$previous"
+  backup_if_migrating "$previous"
   flip "$previous"
   install_system_files "$previous"
   finish "rolled back to syncd $previous (from $current)"
@@ -150,8 +212,15 @@ fi
 
 # --- install -----------------------------------------------------------------------------------------
 version=$(cat "$here/VERSION")
+if ! [[ $version =~ ^[0-9]+\.[0-9]+\.[0-9]+([.+-][0-9A-Za-z.]+)?$ ]]; then
+  fail "refused: VERSION '$version' is not a version (X.Y.Z)"
+fi
 (cd "$here" && sha256sum --quiet --strict -c SHA256SUMS) ||
   fail "refused: files of this release do not match its SHA256SUMS (a damaged or altered copy)"
+unlisted=$(cd "$here" && comm -13 <(sed 's/^[0-9a-f]*  //' SHA256SUMS | LC_ALL=C sort) \
+  <(find . -type f ! -name SHA256SUMS -printf '%P\n' | LC_ALL=C sort))
+[ -z "$unlisted" ] || fail "refused: files not in SHA256SUMS: $(echo "$unlisted" | head -3 | tr '\n' ' ')"
+lock
 release_id=$(sha256sum "$here/SHA256SUMS" | cut -d' ' -f1)
 dest=$opt/$version
 
@@ -189,23 +258,11 @@ else
   changed+=("$dest")
 fi
 
-# An upgrade that will migrate the ledger (when syncd next starts) keeps a copy of it first.
-schema=$(ledger_schema "$dest/bin/python")
-reads=$(reads_schema "$version")
-backup=$root$state_dir/ledger.sqlite3.before-$version
-if [ -n "$schema" ] && [ -n "$reads" ] && [ "$reads" -gt "$schema" ] && [ ! -e "$backup" ]; then
-  "$dest/bin/python" - "$root$state_dir/ledger.sqlite3" "$backup" <<'PY'
-import os, sqlite3, sys
-src = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
-tmp = sys.argv[2] + ".tmp"
-dst = sqlite3.connect(tmp)
-src.backup(dst)  # SQLite's online backup: consistent while syncd runs
-dst.close()
-os.chmod(tmp, 0o600)
-os.rename(tmp, sys.argv[2])
-PY
-  say "backed up the ledger (schema $schema; syncd $version migrates it to $reads) to ${backup#"$root"}"
-  changed+=("$backup")
+# Not a version the ledger is too new for (a downgrade); and a copy of the ledger first when this
+# version will migrate it (when syncd next starts).
+if [ "$(readlink "$opt/current" 2>/dev/null || true)" != "$version" ]; then
+  check_schema "$version"
+  backup_if_migrating "$version"
 fi
 
 flip "$version"

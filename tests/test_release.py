@@ -241,7 +241,7 @@ def test_rollback_to_a_version_older_than_the_ledger_is_refused(releases: Releas
     done = install(releases.new, host, "--rollback")
     assert done.returncode == 1
     assert "refused: the ledger /var/lib/syncd/ledger.sqlite3 is at schema 99" in done.stderr
-    assert f"syncd {OLD} reads" in done.stderr and f"ledger.sqlite3.before-{NEW}" in done.stderr
+    assert f"syncd {OLD} reads schema 6 at most" in done.stderr and "ledger.sqlite3.before-" in done.stderr
     assert os.readlink(host / "opt/syncd/current") == NEW
     assert path.read_bytes() == before
 
@@ -283,3 +283,106 @@ def test_the_shell_scripts_pass_shellcheck() -> None:
     scripts = [PROJECT / "packaging/install.sh", PROJECT / "scripts/release", PROJECT / "scripts/lock"]
     done = subprocess.run([shellcheck, *map(str, scripts)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout
+
+
+def resum(release: Path) -> None:
+    """Rewrite ``release``'s SHA256SUMS for its files as they are now (an altered but consistent copy)."""
+    files = sorted(
+        str(p.relative_to(release)) for p in release.rglob("*") if p.is_file() and p.name != "SHA256SUMS"
+    )
+    (release / "SHA256SUMS").write_text(
+        "".join(f"{hashlib.sha256((release / f).read_bytes()).hexdigest()}  {f}\n" for f in files)
+    )
+
+
+def test_two_installs_at_once_take_turns(releases: Releases, host: Path) -> None:
+    """Two install.sh of two versions started together: both succeed one after the other (a lock), and
+    current points at a complete venv of one of them."""
+    procs = [
+        subprocess.Popen(
+            [str(r / "install.sh"), "--root", str(host)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (releases.old, releases.new)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    current = os.readlink(host / "opt/syncd/current")
+    assert current in (OLD, NEW)
+    assert (host / "opt/syncd" / current / ".syncd-release").is_file()
+    assert (
+        subprocess.run([str(host / "opt/syncd/current/bin/syncd"), "--version"], check=False).returncode == 0
+    )
+
+
+def test_installing_an_older_release_than_the_ledger_reads_is_refused(releases: Releases, host: Path) -> None:
+    """A downgrade by installing an old artifact gets the same refusal as --rollback when the ledger is
+    newer than that version reads; current stays."""
+    assert install(releases.new, host).returncode == 0
+    ledger(host, 99)
+    done = install(releases.old, host)
+    assert done.returncode == 1
+    assert "refused: the ledger /var/lib/syncd/ledger.sqlite3 is at schema 99" in done.stderr
+    assert os.readlink(host / "opt/syncd/current") == NEW
+
+
+def test_the_backup_is_refreshed_each_time_a_migrating_version_is_made_current(
+    releases: Releases, host: Path
+) -> None:
+    """OLD, then NEW over a schema 5 ledger (backup), back to OLD, a row added, NEW again: the backup
+    before NEW holds the row added since, not the first copy."""
+    assert install(releases.old, host).returncode == 0
+    path = ledger(host, 5)
+    assert install(releases.new, host).returncode == 0
+    assert install(releases.new, host, "--rollback").returncode == 0
+    ledger(host, 5)  # another row, same schema
+    up = install(releases.new, host)
+    assert up.returncode == 0, up.stderr
+    assert "backed up the ledger" in up.stdout
+    copy = sqlite3.connect(path.with_name(f"ledger.sqlite3.before-{NEW}"))
+    assert copy.execute("SELECT count(*) FROM t").fetchone()[0] == 2
+    copy.close()
+
+
+def test_files_not_in_sha256sums_and_a_bad_version_are_refused(
+    releases: Releases, host: Path, tmp_path: Path
+) -> None:
+    """An extra wheel beside the listed ones is refused; so is a VERSION that is not X.Y.Z (even with a
+    consistent SHA256SUMS); nothing is installed either time."""
+    extra = tmp_path / "extra"
+    shutil.copytree(releases.old, extra)
+    planted = next((extra / "wheels").glob("syncd-*.whl"))
+    shutil.copy(planted, planted.with_name(planted.name.replace(f"syncd-{OLD}-", f"syncd-{OLD}-1-")))
+    done = install(extra, host)
+    assert done.returncode == 1 and "files not in SHA256SUMS" in done.stderr
+    bad = tmp_path / "bad"
+    shutil.copytree(releases.old, bad)
+    for version in ("", "../../etc", "current"):
+        (bad / "VERSION").write_text(version + "\n")
+        resum(bad)
+        done = install(bad, host)
+        assert done.returncode == 1 and "is not a version" in done.stderr, (version, done.stderr)
+    assert not (host / "opt/syncd/current").exists()
+
+
+def test_rollback_when_previous_is_current_is_refused(releases: Releases, host: Path) -> None:
+    """previous and current naming one version (a rollback cut between its two renames) is refused."""
+    assert install(releases.old, host).returncode == 0
+    os.symlink(OLD, host / "opt/syncd/previous")
+    done = install(releases.old, host, "--rollback")
+    assert done.returncode == 1 and "previous and current are both" in done.stderr
+
+
+def test_usage_errors_exit_2(releases: Releases, host: Path) -> None:
+    """An option without its value, or an unknown one, exits 2 (install.sh and scripts/release)."""
+    for args in (["--root"], ["--state-dir"], ["--frobnicate"]):
+        done = subprocess.run(
+            [str(releases.old / "install.sh"), *args], capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 2, (args, done.stderr)
+    done = subprocess.run(
+        [str(PROJECT / "scripts/release"), "--out"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 2
