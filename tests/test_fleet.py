@@ -12,7 +12,7 @@ tests then run in order, each on the state the one before left:
 4. a bad variable fails the play on the canary, and both hosts keep their config and process;
 5. a release with a higher version restarts syncd on it and migrates a real schema 5 ledger (backed up
    first);
-6. ``install.sh --rollback`` brings the old release back.
+6. ``install.sh --rollback`` brings the old release back, and the next play restarts syncd onto it.
 
 Time here: about 3-4 minutes (two boots, six plays). Skipped only when debootstrap or systemd-nspawn is not
 installed.
@@ -416,14 +416,21 @@ def test_a_new_release_restarts_syncd_on_it_and_migrates_an_old_ledger(
 
 
 def test_rollback_brings_the_old_release_back(fleet: Fleet, first: dict[str, Any]) -> None:
-    """``/opt/syncd/current/install.sh --rollback`` and a restart: current is OLD again and syncd runs
-    from it; the play with the OLD artifact then changes nothing."""
+    """``/opt/syncd/current/install.sh --rollback`` flips current back to OLD on both hosts, where the NEW
+    process keeps running; the play with the OLD artifact then finds a syncd running another release
+    than current and restarts it (install.sh itself reports unchanged), and a play after that changes
+    nothing."""
     for h in fleet.hosts:
         out = h.run("/opt/syncd/current/install.sh", "--rollback").stdout
         assert out.splitlines()[-1] == f"syncd-install: changed rolled back to syncd {OLD} (from {NEW})"
-        h.run("systemctl", "restart", "syncd")
-        assert h.current() == OLD
+        assert h.current() == OLD and h.running_release() == NEW
+    pids = {h.name: h.main_pid() for h in fleet.hosts}
+    done, recap = fleet.play(syncd_schedule={"interval": "9m"})
+    assert done.returncode == 0, done.stdout[-4000:]
+    for h in fleet.hosts:
+        assert recap[h.name]["changed"] >= 1
         wait(f"syncd active on {h.name}", lambda h=h: h.active() == "active")
+        assert h.main_pid() != pids[h.name]
         assert h.running_release() == OLD
     done, recap = fleet.play(syncd_schedule={"interval": "9m"})
     assert done.returncode == 0, done.stdout[-4000:]

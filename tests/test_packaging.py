@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -193,3 +195,50 @@ def test_ansible_role_and_playbook_pass_ansible_lint_production() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Profile 'production' was required, and it passed" in done.stdout + done.stderr
+
+
+def _random_value(rng: random.Random, depth: int = 0) -> object:
+    kind = rng.choice(["str", "int", "float", "bool", "list", "map"] if depth < 2 else ["str", "int", "bool"])
+    if kind == "str":
+        alphabet = "aZ09 _-.\"'\\\n\t\x00\x1f\x7fé€ключ𝄞#=[]{}"
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+    if kind == "int":
+        return rng.randint(-(2**62), 2**62)
+    if kind == "float":
+        return rng.choice([0.5, -0.0, 1e-300, 123456.789, -2.5])
+    if kind == "bool":
+        return rng.random() < 0.5
+    if kind == "list":  # TOML arrays may mix types since 1.0; a mapping in one is an inline table
+        return [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    return {_random_key(rng): _random_value(rng, depth + 1) for _ in range(rng.randint(1, 3))}
+
+
+def _random_key(rng: random.Random) -> str:
+    return rng.choice(
+        ["url", "interval", "a-b_c", "dotted.key", "space key", 'quo"te', "ключ", "a=b", "x"]
+    ) + str(rng.randint(0, 99))
+
+
+def test_the_role_renders_any_section_values_to_toml_that_reads_back_the_same(tmp_path: Path) -> None:
+    """Seeded random section mappings (odd strings, keys that are not bare, nested tables, lists with
+    inline tables) rendered by the role's template with ansible, then parsed by tomllib: the same values."""
+    import tomllib
+
+    ansible = Path(sys.executable).parent / "ansible"
+    assert ansible.exists(), "ansible is missing (ansible-core, a test dependency)"
+    rng = random.Random(1213)  # noqa: S311 - test data, not crypto
+    sections = ["source", "artifactory", "export", "download", "schedule", "state", "status", "metrics",
+                "http", "notify", "verify", "prune"]  # fmt: skip
+    want = {s: {_random_key(rng): _random_value(rng) for _ in range(rng.randint(1, 6))} for s in sections}
+    (tmp_path / "vars.json").write_text(json.dumps({f"syncd_{s}": v for s, v in want.items()}))
+    role = ROOT / "packaging/ansible/roles/syncd"
+    out = tmp_path / "syncd.conf"
+    done = subprocess.run(
+        [str(ansible), "localhost", "-m", "template", "-a", f"src={role}/templates/syncd.conf.j2 dest={out}",
+         "-e", f"@{role}/defaults/main.yml", "-e", f"@{tmp_path / 'vars.json'}"],
+        capture_output=True, text=True, check=False, timeout=300,
+        env={**os.environ, "ANSIBLE_LOCALHOST_WARNING": "False",
+             "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert tomllib.loads(out.read_text()) == want
