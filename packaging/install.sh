@@ -217,8 +217,10 @@ if ! [[ $version =~ ^[0-9]+\.[0-9]+\.[0-9]+([.+-][0-9A-Za-z.]+)?$ ]]; then
 fi
 (cd "$here" && sha256sum --quiet --strict -c SHA256SUMS) ||
   fail "refused: files of this release do not match its SHA256SUMS (a damaged or altered copy)"
-unlisted=$(cd "$here" && comm -13 <(sed 's/^[0-9a-f]*  //' SHA256SUMS | LC_ALL=C sort) \
-  <(find . -type f ! -name SHA256SUMS -printf '%P\n' | LC_ALL=C sort))
+# (awk reads SHA256SUMS, then the file list on stdin: no process substitution, which needs /dev/fd,
+# missing in a chroot or an image build)
+unlisted=$(cd "$here" && find . -type f ! -name SHA256SUMS -printf '%P\n' |
+  awk 'NR == FNR { sub(/^[0-9a-f]+  /, ""); listed[$0] = 1; next } !($0 in listed)' SHA256SUMS -)
 [ -z "$unlisted" ] || fail "refused: files not in SHA256SUMS: $(echo "$unlisted" | head -3 | tr '\n' ' ')"
 lock
 release_id=$(sha256sum "$here/SHA256SUMS" | cut -d' ' -f1)
