@@ -24,7 +24,7 @@ from structlog.testing import capture_logs
 
 from git_http import GitHttp
 from harness import World, syncd_command
-from servers import GitRepo, Nginx
+from servers import GitRepo, Nginx, start_nginx
 from syncd import config as syncd_config
 from syncd import daemon as syncd_daemon
 from syncd.ledger import SCHEMA_VERSION
@@ -287,12 +287,30 @@ def test_second_daemon_refused(world: World, daemon: Callable[..., Daemon]) -> N
     assert first.stop() == 0
 
 
-def test_sigterm_during_a_long_pass_exits_promptly(world: World, daemon: Callable[..., Daemon]) -> None:
-    """SIGTERM while a pass is still downloading ends the daemon within seconds (no shutdown deadlock)."""
-    world.write_config(schedule={"interval": "1h"}, download={"concurrency": 1})
-    big = {**world.asset("big.bin", 400_000_000, seed=7), "dest": "big.bin"}
-    world.manifest("big.toml", big)
-    world.repo.commit("big")
+def test_sigterm_during_a_long_pass_exits_promptly(
+    world: World, daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """SIGTERM while a pass is still downloading ends the daemon within seconds (no shutdown deadlock).
+    The file comes from an nginx capped at 20 MiB/s (the same files), so that its download lasts
+    about 20 s whatever the machine: uncapped, loopback fetched it before the SIGTERM arrived."""
+    (tmp_path / "capped").mkdir()
+    (tmp_path / "capped" / "root").symlink_to(world.nginx.root, target_is_directory=True)
+    capped = start_nginx(tmp_path / "capped", limit_rate="20m")
+    try:
+        world.write_config(
+            schedule={"interval": "1h"},
+            download={"concurrency": 1, "segments": 1},
+            artifactory={"url": capped.open_url()},
+        )
+        big = {**world.asset("big.bin", 400_000_000, seed=7), "dest": "big.bin"}
+        world.manifest("big.toml", big)
+        world.repo.commit("big")
+        _stop_mid_download(world, daemon)
+    finally:
+        capped.stop()
+
+
+def _stop_mid_download(world: World, daemon: Callable[..., Daemon]) -> None:
     d = daemon()
     d.wait_message("READY=1")
     d.wait_message("STATUS=downloading")
